@@ -1,0 +1,178 @@
+"""Run configuration: one YAML file per run, loaded into dataclasses; unknown or mistyped fields are
+errors that name the field (``pretrain.stepz``); any field can be overridden from the CLI with
+``--set section.field=value`` (the value is parsed as YAML).
+
+Every field is documented next to its definition below and in ``configs/tiny.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.core.model import GPTConfig
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 3072  # BPE vocabulary size, special tokens included
+    path: str = ""  # an existing tokenizer.json to use instead of training one
+
+
+@dataclass
+class DataConfig:
+    cache_dir: str = ".cache/chatrl/data"  # where `chatrl data fetch` caches and builds the default data
+    pretrain_files: list[str] = field(default_factory=list)  # text corpora; empty = the built default
+    sft_file: str = ""  # SFT demonstrations JSONL; empty = the built default
+    prompts_file: str = ""  # RLHF training prompts; empty = the built default
+    eval_prompts_file: str = ""  # held-out evaluation prompts; empty = the built default
+    rankings_file: str = ""  # human rankings JSONL; empty = have the simulated labeler rank samples
+    pairs_file: str = ""  # extra pairwise preferences JSONL for the reward model (optional)
+    gold_file: str = ""  # simulated labeler parameters; empty = the built default (if data is default)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 600  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 25  # steps between metric reports
+    ckpt_every: int = 200  # steps between checkpoints (one is always written at the end)
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_len: int = 192  # conversations are truncated to this many tokens
+    log_every: int = 25
+    ckpt_every: int = 200
+
+
+@dataclass
+class RewardConfig:
+    num_prompts: int = 400  # prompts whose samples the (simulated) labelers rank
+    k: int = 4  # responses ranked per prompt (K); each ranking gives C(K,2) pairs
+    label_noise: float = 0.5  # simulated labelers' disagreement (Gumbel scale on gold scores)
+    temperature: float = 1.0  # sampling temperature of the responses to rank
+    max_new_tokens: int = 48
+    epochs: int = 2  # passes over the rankings
+    batch_size: int = 8  # prompts (each with K responses) per step
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_fraction: float = 0.1  # rankings held out to measure pairwise accuracy
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    run_dir: str = "runs/tiny"  # checkpoints, data, logs and the report go here
+    seed: int = 1234
+    device: str = "cpu"  # "cpu" or "cuda[:N]" — the same config scales without code changes
+    dtype: str = "bf16"  # compute dtype under autocast: fp32 | bf16 (fp16 only on GPU)
+    threads: int = 2  # torch threads of the training process (keep ≤ cores)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, d: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field {(where + '.' if where else '') + unknown[0]}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.field=value")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        cur = d
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        cur[parts[-1]] = yaml.safe_load(raw)
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    d: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    d = apply_overrides(d, overrides or [])
+    return from_dict(RunConfig, d)
+
+
+def config_from_yaml_text(text: str, overrides: list[str] | None = None) -> RunConfig:
+    d = yaml.safe_load(text) or {}
+    if not isinstance(d, dict):
+        raise ConfigError("config: top level must be a mapping")
+    return from_dict(RunConfig, apply_overrides(d, overrides or []))

@@ -1,0 +1,169 @@
+"""Data formats read by the trainer, each validated with errors naming the file, line and field.
+
+- text corpus: UTF-8 text; documents separated by a line that is exactly ``<|endoftext|>``
+- SFT demonstrations (JSONL): ``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``
+  with at least one assistant message
+- pairwise preferences (JSONL): ``{"prompt": str, "chosen": str, "rejected": str}``
+- rankings (JSONL): ``{"prompt": str, "responses": [str × K], "ranking": [int × K]}`` — ``ranking`` lists
+  response indices best-first (a permutation of 0..K-1, K ≥ 2); optional ``"finished": [bool × K]`` says
+  whether each response ended its turn with the end token (default true)
+- prompts: JSONL ``{"prompt": str}`` or plain text, one prompt per line
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.core.checkpoint import atomic_write_text
+
+DOC_SEP = "<|endoftext|>"
+ROLES = ("system", "user", "assistant")
+
+
+class FormatError(ValueError):
+    pass
+
+
+@dataclass
+class Ranking:
+    prompt: str
+    responses: list[str]
+    ranking: list[int]
+    finished: list[bool] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "responses": self.responses, "ranking": self.ranking,
+                "finished": self.finished or [True] * len(self.responses)}
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FormatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise FormatError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
+def _str(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise FormatError(f"{where}: missing field '{key}'")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise FormatError(f"{where}: field '{key}' must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise FormatError(f"{where}: field '{key}' must not be empty")
+    return v
+
+
+def read_corpus(paths: Iterable[Path]) -> list[str]:
+    docs: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FormatError(f"{p}: file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        cur: list[str] = []
+        for line in text.splitlines(keepends=True):
+            if line.strip() == DOC_SEP:
+                if "".join(cur).strip():
+                    docs.append("".join(cur).strip("\n"))
+                cur = []
+            else:
+                cur.append(line)
+        if "".join(cur).strip():
+            docs.append("".join(cur).strip("\n"))
+    return docs
+
+
+def validate_messages(msgs, where: str) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise FormatError(f"{where}: field 'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise FormatError(f"{where}: messages[{i}] must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise FormatError(f"{where}: messages[{i}].role must be one of {list(ROLES)}, got {role!r}")
+        c = m.get("content")
+        if not isinstance(c, str) or not c.strip():
+            raise FormatError(f"{where}: messages[{i}].content must be a non-empty string")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise FormatError(f"{where}: messages has no assistant turn to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def load_sft(path: Path) -> list[list[dict]]:
+    return [validate_messages(o.get("messages"), f"{path}:{n}") for n, o in _jsonl(path)]
+
+
+def load_pairs(path: Path) -> list[dict]:
+    out = []
+    for n, o in _jsonl(path):
+        w = f"{path}:{n}"
+        out.append({"prompt": _str(o, "prompt", w), "chosen": _str(o, "chosen", w, True),
+                    "rejected": _str(o, "rejected", w, True)})
+    return out
+
+
+def validate_ranking(k: int, ranking, where: str) -> list[int]:
+    if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
+        raise FormatError(f"{where}: field 'ranking' must be a list of integers")
+    if sorted(ranking) != list(range(k)):
+        dup = sorted({r for r in ranking if ranking.count(r) > 1})
+        missing = sorted(set(range(k)) - set(ranking))
+        raise FormatError(f"{where}: field 'ranking' must be a permutation of 0..{k - 1} "
+                          f"(duplicates {dup}, missing {missing})")
+    return list(ranking)
+
+
+def load_rankings(path: Path) -> list[Ranking]:
+    out = []
+    for n, o in _jsonl(path):
+        w = f"{path}:{n}"
+        prompt = _str(o, "prompt", w)
+        resp = o.get("responses")
+        if not isinstance(resp, list) or not all(isinstance(r, str) for r in resp):
+            raise FormatError(f"{w}: field 'responses' must be a list of strings")
+        if len(resp) < 2:
+            raise FormatError(f"{w}: field 'responses' needs at least 2 responses (K >= 2), got {len(resp)}")
+        ranking = validate_ranking(len(resp), o.get("ranking"), w)
+        fin = o.get("finished", [True] * len(resp))
+        if not isinstance(fin, list) or len(fin) != len(resp) or not all(isinstance(b, bool) for b in fin):
+            raise FormatError(f"{w}: field 'finished' must be a list of {len(resp)} booleans")
+        out.append(Ranking(prompt, resp, ranking, fin))
+    return out
+
+
+def load_prompts(path: Path) -> list[str]:
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [_str(o, "prompt", f"{path}:{n}") for n, o in _jsonl(path)]
+    if not path.exists():
+        raise FormatError(f"{path}: file not found")
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            raise ValueError("non-finite number in JSONL row")
+        return o
+
+    text = "".join(json.dumps(r, ensure_ascii=False, default=clean) + "\n" for r in rows)
+    atomic_write_text(Path(path), text)

@@ -1,0 +1,170 @@
+"""Sampling with a KV cache: temperature, top-k, top-p, per-row seeds, stop tokens.
+
+Log-probabilities returned with every sampled token are those of the temperature-scaled model
+distribution *before* top-k/top-p truncation — what PPO's old-policy logprobs must be, and what the
+trainer and reference model recompute with ``log_softmax(logits / temperature)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from services.core.model import GPT, KVCache, autocast
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def validate(self, max_seq_len: int | None = None) -> None:
+        if not 1 <= self.max_new_tokens <= (max_seq_len or 1 << 20):
+            raise ValueError(f"max_new_tokens must be in [1, {max_seq_len}], got {self.max_new_tokens}")
+        if not (0.0 <= self.temperature <= 10.0) or self.temperature != self.temperature:
+            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Sample:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" (a stop token was produced; it is included) | "length"
+
+
+def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [V] outside the top-k / nucleus (top-p) set with -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, idx = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_l, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        drop = cum - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_l)
+    return logits
+
+
+class RowSampler:
+    """Samples one row's next token under its own parameters and RNG."""
+
+    def __init__(self, params: SamplingParams, device: str = "cpu") -> None:
+        self.params = params
+        self.gen = torch.Generator(device=device)
+        if params.seed is not None:
+            self.gen.manual_seed(int(params.seed))
+        else:
+            self.gen.seed()
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
+        p = self.params
+        logits = logits.float()
+        if p.temperature == 0:
+            tok = int(torch.argmax(logits))
+            return tok, float(torch.log_softmax(logits, dim=-1)[tok])
+        scaled = logits / p.temperature
+        base_lp = torch.log_softmax(scaled, dim=-1)
+        trunc = truncate_logits(scaled, p.top_k, p.top_p)
+        probs = torch.softmax(trunc, dim=-1)
+        tok = int(torch.multinomial(probs, 1, generator=self.gen))
+        return tok, float(base_lp[tok])
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), t, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, t - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, t - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def prefill(model: GPT, prompts: list[list[int]], pad_id: int, dtype: str | None = None,
+            device: str = "cpu") -> tuple[torch.Tensor, KVCache]:
+    """Run the prompts (left-padded) through the model; return last-position logits [B, V] and cache."""
+    ids, mask = left_pad(prompts, pad_id, device)
+    with autocast(dtype, device.split(":")[0]):
+        out = model(ids, mask, use_cache=True)
+    return out.logits[:, -1].float(), out.cache
+
+
+@torch.no_grad()
+def decode_step(model: GPT, tokens: list[int], cache: KVCache, dtype: str | None = None,
+                device: str = "cpu") -> tuple[torch.Tensor, KVCache]:
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+    with autocast(dtype, device.split(":")[0]):
+        out = model(ids, None, cache=cache, use_cache=True)
+    return out.logits[:, -1].float(), out.cache
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             pad_id: int = 0, dtype: str | None = None, device: str = "cpu") -> list[Sample]:
+    """Batched sampling of one continuation per prompt (repeat a prompt for n samples)."""
+    if not prompts:
+        return []
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    max_len = model.cfg.max_seq_len
+    for p, pr in zip(plist, prompts):
+        if not pr:
+            raise ValueError("prompt must not be empty")
+        if len(pr) + p.max_new_tokens > max_len:
+            raise ValueError(f"prompt length {len(pr)} + max_new_tokens {p.max_new_tokens} exceeds "
+                             f"max_seq_len {max_len}")
+    samplers = [RowSampler(p, device) for p in plist]
+    model.eval()
+    out = [Sample() for _ in prompts]
+    logits, cache = prefill(model, prompts, pad_id, dtype, device)
+    active = list(range(len(prompts)))
+    while active:
+        nxt, keep = [], []
+        for j, i in enumerate(active):
+            tok, lp = samplers[i](logits[j])
+            s = out[i]
+            s.tokens.append(tok)
+            s.logprobs.append(lp)
+            if tok in plist[i].stop_token_ids:
+                s.finish_reason = "stop"
+            elif len(s.tokens) >= plist[i].max_new_tokens:
+                s.finish_reason = "length"
+            else:
+                keep.append(j)
+                nxt.append(tok)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            cache = cache.select(keep)
+        active = [active[j] for j in keep]
+        logits, cache = decode_step(model, nxt, cache, dtype, device)
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(model: GPT, seqs: list[list[int]], pad_id: int = 0, temperature: float = 1.0,
+                      dtype: str | None = None, device: str = "cpu") -> list[list[float]]:
+    """logprob of every token of each sequence given its prefix (first token gets 0.0); right-padded."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    with autocast(dtype, device.split(":")[0]):
+        logits = model(ids, mask).logits.float()
+    lp = torch.log_softmax(logits[:, :-1] / (temperature or 1.0), dim=-1)
+    tok_lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return [[0.0] + tok_lp[i, : len(s) - 1].tolist() for i, s in enumerate(seqs)]

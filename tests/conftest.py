@@ -1,0 +1,60 @@
+"""Shared test fixtures: one torch thread, and a tiny synthetic dataset in the run's formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+SUBJECTS = ["the film", "this movie", "the story", "the cast", "the ending", "the music", "the script"]
+GOOD = ["was warm and funny", "is a delight", "felt honest and moving", "is wonderful", "was charming"]
+BAD = ["was dull", "is a mess", "felt long and empty", "is tedious", "was clumsy"]
+QUESTIONS = ["What did you think of the movie?", "How was the film?", "Tell me about the story.",
+             "Did you like the cast?", "Write a short review."]
+
+
+def sentence(rng: random.Random) -> str:
+    return f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(GOOD + BAD)}."
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """A synthetic corpus, demonstrations, prompts and rankings (best-first) in the on-disk formats."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    docs = [" ".join(sentence(rng) for _ in range(rng.randint(3, 8))) for _ in range(300)]
+    (d / "corpus.txt").write_text("\n<|endoftext|>\n".join(docs) + "\n")
+    with open(d / "sft.jsonl", "w") as f:
+        for _ in range(120):
+            q = rng.choice(QUESTIONS)
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": sentence(rng)}]}) + "\n")
+    for name, n in (("prompts.jsonl", 40), ("eval_prompts.jsonl", 20)):
+        with open(d / name, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"prompt": rng.choice(QUESTIONS)}) + "\n")
+    with open(d / "rankings.jsonl", "w") as f:
+        for _ in range(40):
+            good = f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(GOOD)}."
+            bad = f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(BAD)}."
+            meh = f"{rng.choice(SUBJECTS)}"
+            responses = [meh, good, bad]
+            f.write(json.dumps({"prompt": rng.choice(QUESTIONS), "responses": responses, "ranking": [1, 2, 0],
+                                "finished": [False, True, True]}) + "\n")
+    return {"dir": d, "corpus": d / "corpus.txt", "sft": d / "sft.jsonl", "prompts": d / "prompts.jsonl",
+            "eval_prompts": d / "eval_prompts.jsonl", "rankings": d / "rankings.jsonl"}
+
+
+@pytest.fixture()
+def micro_overrides(tiny_data, tmp_path) -> list[str]:
+    """--set overrides pointing configs/micro.yaml at the synthetic data and a fresh run dir."""
+    return [f"run_dir={tmp_path / 'run'}", f"data.pretrain_files=[{tiny_data['corpus']}]",
+            f"data.sft_file={tiny_data['sft']}", f"data.prompts_file={tiny_data['prompts']}",
+            f"data.eval_prompts_file={tiny_data['eval_prompts']}", f"data.rankings_file={tiny_data['rankings']}"]
