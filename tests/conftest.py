@@ -58,3 +58,21 @@ def micro_overrides(tiny_data, tmp_path) -> list[str]:
     return [f"run_dir={tmp_path / 'run'}", f"data.pretrain_files=[{tiny_data['corpus']}]",
             f"data.sft_file={tiny_data['sft']}", f"data.prompts_file={tiny_data['prompts']}",
             f"data.eval_prompts_file={tiny_data['eval_prompts']}", f"data.rankings_file={tiny_data['rankings']}"]
+
+
+@pytest.fixture(scope="session")
+def micro_run(tiny_data, tmp_path_factory):
+    """pretrain → SFT → reward model on the micro config, once per test session: (cfg, {stage: ckpt dir})."""
+    from services.core.config import load_config
+    from services.trainer.stages import pretrain, reward_model, sft
+    from services.trainer.stages.common import Reporter
+
+    run = tmp_path_factory.mktemp("micro_run")
+    over = [f"run_dir={run}", f"data.pretrain_files=[{tiny_data['corpus']}]", f"data.sft_file={tiny_data['sft']}",
+            f"data.prompts_file={tiny_data['prompts']}", f"data.eval_prompts_file={tiny_data['eval_prompts']}",
+            f"data.rankings_file={tiny_data['rankings']}"]
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "micro.yaml", over)
+    rep = Reporter(quiet=True)
+    out = {"pretrain": pretrain.run(cfg, rep).checkpoint, "sft": sft.run(cfg, rep).checkpoint,
+           "reward": reward_model.run(cfg, rep).checkpoint}
+    return cfg, out

@@ -1,0 +1,360 @@
+"""Python client library: one typed client per service.
+
+Every client takes an address (``host:port``), an optional bearer token (default: ``$CHATRL_AUTH_TOKEN``),
+optional TLS (CA bundle, and client cert/key for mutual TLS), a default deadline, and retries calls that
+fail with ``UNAVAILABLE`` (a service restarting, a pod rolling) with exponential backoff and jitter.
+Streaming calls are retried only before their first message arrives.
+
+    from clients.lib import PolicyClient
+    with PolicyClient("127.0.0.1:50051") as policy:
+        res = policy.generate(["What did you think of the movie?"], n=2, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.proto.chatrl.v1 import (
+    common_pb2,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass
+class ClientOptions:
+    token: str | None = None  # bearer token; None = $CHATRL_AUTH_TOKEN (if set)
+    tls_ca: str = ""  # PEM CA bundle → TLS
+    tls_cert: str = ""  # PEM client certificate (mutual TLS)
+    tls_key: str = ""
+    timeout: float = 60.0  # default deadline per call, seconds
+    retries: int = 5  # attempts for UNAVAILABLE, with backoff
+    backoff_s: float = 0.1  # first backoff; doubles each retry, capped at 2 s
+    max_message_mb: int = 256
+
+
+def make_channel(address: str, opts: ClientOptions) -> grpc.Channel:
+    mb = opts.max_message_mb * 1024 * 1024
+    options = [("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
+               ("grpc.enable_http_proxy", 0)]
+    if opts.tls_ca or opts.tls_cert:
+        def rd(p: str) -> bytes | None:
+            return open(p, "rb").read() if p else None
+
+        creds = grpc.ssl_channel_credentials(rd(opts.tls_ca), rd(opts.tls_key), rd(opts.tls_cert))
+        return grpc.secure_channel(address, creds, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+class _Client:
+    def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
+        self.address = address
+        self.opts = options or ClientOptions(**kw)
+        tok = self.opts.token if self.opts.token is not None else os.environ.get("CHATRL_AUTH_TOKEN", "")
+        self._md = [("authorization", f"Bearer {tok}")] if tok else []
+        self.channel = make_channel(address, self.opts)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, fn: Callable, request: Any, timeout: float | None = None) -> Any:
+        delay = self.opts.backoff_s
+        for attempt in range(self.opts.retries):
+            try:
+                return fn(request, timeout=timeout or self.opts.timeout, metadata=self._md)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.opts.retries - 1:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(2.0, delay * 2)
+        raise AssertionError("unreachable")
+
+    def _stream(self, fn: Callable, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        delay = self.opts.backoff_s
+        for attempt in range(self.opts.retries):
+            it = fn(request, timeout=timeout or self.opts.timeout, metadata=self._md)
+            try:
+                first = next(it)
+            except StopIteration:
+                return
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.opts.retries - 1:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(2.0, delay * 2)
+                continue
+            yield first
+            yield from it
+            return
+
+    def health(self, service: str = "", timeout: float = 2.0) -> str:
+        """'SERVING', 'NOT_SERVING', or 'UNAVAILABLE' when the server can't be reached."""
+        try:
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            return "UNAVAILABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                else e.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Block until the service reports SERVING (its model is loaded)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            st = self.health()
+            if st == "SERVING":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last status {st})")
+            time.sleep(delay)
+            delay = min(0.5, delay * 1.5)
+
+
+def sampling_params(max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
+                    top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
+                    n: int = 1) -> common_pb2.SamplingParams:
+    sp = common_pb2.SamplingParams(max_new_tokens=max_new_tokens, top_k=top_k, stop=list(stop), n=n)
+    if temperature is not None:
+        sp.temperature = temperature
+    if top_p is not None:
+        sp.top_p = top_p
+    if seed is not None:
+        sp.seed = seed
+    return sp
+
+
+def to_prompt(p: str | Sequence[int] | Sequence[dict]) -> common_pb2.Prompt:
+    """A user message (str, rendered with the chat template), token ids, or a messages list."""
+    if isinstance(p, str):
+        return common_pb2.Prompt(chat=common_pb2.Conversation(messages=[chat_message("user", p)]))
+    p = list(p)
+    if p and isinstance(p[0], dict):
+        return common_pb2.Prompt(chat=common_pb2.Conversation(messages=[chat_message(m["role"], m["content"])
+                                                                         for m in p]))
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[int(t) for t in p]))
+
+
+def chat_message(role: str, content: str) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(role=common_pb2.Role.Value(f"ROLE_{role.upper()}"), content=content)
+
+
+class PolicyClient(_Client):
+    def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
+        super().__init__(address, options, **kw)
+        self.stub = policy_pb2_grpc.PolicyInferenceServiceStub(self.channel)
+
+    def generate(self, prompts: Sequence[str | Sequence[int] | Sequence[dict]], *, n: int = 1,
+                 max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
+                 top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
+                 expected_model_version: int = 0, timeout: float | None = None) -> policy_pb2.GenerateResponse:
+        req = policy_pb2.GenerateRequest(
+            prompts=[to_prompt(p) for p in prompts],
+            sampling=sampling_params(max_new_tokens, temperature, top_k, top_p, stop, seed, n),
+            expected_model_version=expected_model_version)
+        return self._call(self.stub.Generate, req, timeout)
+
+    def generate_stream(self, prompt: str | Sequence[int] | Sequence[dict], *, max_new_tokens: int = 0,
+                        temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
+                        stop: Sequence[str] = (), seed: int | None = None, timeout: float | None = None
+                        ) -> Iterator[policy_pb2.GenerateStreamResponse]:
+        req = policy_pb2.GenerateStreamRequest(
+            prompt=to_prompt(prompt), sampling=sampling_params(max_new_tokens, temperature, top_k, top_p, stop, seed))
+        return self._stream(self.stub.GenerateStream, req, timeout)
+
+    def update_weights(self, state_dict: dict, version: int, chunk_bytes: int = 1 << 20,
+                       metadata: dict[str, str] | None = None, timeout: float | None = None
+                       ) -> policy_pb2.UpdateWeightsResponse:
+        """Push a full state dict as safetensors bytes in chunks, with its sha256; atomic swap server-side."""
+        payload = serialize_weights(state_dict)
+        return self.update_weights_bytes(payload, version, chunk_bytes, metadata, timeout)
+
+    def update_weights_bytes(self, payload: bytes, version: int, chunk_bytes: int = 1 << 20,
+                             metadata: dict[str, str] | None = None, timeout: float | None = None
+                             ) -> policy_pb2.UpdateWeightsResponse:
+        digest = hashlib.sha256(payload).hexdigest()
+
+        def chunks() -> Iterable[policy_pb2.UpdateWeightsRequest]:
+            for off in range(0, max(1, len(payload)), chunk_bytes):
+                yield policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
+                    version=version, sha256=digest, total_bytes=len(payload), offset=off,
+                    data=payload[off: off + chunk_bytes], format="safetensors", metadata=metadata or {}))
+
+        delay = self.opts.backoff_s
+        for attempt in range(self.opts.retries):
+            try:
+                return self.stub.UpdateWeights(chunks(), timeout=timeout or self.opts.timeout, metadata=self._md)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.opts.retries - 1:
+                    raise
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+        raise AssertionError("unreachable")
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        return self._call(self.stub.GetModelInfo, policy_pb2.PolicyInferenceServiceGetModelInfoRequest()).info
+
+
+def serialize_weights(state_dict: dict) -> bytes:
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    flat = {}
+    for k, v in state_dict.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        flat[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return save(flat)
+
+
+class RewardClient(_Client):
+    def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
+        super().__init__(address, options, **kw)
+        self.stub = reward_pb2_grpc.RewardScoringServiceStub(self.channel)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], timeout: float | None = None
+              ) -> reward_pb2.ScoreResponse:
+        items = [reward_pb2.ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
+        return self._call(self.stub.Score, reward_pb2.ScoreRequest(items=items), timeout)
+
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                  timeout: float | None = None) -> reward_pb2.ScoreResponse:
+        items = [reward_pb2.ScoreItem(prompt_token_ids=list(p), response_token_ids=list(r))
+                 for p, r in zip(prompt_ids, response_ids, strict=True)]
+        return self._call(self.stub.Score, reward_pb2.ScoreRequest(items=items), timeout)
+
+    def load_model(self, checkpoint: str, version: int = 0, sha256: str = "") -> common_pb2.ModelInfo:
+        req = reward_pb2.RewardScoringServiceLoadModelRequest(checkpoint_uri=str(checkpoint), model_version=version,
+                                                              sha256=sha256)
+        return self._call(self.stub.LoadModel, req).info
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        return self._call(self.stub.GetModelInfo, reward_pb2.RewardScoringServiceGetModelInfoRequest()).info
+
+
+class ReferenceClient(_Client):
+    def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
+        super().__init__(address, options, **kw)
+        self.stub = reference_pb2_grpc.ReferenceModelServiceStub(self.channel)
+
+    def logprobs(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
+                 temperature: float | None = None, timeout: float | None = None) -> tuple[list, int]:
+        """Per-token logprobs of each sequence from response_start on (list of float32 tensors), version."""
+        from services.runtime.tensors import from_proto
+
+        req = reference_pb2.LogProbsRequest(sequences=[
+            reference_pb2.LogProbsSequence(token_ids=list(s), response_start=int(st))
+            for s, st in zip(sequences, response_starts, strict=True)])
+        if temperature is not None:
+            req.temperature = temperature
+        res = self._call(self.stub.LogProbs, req, timeout)
+        return [from_proto(t) for t in res.logprobs], res.model_version
+
+    def load_model(self, checkpoint: str, version: int = 0, sha256: str = "") -> common_pb2.ModelInfo:
+        req = reference_pb2.ReferenceModelServiceLoadModelRequest(checkpoint_uri=str(checkpoint),
+                                                                  model_version=version, sha256=sha256)
+        return self._call(self.stub.LoadModel, req).info
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        return self._call(self.stub.GetModelInfo, reference_pb2.ReferenceModelServiceGetModelInfoRequest()).info
+
+
+class TrainerClient(_Client):
+    def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
+        super().__init__(address, options, **kw)
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+
+    def start_run(self, stage: str, config_yaml: str = "", overrides: dict[str, str] | None = None,
+                  run_id: str = "") -> trainer_pb2.Run:
+        st = trainer_pb2.Stage.Value(f"STAGE_{stage.upper()}")
+        req = trainer_pb2.StartRunRequest(stage=st, config_yaml=config_yaml, overrides=overrides or {},
+                                          run_id=run_id)
+        return self._call(self.stub.StartRun, req).run
+
+    def get_run(self, run_id: str) -> trainer_pb2.Run:
+        return self._call(self.stub.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)).run
+
+    def list_runs(self) -> list[trainer_pb2.Run]:
+        return list(self._call(self.stub.ListRuns, trainer_pb2.ListRunsRequest()).runs)
+
+    def watch_run(self, run_id: str, after_sequence: int = 0, include_logs: bool = True,
+                  timeout: float | None = None) -> Iterator[trainer_pb2.RunEvent]:
+        req = trainer_pb2.WatchRunRequest(run_id=run_id, after_sequence=after_sequence, include_logs=include_logs)
+        for r in self._stream(self.stub.WatchRun, req, timeout or 24 * 3600):
+            yield r.event
+
+    def cancel_run(self, run_id: str, reason: str = "") -> trainer_pb2.Run:
+        return self._call(self.stub.CancelRun, trainer_pb2.CancelRunRequest(run_id=run_id, reason=reason)).run
+
+    def list_checkpoints(self, run_id: str) -> list[trainer_pb2.Checkpoint]:
+        return list(self._call(self.stub.ListCheckpoints, trainer_pb2.ListCheckpointsRequest(run_id=run_id))
+                    .checkpoints)
+
+
+class FeedbackClient(_Client):
+    def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
+        super().__init__(address, options, **kw)
+        self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+
+    def add_prompts(self, prompts: Sequence[str], source: str = "") -> feedback_pb2.AddPromptsResponse:
+        req = feedback_pb2.AddPromptsRequest(prompts=[feedback_pb2.NewPrompt(text=p, source=source) for p in prompts])
+        return self._call(self.stub.AddPrompts, req)
+
+    def create_comparison_tasks(self, prompts: Sequence[str], k: int, *, max_new_tokens: int = 0,
+                                temperature: float | None = None, top_p: float | None = None,
+                                seed: int | None = None, timeout: float | None = None
+                                ) -> feedback_pb2.CreateComparisonTasksResponse:
+        req = feedback_pb2.CreateComparisonTasksRequest(
+            prompts=list(prompts), k=k, sampling=sampling_params(max_new_tokens, temperature, 0, top_p, (), seed))
+        return self._call(self.stub.CreateComparisonTasks, req, timeout)
+
+    def next_task(self, labeler_id: str) -> feedback_pb2.NextTaskResponse:
+        return self._call(self.stub.NextTask, feedback_pb2.NextTaskRequest(labeler_id=labeler_id))
+
+    def submit_ranking(self, submission_id: str, task_id: str, labeler_id: str, ranking: Sequence[int]
+                       ) -> feedback_pb2.SubmitRankingResponse:
+        req = feedback_pb2.SubmitRankingRequest(submission_id=submission_id, task_id=task_id, labeler_id=labeler_id,
+                                                ranking=list(ranking))
+        return self._call(self.stub.SubmitRanking, req)
+
+    def submit_demonstration(self, submission_id: str, labeler_id: str, messages: Sequence[dict]
+                             ) -> feedback_pb2.SubmitDemonstrationResponse:
+        req = feedback_pb2.SubmitDemonstrationRequest(
+            submission_id=submission_id, labeler_id=labeler_id,
+            messages=[chat_message(m["role"], m["content"]) for m in messages])
+        return self._call(self.stub.SubmitDemonstration, req)
+
+    def export(self, kind: str, limit: int = 0) -> list[str]:
+        """JSONL lines of RANKINGS / DEMONSTRATIONS / PROMPTS in the trainer's formats."""
+        req = feedback_pb2.ExportRequest(kind=feedback_pb2.ExportKind.Value(f"EXPORT_KIND_{kind.upper()}"),
+                                         limit=limit)
+        return [ln for r in self._stream(self.stub.Export, req) for ln in r.lines]
+
+    def stats(self) -> feedback_pb2.GetStatsResponse:
+        return self._call(self.stub.GetStats, feedback_pb2.GetStatsRequest())

@@ -1,0 +1,1 @@
+"""reference-model: per-token logprobs of token sequences under the frozen SFT model."""

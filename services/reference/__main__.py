@@ -1,0 +1,3 @@
+from services.reference.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""reference-model service: ``LogProbs`` of token sequences under the frozen SFT model, ``LoadModel``,
+``GetModelInfo``. Concurrent calls are micro-batched (right-padded) through one forward pass.
+
+Element i of a sequence's result is log p(token_ids[response_start + i] | token_ids[:response_start + i])
+under softmax(logits / temperature) — aligned with the policy's ``Completion.logprobs`` when
+``response_start = len(prompt_token_ids)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.core.model import autocast
+from services.core.scoring import right_pad
+from services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
+from services.runtime.batcher import MicroBatcher
+from services.runtime.errors import check_range, check_token_ids, require
+from services.runtime.main import run_service
+from services.runtime.model_host import ModelHost
+from services.runtime.server import ServerConfig, ServiceServer
+from services.runtime.tensors import to_proto
+
+MAX_SEQUENCES = 4096
+
+
+@dataclass
+class ReferenceConfig:
+    checkpoint: str = ""  # the frozen SFT checkpoint; empty = LoadModel later
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int = 1
+    max_batch: int = 64  # sequences per forward pass
+    max_wait_ms: float = 5.0
+    max_queue: int = 4096
+
+
+class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
+    def __init__(self, cfg: ReferenceConfig, registry) -> None:
+        self.cfg = cfg
+        self.host = ModelHost("reference-model", scalar_head=False, device=cfg.device, dtype=cfg.dtype)
+        self.batcher = MicroBatcher(self._batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
+                                    name="reference-batcher")
+        self.on_loaded = lambda: None
+        self.m_tokens = Counter("chatrl_reference_tokens_total", "response tokens scored", registry=registry)
+        self.m_batch = Histogram("chatrl_reference_batch_size", "sequences per forward pass",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self.m_version = Gauge("chatrl_reference_model_version", "loaded model version", registry=registry)
+        Gauge("chatrl_reference_queue_depth", "sequences waiting", registry=registry).set_function(
+            self.batcher.depth)
+
+    def _batch(self, items):
+        """items: (snapshot, ids, response_start, temperature) → float32 tensors [len - start]."""
+        out: list = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (snap, _, _, temp) in enumerate(items):
+            groups.setdefault((id(snap), temp), []).append(i)
+        for (_, temp), idx in groups.items():
+            snap = items[idx[0]][0]
+            ids, mask = right_pad([items[i][1] for i in idx], snap.tok.pad_id, self.cfg.device)
+            with torch.no_grad(), autocast(self.cfg.dtype, self.cfg.device.split(":")[0]):
+                logits = snap.model(ids, mask).logits
+            lp = torch.log_softmax(logits.float()[:, :-1] / temp, dim=-1)
+            tok_lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+            for row, i in enumerate(idx):
+                _, seq, start, _ = items[i]
+                out[i] = tok_lp[row, start - 1: len(seq) - 1].clone()
+        self.m_batch.observe(len(items))
+        return out
+
+    def LogProbs(self, request, context):
+        snap = self.host.current()
+        require(len(request.sequences) > 0, "sequences", "must not be empty")
+        require(len(request.sequences) <= MAX_SEQUENCES, "sequences",
+                f"at most {MAX_SEQUENCES} per call, got {len(request.sequences)}")
+        temp = request.temperature if request.HasField("temperature") else 1.0
+        check_range(temp, 0.0, 10.0, "temperature", lo_open=True)
+        max_len = snap.model.cfg.max_seq_len
+        items = []
+        for i, s in enumerate(request.sequences):
+            f = f"sequences[{i}]"
+            ids = check_token_ids(s.token_ids, snap.tok.vocab_size, f"{f}.token_ids")
+            require(len(ids) <= max_len, f"{f}.token_ids", f"length {len(ids)} exceeds the model's {max_len}")
+            require(1 <= s.response_start <= len(ids), f"{f}.response_start",
+                    f"must be in [1, {len(ids)}], got {s.response_start}")
+            items.append((snap, ids, s.response_start, float(temp)))
+        res = self.batcher.submit(items)
+        n = sum(t.numel() for t in res)
+        self.m_tokens.inc(n)
+        return reference_pb2.LogProbsResponse(logprobs=[to_proto(t) for t in res], model_version=snap.version)
+
+    def LoadModel(self, request, context):
+        self.host.load(request.checkpoint_uri, request.model_version, request.sha256)
+        self.m_version.set(self.host.version)
+        self.on_loaded()
+        return reference_pb2.ReferenceModelServiceLoadModelResponse(info=self.host.info())
+
+    def GetModelInfo(self, request, context):
+        return reference_pb2.ReferenceModelServiceGetModelInfoResponse(info=self.host.info())
+
+
+def build(server_cfg: ServerConfig, cfg: ReferenceConfig) -> tuple[ServiceServer, ReferenceServicer]:
+    torch.set_num_threads(max(1, cfg.threads))
+    srv = ServiceServer("reference", server_cfg, mutating={"LoadModel"})
+    svc = ReferenceServicer(cfg, srv.registry)
+    svc.on_loaded = lambda: srv.set_serving(True)
+    srv.add_service(reference_pb2_grpc.add_ReferenceModelServiceServicer_to_server, svc,
+                    reference_pb2.DESCRIPTOR.services_by_name["ReferenceModelService"].full_name)
+    srv.start()
+    if cfg.checkpoint:
+        svc.host.load(cfg.checkpoint)
+        svc.m_version.set(svc.host.version)
+    srv.set_serving(svc.host.version > 0)
+    return srv, svc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_service("reference", ReferenceConfig, build, argv)

@@ -1,0 +1,1 @@
+"""reward-scoring: batched scalar rewards of (prompt, response) pairs from the reward model."""

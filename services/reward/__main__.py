@@ -1,0 +1,3 @@
+from services.reward.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,2 @@
+"""Serving glue shared by every service: bootstrap (health, reflection, metrics, auth, TLS, graceful
+shutdown), error mapping, tensor codecs and logging."""

@@ -1,0 +1,110 @@
+"""A versioned model loaded from a checkpoint, swappable atomically — shared by the model services.
+
+``LoadModel`` builds the new model off to the side and swaps one reference under a lock; a request
+takes a snapshot (model, tokenizer, version) once and is served entirely by it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.core.checkpoint import CheckpointError, load_checkpoint
+from services.core.model import GPT, GPTConfig
+from services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer
+from services.proto.chatrl.v1 import common_pb2
+from services.runtime.errors import invalid, not_found, precondition
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: GPT
+    tok: ChatTokenizer
+    version: int
+    uri: str
+    sha256: str
+    loaded_at: float
+    meta: dict
+
+
+class ModelHost:
+    def __init__(self, name: str, scalar_head: bool, device: str = "cpu", dtype: str | None = None) -> None:
+        self.name, self.scalar_head, self.device, self.dtype = name, scalar_head, device, dtype
+        self._lock = threading.Lock()
+        self._cur: Loaded | None = None
+
+    def current(self) -> Loaded:
+        cur = self._cur
+        if cur is None:
+            raise precondition(f"{self.name}: no model loaded (call LoadModel or start with --checkpoint)")
+        return cur
+
+    @property
+    def version(self) -> int:
+        return self._cur.version if self._cur else 0
+
+    def load(self, uri: str, version: int = 0, sha256: str = "") -> Loaded:
+        """Load a checkpoint directory (or a stage dir with LATEST); version 0 = current + 1."""
+        if not uri:
+            raise invalid("checkpoint_uri", "must not be empty")
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise not_found(f"checkpoint_uri: {uri} does not exist")
+        try:
+            ck = load_checkpoint(path)
+        except CheckpointError as e:
+            raise invalid("checkpoint_uri", str(e)) from None
+        if sha256 and sha256 != ck.sha256:
+            raise invalid("sha256", f"checkpoint weights hash {ck.sha256[:12]}… differs from {sha256[:12]}…")
+        state = ck.model_state(self.device)
+        if self.scalar_head and "scalar_head.weight" not in state:
+            raise invalid("checkpoint_uri", f"{ck.path} has no scalar head (not a reward model checkpoint)")
+        model = GPT(GPTConfig.from_dict(ck.manifest["model_config"]), scalar_head=self.scalar_head)
+        if not self.scalar_head:
+            state = {k: v for k, v in state.items() if not k.startswith("scalar_head.")}
+        model.load_state_dict(state, strict=False)
+        model.to(self.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        tok = ChatTokenizer.load(ck.path / "tokenizer.json")
+        with self._lock:
+            cur_v = self.version
+            if version and version <= cur_v:
+                raise invalid("model_version", f"must be greater than the current version {cur_v}, got {version}")
+            self._cur = Loaded(model, tok, version or cur_v + 1, str(ck.path), ck.sha256, time.time(),
+                               ck.manifest.get("meta", {}))
+            return self._cur
+
+    def info(self) -> common_pb2.ModelInfo:
+        cur = self._cur
+        if cur is None:
+            return common_pb2.ModelInfo(name=self.name, loaded=False)
+        ts = Timestamp()
+        ts.FromNanoseconds(int(cur.loaded_at * 1e9))
+        return model_info(self.name, cur.model, cur.tok, cur.version, cur.uri, cur.sha256, self.device,
+                          self.dtype, ts)
+
+
+def model_info(name: str, model: GPT, tok: ChatTokenizer, version: int, uri: str, sha256: str, device: str,
+               dtype: str | None, loaded_at: Timestamp | None = None) -> common_pb2.ModelInfo:
+    import hashlib
+
+    tinfo = common_pb2.TokenizerInfo(
+        kind="bytelevel-bpe", vocab_size=tok.vocab_size, eos_token_id=tok.end_id, pad_token_id=tok.pad_id,
+        special_tokens=SPECIAL_TOKENS, chat_template="chatrl: <|role|>content<|end|>",
+        sha256=hashlib.sha256(tok.to_str().encode()).hexdigest())
+    return common_pb2.ModelInfo(
+        name=name, model_version=version, loaded=True, architecture="gpt",
+        config_json=json.dumps({**model.cfg.to_dict(), "scalar_head": model.scalar_head is not None}),
+        parameter_count=model.num_params(), tokenizer=tinfo, max_sequence_length=model.cfg.max_seq_len,
+        checkpoint_uri=uri, weights_sha256=sha256, device=device,
+        dtype={"bf16": "bfloat16", None: "float32"}.get(dtype, dtype or "float32"), loaded_at=loaded_at)
+
+
+def no_grad_threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))

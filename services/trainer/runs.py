@@ -1,0 +1,297 @@
+"""Run management for the trainer service, with no gRPC in it.
+
+A run is a stage (or the whole pipeline) executed from a config in a background worker. Its record
+(state, progress, latest metrics, error) is persisted atomically as ``<runs_dir>/<run_id>/run.json`` on
+every state change and periodically, and its events are appended to ``events.jsonl`` — so run state
+survives a trainer restart. Runs that were RUNNING or PENDING when the trainer died are queued again on
+start-up and resume from their checkpoints (every stage resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from services.core.checkpoint import atomic_write_text
+from services.core.config import RunConfig, config_from_yaml_text
+from services.trainer.stages.common import Cancelled, Reporter
+
+log = logging.getLogger("chatrl.trainer")
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+STAGES = ("pretrain", "sft", "reward", "ppo", "pipeline")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    stage: str
+    config_yaml: str
+    overrides: dict[str, str]
+    output_dir: str
+    state: str = "PENDING"
+    current_stage: str = ""
+    round: int = 0
+    step: int = 0
+    total_steps: int = 0
+    error: str = ""
+    created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    restarts: int = 0
+
+
+@dataclass
+class Event:
+    seq: int
+    time: float
+    kind: str  # metrics | log | state | checkpoint
+    state: str
+    stage: str
+    round: int
+    step: int
+    total: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    text: str = ""
+    prev_state: str = ""
+    checkpoint: dict = field(default_factory=dict)
+
+
+class RunError(Exception):
+    def __init__(self, kind: str, msg: str) -> None:  # kind: invalid | not_found | exists
+        super().__init__(msg)
+        self.kind = kind
+
+
+StageRunner = Callable[[str, RunConfig, Reporter], None]
+
+
+class _RunReporter(Reporter):
+    """Turns a stage's progress into run events (and keeps the record current)."""
+
+    def __init__(self, mgr: RunManager, run: RunRecord) -> None:
+        super().__init__(quiet=True)
+        self.mgr, self.run = mgr, run
+        self._last_save = 0.0
+
+    def start(self, stage: str, total: int, initial: int = 0) -> None:
+        self.run.current_stage, self.run.total_steps, self.run.step = stage, total, initial
+        self.mgr._emit(self.run, "log", text=f"stage {stage} started ({total} steps)")
+
+    def progress(self, stage: str, step: int, total: int) -> None:
+        self.run.current_stage, self.run.step, self.run.total_steps = stage, step, total
+        if time.time() - self._last_save > 2.0:
+            self._last_save = time.time()
+            self.mgr._save(self.run)
+
+    def metrics(self, stage: str, step: int, total: int, values: dict[str, float]) -> None:
+        super().metrics(stage, step, total, values)
+        self.run.metrics.update({f"{stage}/{k}": float(v) for k, v in values.items()})
+        self.mgr._emit(self.run, "metrics", metrics={k: float(v) for k, v in values.items()})
+        self.mgr.on_metrics(self.run, stage, values)
+
+    def log(self, msg: str) -> None:
+        self.mgr._emit(self.run, "log", text=msg)
+
+    def checkpoint(self, info: dict) -> None:
+        self.mgr._emit(self.run, "checkpoint", checkpoint=info)
+
+
+class RunManager:
+    def __init__(self, runs_dir: Path, runner: StageRunner, max_events: int = 10000) -> None:
+        self.dir = Path(runs_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.runner = runner
+        self.max_events = max_events
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self.runs: dict[str, RunRecord] = {}
+        self.events: dict[str, list[Event]] = {}
+        self.reporters: dict[str, _RunReporter] = {}
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._closing = False
+        self.on_metrics: Callable[[RunRecord, str, dict], None] = lambda run, stage, values: None
+        self._load()
+        self._worker = threading.Thread(target=self._work, name="trainer-runs", daemon=True)
+        self._worker.start()
+
+    # --- persistence ------------------------------------------------------------------------------
+    def _load(self) -> None:
+        for f in sorted(self.dir.glob("*/run.json")):
+            try:
+                rec = RunRecord(**json.loads(f.read_text()))
+            except (json.JSONDecodeError, TypeError) as e:
+                log.warning("skipping unreadable run record %s: %s", f, e)
+                continue
+            self.runs[rec.run_id] = rec
+            self.events[rec.run_id] = self._read_events(rec.run_id)
+        for rec in sorted(self.runs.values(), key=lambda r: r.created_at):
+            if rec.state in ("RUNNING", "PENDING"):
+                rec.restarts += 1
+                prev = rec.state
+                rec.state = "PENDING"
+                self._emit(rec, "state", prev_state=prev, text="trainer restarted; the run resumes from its "
+                                                                "checkpoints")
+                self._q.put(rec.run_id)
+
+    def _read_events(self, run_id: str) -> list[Event]:
+        f = self.dir / run_id / "events.jsonl"
+        out = []
+        if f.exists():
+            for line in f.read_text().splitlines():
+                try:
+                    out.append(Event(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError):
+                    break  # a torn last line after a crash
+        return out[-self.max_events:]
+
+    def _save(self, rec: RunRecord) -> None:
+        atomic_write_text(self.dir / rec.run_id / "run.json", json.dumps(asdict(rec)))
+
+    def _emit(self, rec: RunRecord, kind: str, **kw) -> Event:
+        with self._cv:
+            evs = self.events.setdefault(rec.run_id, [])
+            seq = (evs[-1].seq if evs else 0) + 1
+            ev = Event(seq=seq, time=time.time(), kind=kind, state=rec.state, stage=rec.current_stage or rec.stage,
+                       round=rec.round, step=rec.step, total=rec.total_steps, **kw)
+            evs.append(ev)
+            if len(evs) > self.max_events:
+                del evs[: len(evs) - self.max_events]
+            d = self.dir / rec.run_id
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / "events.jsonl", "a") as f:
+                f.write(json.dumps(asdict(ev)) + "\n")
+            if kind == "state" or kind == "metrics":
+                self._save(rec)
+            self._cv.notify_all()
+        return ev
+
+    def _set_state(self, rec: RunRecord, state: str, error: str = "") -> None:
+        prev = rec.state
+        rec.state = state
+        rec.error = error or rec.error
+        if state == "RUNNING":
+            rec.started_at = rec.started_at or time.time()
+        if state in TERMINAL:
+            rec.finished_at = time.time()
+        self._emit(rec, "state", prev_state=prev, text=error)
+
+    # --- API --------------------------------------------------------------------------------------
+    def start(self, stage: str, config_yaml: str, overrides: dict[str, str], run_id: str = "") -> RunRecord:
+        if stage not in STAGES:
+            raise RunError("invalid", f"stage: must be one of {list(STAGES)}, got {stage!r}")
+        if run_id:
+            if not all(c.isalnum() or c in "-_." for c in run_id) or len(run_id) > 64 or run_id.startswith("."):
+                raise RunError("invalid", "run_id: letters, digits, '-', '_' and '.' only, at most 64")
+            with self._lock:
+                old = self.runs.get(run_id)
+            if old is not None:
+                if (old.stage, old.config_yaml, old.overrides) == (stage, config_yaml, dict(overrides)):
+                    return old  # an idempotent retry of the same StartRun
+                raise RunError("exists", f"run_id: run {run_id} already exists with a different request")
+        run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        cfg = self.parse_config(config_yaml, overrides, run_id)
+        rec = RunRecord(run_id=run_id, stage=stage, config_yaml=config_yaml, overrides=dict(overrides),
+                        output_dir=cfg.run_dir)
+        with self._lock:
+            self.runs[run_id] = rec
+        self._emit(rec, "state", prev_state="", text="queued")
+        self._q.put(run_id)
+        return rec
+
+    def parse_config(self, config_yaml: str, overrides: dict[str, str], run_id: str) -> RunConfig:
+        from services.core.config import ConfigError
+
+        try:
+            d = yaml.safe_load(config_yaml) if config_yaml.strip() else {}
+        except yaml.YAMLError as e:
+            raise RunError("invalid", f"config_yaml: invalid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise RunError("invalid", "config_yaml: top level must be a mapping")
+        ov = [f"{k}={v}" for k, v in overrides.items()]
+        if "run_dir" not in d and "run_dir" not in overrides:
+            ov.append(f"run_dir={self.dir / run_id / 'output'}")
+        try:
+            return config_from_yaml_text(yaml.safe_dump(d), ov)
+        except ConfigError as e:
+            raise RunError("invalid", f"config_yaml: {e}") from None
+
+    def get(self, run_id: str) -> RunRecord:
+        with self._lock:
+            rec = self.runs.get(run_id)
+        if rec is None:
+            raise RunError("not_found", f"run_id: no run {run_id!r}")
+        return rec
+
+    def list(self) -> list[RunRecord]:
+        with self._lock:
+            return sorted(self.runs.values(), key=lambda r: r.created_at)
+
+    def cancel(self, run_id: str, reason: str = "") -> RunRecord:
+        rec = self.get(run_id)
+        if rec.state in TERMINAL:
+            return rec
+        rep = self.reporters.get(run_id)
+        if rec.state == "PENDING" and rep is None:
+            self._set_state(rec, "CANCELLED", reason or "cancelled before it started")
+        elif rep is not None:
+            rep.cancel_event.set()
+            self._emit(rec, "log", text=f"cancel requested{': ' + reason if reason else ''}")
+        return rec
+
+    def events_after(self, run_id: str, after: int, timeout: float) -> tuple[list[Event], bool]:
+        """Events with seq > after (waiting up to timeout for new ones); and whether the run is over."""
+        self.get(run_id)
+        with self._cv:
+            def ready():
+                evs = self.events.get(run_id, [])
+                return (evs and evs[-1].seq > after) or self.runs[run_id].state in TERMINAL
+
+            self._cv.wait_for(ready, timeout=timeout)
+            evs = [e for e in self.events.get(run_id, []) if e.seq > after]
+            return evs, self.runs[run_id].state in TERMINAL
+
+    # --- worker -----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            run_id = self._q.get()
+            if run_id is None:
+                return
+            rec = self.runs.get(run_id)
+            if rec is None or rec.state != "PENDING":
+                continue
+            rep = _RunReporter(self, rec)
+            self.reporters[run_id] = rep
+            try:
+                cfg = self.parse_config(rec.config_yaml, rec.overrides, run_id)
+                self._set_state(rec, "RUNNING")
+                self.runner(rec.stage, cfg, rep)
+                self._set_state(rec, "SUCCEEDED")
+            except Cancelled:
+                if self._closing:  # not the user's cancel: the trainer is stopping; resume on restart
+                    self._set_state(rec, "PENDING", "trainer shut down; the run resumes when it restarts")
+                else:
+                    self._set_state(rec, "CANCELLED", "cancelled; checkpoints written so far are kept")
+            except Exception as e:
+                log.error("run %s failed:\n%s", run_id, traceback.format_exc())
+                self._set_state(rec, "FAILED", f"{type(e).__name__}: {e}")
+            finally:
+                self.reporters.pop(run_id, None)
+
+    def close(self) -> None:
+        self._closing = True
+        for rep in list(self.reporters.values()):
+            rep.cancel_event.set()
+        self._q.put(None)
+        self._worker.join(timeout=30)
