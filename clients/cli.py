@@ -4,6 +4,11 @@
     chatrl train pretrain|sft|reward       run one stage from a YAML config (resumable)
     chatrl demo                            the main job on the embedded default
     chatrl sample CHECKPOINT "prompt"      sample from a checkpoint in-process
+    chatrl serve policy|reward|reference|trainer|feedback   run one service (until SIGTERM)
+    chatrl up                              all five services locally, until Ctrl-C
+    chatrl status                          health + model versions of every service
+    chatrl generate "prompt"               sample through policy-inference
+    chatrl chat                            interactive streaming multi-turn chat
 """
 
 from __future__ import annotations
@@ -76,6 +81,107 @@ def cmd_sample(args) -> int:
     return 0
 
 
+SERVICE_MODULES = {"policy": "services.policy.server", "reward": "services.reward.server",
+                   "reference": "services.reference.server", "trainer": "services.trainer.server",
+                   "feedback": "services.feedback.server"}
+DEFAULT_SERVICES = "configs/services.yaml"
+
+
+def cmd_serve(args, rest: list[str]) -> int:
+    import importlib
+
+    mod = importlib.import_module(SERVICE_MODULES[args.service])
+    return mod.main(rest)
+
+
+def _addresses(args) -> dict[str, str]:
+    from services.runtime.config import load_services_config
+
+    secs = load_services_config(args.services if Path(args.services).exists() else None, args.set)
+    out = {}
+    for name, sec in secs.items():
+        host = sec.get("host", "127.0.0.1")
+        out[name] = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{sec.get('port', 0)}"
+    return out
+
+
+def cmd_up(args) -> int:
+    from clients.up import run_up
+
+    return run_up(args.services, args.set, only=args.only)
+
+
+def cmd_status(args) -> int:
+    from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient, TrainerClient
+
+    addrs = _addresses(args)
+    kinds = {"policy": PolicyClient, "reward": RewardClient, "reference": ReferenceClient, "trainer": TrainerClient,
+             "feedback": FeedbackClient}
+    worst = 0
+    for name, cls in kinds.items():
+        with cls(addrs[name], retries=1, timeout=3) as c:
+            st = c.health()
+            extra = ""
+            if st == "SERVING" and hasattr(c, "model_info"):
+                try:
+                    info = c.model_info()
+                    extra = f"model v{info.model_version} {info.parameter_count / 1e6:.2f}M params {info.checkpoint_uri}"
+                except Exception as e:  # noqa: BLE001 — status is best effort
+                    extra = f"(model info failed: {e})"
+            worst = max(worst, 0 if st == "SERVING" else 1)
+            print(f"{name:10s} {addrs[name]:22s} {st:12s} {extra}")
+    return worst
+
+
+def cmd_generate(args) -> int:
+    from clients.lib import PolicyClient
+
+    addr = args.address or _addresses(args)["policy"]
+    with PolicyClient(addr) as c:
+        res = c.generate([args.prompt], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed)
+        for comp in res.results[0].completions:
+            from services.proto.chatrl.v1 import common_pb2
+
+            print(f"- {comp.text}  [{common_pb2.FinishReason.Name(comp.finish_reason).lower()[14:]}, "
+                  f"model v{res.model_version}]")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from clients.lib import PolicyClient
+
+    addr = args.address or _addresses(args)["policy"]
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    with PolicyClient(addr) as c:
+        info = c.model_info()
+        print(f"chatting with {info.name} v{info.model_version} at {addr} — empty line or Ctrl-D to quit, "
+              f"/reset to start over")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                return 0
+            if line == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            history.append({"role": "user", "content": line})
+            print("bot> ", end="", flush=True)
+            text = ""
+            for msg in c.generate_stream(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p):
+                if msg.WhichOneof("event") == "delta":
+                    print(msg.delta.text, end="", flush=True)
+                    text += msg.delta.text
+                else:
+                    text = msg.end.text
+            print()
+            history.append({"role": "assistant", "content": text})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatrl", description="InstructGPT-style RLHF as gRPC microservices")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -106,11 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("serve", help="run one service until SIGTERM (flags after the name go to the service)")
+    p.add_argument("service", choices=sorted(SERVICE_MODULES))
+    p.set_defaults(fn=cmd_serve, passthrough=True)
+
+    def client_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--services", default=DEFAULT_SERVICES, help="service config YAML (addresses)")
+        q.add_argument("--set", action="append", default=[], metavar="SVC.KEY=VALUE")
+
+    p = sub.add_parser("up", help="start all services locally, wait until healthy, stop them on Ctrl-C")
+    client_args(p)
+    p.add_argument("--only", nargs="*", choices=sorted(SERVICE_MODULES), help="start only these")
+    p.set_defaults(fn=cmd_up)
+
+    p = sub.add_parser("status", help="health and model versions of every service")
+    client_args(p)
+    p.set_defaults(fn=cmd_status)
+
+    for name, fn in (("generate", cmd_generate), ("chat", cmd_chat)):
+        p = sub.add_parser(name, help="sample through policy-inference" if name == "generate" else
+                           "interactive streaming chat with the policy")
+        client_args(p)
+        if name == "generate":
+            p.add_argument("prompt")
+            p.add_argument("-n", type=int, default=1)
+            p.add_argument("--seed", type=int)
+        else:
+            p.add_argument("--system", default="", help="a system message")
+        p.add_argument("--address", help="policy-inference host:port (default: from --services)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.8)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.set_defaults(fn=fn)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and len(argv) >= 2:  # everything after the service name goes to the service
+        args = build_parser().parse_args(argv[:2])
+        return cmd_serve(args, argv[2:])
     args = build_parser().parse_args(argv)
     from services.core.config import ConfigError
     from services.core.formats import FormatError
@@ -118,9 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         rc = args.fn(args)
-    except (ConfigError, FormatError, FileNotFoundError) as e:
+    except (ConfigError, FormatError, FileNotFoundError, TimeoutError) as e:
         print(f"chatrl: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import grpc
+
+        if not isinstance(e, grpc.RpcError):
+            raise
+        print(f"chatrl: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("chatrl: interrupted (checkpoints written so far are kept; rerun to resume)", file=sys.stderr)
         return 130

@@ -82,6 +82,50 @@ class RewardConfig:
 
 
 @dataclass
+class PPOConfig:
+    iterations: int = 20  # PPO iterations per round (rollout → update → weight push)
+    prompts_per_iteration: int = 32
+    samples_per_prompt: int = 2  # n completions per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature (logprobs are of softmax(logits / temperature))
+    epochs: int = 2  # PPO epochs over each batch of experience
+    minibatch_size: int = 16
+    lr: float = 2e-5  # policy learning rate
+    value_lr: float = 1e-4  # value-model learning rate
+    clip_eps: float = 0.2  # policy ratio clip ε
+    value_clip: float = 0.5  # value clip, in reward units
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE λ
+    init_kl_coef: float = 0.1  # β; 0 = no KL penalty (the reward-hacking ablation)
+    adaptive_kl: bool = True  # Ziegler et al. adaptive β
+    kl_target: float = 4.0  # target KL per response (nats, summed over tokens)
+    kl_horizon: float = 2000.0
+    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
+    entropy_coef: float = 0.0
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pre-training loss mixed into the policy update
+    whiten_advantages: bool = True
+    reward_clip: float = 5.0  # RM scores are clipped to ±this
+    grad_clip: float = 1.0
+    old_logprobs: str = "recompute"  # recompute | service (behaviour logprobs from policy-inference)
+    max_staleness: int = 0  # drop samples from policies more than this many versions old
+    async_rollout: bool = False  # overlap the next rollout with the current update (needs max_staleness ≥ 1)
+    num_workers: int = 2  # Ray rollout workers
+    worker_num_cpus: float = 0.5  # Ray resources per worker
+    worker_num_gpus: float = 0.0
+    ckpt_every: int = 5  # iterations between checkpoints (one is always written at the end)
+
+
+@dataclass
+class PipelineConfig:
+    rounds: int = 1  # (comparisons from the current policy → RM → PPO) × rounds
+    eval_prompts: int = 200  # held-out prompts scored by the gold labeler per stage
+    services: str = "configs/services.yaml"  # ports and options of the services the pipeline starts
+    start_services: bool = True  # start the services as local processes (false: use running ones)
+    labelers: int = 2  # simulated labelers labelling through the feedback service; 0 = wait for people
+    service_overrides: list[str] = field(default_factory=list)  # e.g. ["policy.max_batch_size=64"]
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     run_dir: str = "runs/tiny"  # checkpoints, data, logs and the report go here
@@ -95,6 +139,8 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,8 +40,9 @@ def run_stage(stage: str, cfg: RunConfig, reporter: Reporter) -> None:
 
     setup_runtime(cfg)
     if stage == "pipeline":
-        for s in ("pretrain", "sft", "reward"):
-            STAGES[s](cfg, reporter)
+        from services.trainer.pipeline import run_pipeline
+
+        run_pipeline(cfg, reporter)
         return
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not available in this trainer")

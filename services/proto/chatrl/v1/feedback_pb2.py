@@ -26,15 +26,15 @@ from services.proto.chatrl.v1 import common_pb2 as chatrl_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatrl/v1/feedback.proto\x12\tchatrl.v1\x1a\x16\x63hatrl/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\tNewPrompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\":\n\x11\x41\x64\x64PromptsRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.chatrl.v1.NewPrompt\"7\n\x12\x41\x64\x64PromptsResponse\x12\x12\n\nprompt_ids\x18\x01 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x05\"{\n\x1c\x43reateComparisonTasksRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.chatrl.v1.SamplingParams\"O\n\x1d\x43reateComparisonTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x02 \x01(\x03\"\xdb\x01\n\x0e\x43omparisonTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x0fNextTaskRequest\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\"N\n\x10NextTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.chatrl.v1.ComparisonTask\x12\x11\n\tremaining\x18\x02 \x01(\x05\"c\n\x14SubmitRankingRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0f\n\x07ranking\x18\x04 \x03(\x05\"M\n\x15SubmitRankingResponse\x12\x12\n\nranking_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05pairs\x18\x03 \x01(\x05\"q\n\x1aSubmitDemonstrationRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.chatrl.v1.ChatMessage\"J\n\x1bSubmitDemonstrationResponse\x12\x18\n\x10\x64\x65monstration_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"n\n\rExportRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.chatrl.v1.ExportKind\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x03\"\x1f\n\x0e\x45xportResponse\x12\r\n\x05lines\x18\x01 \x03(\t\"\x11\n\x0fGetStatsRequest\"p\n\x10GetStatsResponse\x12\x0f\n\x07prompts\x18\x01 \x01(\x03\x12\x12\n\nopen_tasks\x18\x02 \x01(\x03\x12\r\n\x05tasks\x18\x03 \x01(\x03\x12\x10\n\x08rankings\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65monstrations\x18\x05 \x01(\x03*|\n\nExportKind\x12\x1b\n\x17\x45XPORT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45XPORT_KIND_RANKINGS\x10\x01\x12\x1e\n\x1a\x45XPORT_KIND_DEMONSTRATIONS\x10\x02\x12\x17\n\x13\x45XPORT_KIND_PROMPTS\x10\x03\x32\xcd\x04\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12I\n\nAddPrompts\x12\x1c.chatrl.v1.AddPromptsRequest\x1a\x1d.chatrl.v1.AddPromptsResponse\x12j\n\x15\x43reateComparisonTasks\x12\'.chatrl.v1.CreateComparisonTasksRequest\x1a(.chatrl.v1.CreateComparisonTasksResponse\x12\x43\n\x08NextTask\x12\x1a.chatrl.v1.NextTaskRequest\x1a\x1b.chatrl.v1.NextTaskResponse\x12R\n\rSubmitRanking\x12\x1f.chatrl.v1.SubmitRankingRequest\x1a .chatrl.v1.SubmitRankingResponse\x12\x64\n\x13SubmitDemonstration\x12%.chatrl.v1.SubmitDemonstrationRequest\x1a&.chatrl.v1.SubmitDemonstrationResponse\x12?\n\x06\x45xport\x12\x18.chatrl.v1.ExportRequest\x1a\x19.chatrl.v1.ExportResponse0\x01\x12\x43\n\x08GetStats\x12\x1a.chatrl.v1.GetStatsRequest\x1a\x1b.chatrl.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatrl/v1/feedback.proto\x12\tchatrl.v1\x1a\x16\x63hatrl/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\tNewPrompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\":\n\x11\x41\x64\x64PromptsRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.chatrl.v1.NewPrompt\"7\n\x12\x41\x64\x64PromptsResponse\x12\x12\n\nprompt_ids\x18\x01 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x05\"{\n\x1c\x43reateComparisonTasksRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.chatrl.v1.SamplingParams\"O\n\x1d\x43reateComparisonTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x02 \x01(\x03\"\xf7\x01\n\x0e\x43omparisonTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12responses_finished\x18\x08 \x03(\x08\"%\n\x0fNextTaskRequest\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\"N\n\x10NextTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.chatrl.v1.ComparisonTask\x12\x11\n\tremaining\x18\x02 \x01(\x05\"c\n\x14SubmitRankingRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0f\n\x07ranking\x18\x04 \x03(\x05\"M\n\x15SubmitRankingResponse\x12\x12\n\nranking_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05pairs\x18\x03 \x01(\x05\"q\n\x1aSubmitDemonstrationRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.chatrl.v1.ChatMessage\"J\n\x1bSubmitDemonstrationResponse\x12\x18\n\x10\x64\x65monstration_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"n\n\rExportRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.chatrl.v1.ExportKind\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x03\"\x1f\n\x0e\x45xportResponse\x12\r\n\x05lines\x18\x01 \x03(\t\"\x11\n\x0fGetStatsRequest\"p\n\x10GetStatsResponse\x12\x0f\n\x07prompts\x18\x01 \x01(\x03\x12\x12\n\nopen_tasks\x18\x02 \x01(\x03\x12\r\n\x05tasks\x18\x03 \x01(\x03\x12\x10\n\x08rankings\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65monstrations\x18\x05 \x01(\x03*|\n\nExportKind\x12\x1b\n\x17\x45XPORT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45XPORT_KIND_RANKINGS\x10\x01\x12\x1e\n\x1a\x45XPORT_KIND_DEMONSTRATIONS\x10\x02\x12\x17\n\x13\x45XPORT_KIND_PROMPTS\x10\x03\x32\xcd\x04\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12I\n\nAddPrompts\x12\x1c.chatrl.v1.AddPromptsRequest\x1a\x1d.chatrl.v1.AddPromptsResponse\x12j\n\x15\x43reateComparisonTasks\x12\'.chatrl.v1.CreateComparisonTasksRequest\x1a(.chatrl.v1.CreateComparisonTasksResponse\x12\x43\n\x08NextTask\x12\x1a.chatrl.v1.NextTaskRequest\x1a\x1b.chatrl.v1.NextTaskResponse\x12R\n\rSubmitRanking\x12\x1f.chatrl.v1.SubmitRankingRequest\x1a .chatrl.v1.SubmitRankingResponse\x12\x64\n\x13SubmitDemonstration\x12%.chatrl.v1.SubmitDemonstrationRequest\x1a&.chatrl.v1.SubmitDemonstrationResponse\x12?\n\x06\x45xport\x12\x18.chatrl.v1.ExportRequest\x1a\x19.chatrl.v1.ExportResponse0\x01\x12\x43\n\x08GetStats\x12\x1a.chatrl.v1.GetStatsRequest\x1a\x1b.chatrl.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatrl.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPORTKIND']._serialized_start=1452
-  _globals['_EXPORTKIND']._serialized_end=1576
+  _globals['_EXPORTKIND']._serialized_start=1480
+  _globals['_EXPORTKIND']._serialized_end=1604
   _globals['_NEWPROMPT']._serialized_start=96
   _globals['_NEWPROMPT']._serialized_end=137
   _globals['_ADDPROMPTSREQUEST']._serialized_start=139
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATECOMPARISONTASKSRESPONSE']._serialized_start=381
   _globals['_CREATECOMPARISONTASKSRESPONSE']._serialized_end=460
   _globals['_COMPARISONTASK']._serialized_start=463
-  _globals['_COMPARISONTASK']._serialized_end=682
-  _globals['_NEXTTASKREQUEST']._serialized_start=684
-  _globals['_NEXTTASKREQUEST']._serialized_end=721
-  _globals['_NEXTTASKRESPONSE']._serialized_start=723
-  _globals['_NEXTTASKRESPONSE']._serialized_end=801
-  _globals['_SUBMITRANKINGREQUEST']._serialized_start=803
-  _globals['_SUBMITRANKINGREQUEST']._serialized_end=902
-  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=904
-  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=981
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=983
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=1096
-  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_start=1098
-  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_end=1172
-  _globals['_EXPORTREQUEST']._serialized_start=1174
-  _globals['_EXPORTREQUEST']._serialized_end=1284
-  _globals['_EXPORTRESPONSE']._serialized_start=1286
-  _globals['_EXPORTRESPONSE']._serialized_end=1317
-  _globals['_GETSTATSREQUEST']._serialized_start=1319
-  _globals['_GETSTATSREQUEST']._serialized_end=1336
-  _globals['_GETSTATSRESPONSE']._serialized_start=1338
-  _globals['_GETSTATSRESPONSE']._serialized_end=1450
-  _globals['_FEEDBACKSERVICE']._serialized_start=1579
-  _globals['_FEEDBACKSERVICE']._serialized_end=2168
+  _globals['_COMPARISONTASK']._serialized_end=710
+  _globals['_NEXTTASKREQUEST']._serialized_start=712
+  _globals['_NEXTTASKREQUEST']._serialized_end=749
+  _globals['_NEXTTASKRESPONSE']._serialized_start=751
+  _globals['_NEXTTASKRESPONSE']._serialized_end=829
+  _globals['_SUBMITRANKINGREQUEST']._serialized_start=831
+  _globals['_SUBMITRANKINGREQUEST']._serialized_end=930
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=932
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=1009
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=1011
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=1124
+  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_start=1126
+  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_end=1200
+  _globals['_EXPORTREQUEST']._serialized_start=1202
+  _globals['_EXPORTREQUEST']._serialized_end=1312
+  _globals['_EXPORTRESPONSE']._serialized_start=1314
+  _globals['_EXPORTRESPONSE']._serialized_end=1345
+  _globals['_GETSTATSREQUEST']._serialized_start=1347
+  _globals['_GETSTATSREQUEST']._serialized_end=1364
+  _globals['_GETSTATSRESPONSE']._serialized_start=1366
+  _globals['_GETSTATSRESPONSE']._serialized_end=1478
+  _globals['_FEEDBACKSERVICE']._serialized_start=1607
+  _globals['_FEEDBACKSERVICE']._serialized_end=2196
 # @@protoc_insertion_point(module_scope)

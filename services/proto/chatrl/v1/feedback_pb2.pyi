@@ -65,7 +65,7 @@ class CreateComparisonTasksResponse(_message.Message):
     def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., policy_model_version: _Optional[int] = ...) -> None: ...
 
 class ComparisonTask(_message.Message):
-    __slots__ = ("task_id", "prompt_id", "prompt", "responses", "policy_model_version", "created_at", "lease_expires_at")
+    __slots__ = ("task_id", "prompt_id", "prompt", "responses", "policy_model_version", "created_at", "lease_expires_at", "responses_finished")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ComparisonTask(_message.Message):
     POLICY_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FINISHED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     prompt_id: str
     prompt: str
@@ -80,7 +81,8 @@ class ComparisonTask(_message.Message):
     policy_model_version: int
     created_at: _timestamp_pb2.Timestamp
     lease_expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, task_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., policy_model_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    responses_finished: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, task_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., policy_model_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., responses_finished: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class NextTaskRequest(_message.Message):
     __slots__ = ("labeler_id",)

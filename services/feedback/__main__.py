@@ -1,0 +1,3 @@
+from services.feedback.server import main
+
+raise SystemExit(main())

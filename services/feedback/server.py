@@ -1,0 +1,329 @@
+"""feedback service: thin gRPC glue over :class:`services.feedback.store.FeedbackStore`.
+
+Every ``FeedbackService`` RPC of ``protos/chatrl/v1/feedback.proto``. ``CreateComparisonTasks`` asks
+policy-inference (``policy_address``) for K samples per prompt through the client library's
+:class:`PolicyClient`, then stores one ranking task per prompt. Submissions are on disk before the RPC
+returns (SQLite WAL, ``synchronous=FULL``). Optionally serves the labeling page (``web_port``).
+
+Run it: ``python -m services.feedback --db runs/feedback.db --port 50055`` (or ``chatrl serve feedback``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timezone
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Gauge, Histogram
+
+from clients.lib import PolicyClient
+from services.feedback.store import FeedbackStore, StoreError
+from services.proto.chatrl.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
+from services.runtime.errors import ServiceError, invalid, require
+from services.runtime.logs import event
+from services.runtime.main import run_service
+from services.runtime.server import ServerConfig, ServiceServer
+
+log = logging.getLogger("chatrl.feedback")
+
+MUTATING = {"AddPrompts", "CreateComparisonTasks", "SubmitRanking", "SubmitDemonstration"}
+_STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "not_found": grpc.StatusCode.NOT_FOUND,
+           "conflict": grpc.StatusCode.ALREADY_EXISTS, "unavailable": grpc.StatusCode.UNAVAILABLE}
+_ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user",
+               common_pb2.ROLE_ASSISTANT: "assistant"}
+_EXPORT_KINDS = {feedback_pb2.EXPORT_KIND_RANKINGS: "rankings",
+                 feedback_pb2.EXPORT_KIND_DEMONSTRATIONS: "demonstrations",
+                 feedback_pb2.EXPORT_KIND_PROMPTS: "prompts"}
+
+
+@dataclass
+class FeedbackConfig:
+    db: str = "runs/feedback/feedback.db"  # SQLite database file (created if missing)
+    policy_address: str = "127.0.0.1:50051"  # policy-inference host:port, for CreateComparisonTasks
+    policy_tls_ca: str = ""  # PEM CA bundle to reach policy-inference over TLS (empty = plaintext)
+    policy_timeout_s: float = 300.0  # deadline of one Generate call (capped by the caller's deadline)
+    generate_batch: int = 32  # prompts per Generate call (each with k samples)
+    max_k: int = 16  # largest K accepted by CreateComparisonTasks
+    max_prompts: int = 1024  # most prompts per CreateComparisonTasks / AddPrompts call
+    lease_seconds: float = 600.0  # how long NextTask reserves a task for its labeler
+    rankings_per_task: int = 1  # rankings (by distinct labelers) after which a task is no longer open
+    export_batch_lines: int = 256  # JSONL lines per Export stream message (also capped at ~1 MiB)
+    web_host: str = "127.0.0.1"  # labeling page bind address
+    web_port: int = -1  # labeling page port; -1 = off, 0 = pick a free port
+
+
+def _abort(e: StoreError) -> ServiceError:
+    return ServiceError(_STATUS.get(e.kind, grpc.StatusCode.INTERNAL), e.message)
+
+
+def _ts(us: int | None) -> Timestamp | None:
+    if us is None:
+        return None
+    t = Timestamp()
+    t.FromMicroseconds(int(us))
+    return t
+
+
+class Metrics:
+    def __init__(self, registry, store: FeedbackStore) -> None:
+        self.labels = Counter("chatrl_feedback_labels_submitted_total", "new labels stored, by kind",
+                              ["kind"], registry=registry)
+        self.duplicates = Counter("chatrl_feedback_duplicate_submissions_total",
+                                  "idempotent resubmissions (nothing new stored), by kind", ["kind"],
+                                  registry=registry)
+        self.tasks = Counter("chatrl_feedback_tasks_created_total", "comparison tasks created", registry=registry)
+        self.prompts = Counter("chatrl_feedback_prompts_added_total", "new prompts added to the pool",
+                               registry=registry)
+        self.sample_s = Histogram("chatrl_feedback_policy_sample_seconds",
+                                  "time to sample K responses for one CreateComparisonTasks call",
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+                                  registry=registry)
+        self.open = Gauge("chatrl_feedback_open_tasks", "comparison tasks not yet ranked", registry=registry)
+        self.open.set_function(lambda: store.stats()["open_tasks"])
+        self.stored = Gauge("chatrl_feedback_records", "records stored, by kind", ["kind"], registry=registry)
+        for kind in ("prompts", "tasks", "rankings", "demonstrations"):
+            self.stored.labels(kind).set_function(lambda k=kind: store.stats()[k])
+
+    def submitted(self, kind: str, duplicate: bool) -> None:
+        (self.duplicates if duplicate else self.labels).labels(kind).inc()
+
+
+class PolicySampler:
+    """(prompt texts, k, SamplingParams) → K responses and finished flags per prompt, model version —
+    over policy-inference's ``Generate``; chunks of ``generate_batch`` prompts pinned to one version."""
+
+    def __init__(self, cfg: FeedbackConfig) -> None:
+        self.cfg = cfg
+        self._client: PolicyClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> PolicyClient:
+        with self._lock:
+            if self._client is None:
+                self._client = PolicyClient(self.cfg.policy_address, tls_ca=self.cfg.policy_tls_ca,
+                                            timeout=self.cfg.policy_timeout_s, retries=3)
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def sample(self, texts: list[str], k: int, sp: common_pb2.SamplingParams, timeout: float | None
+               ) -> tuple[list[list[str]], list[list[bool]], int]:
+        for attempt in range(2):  # the weights may be swapped between chunks: start over once
+            try:
+                return self._sample_once(texts, k, sp, timeout)
+            except _VersionChanged:
+                if attempt:
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, "policy-inference kept swapping weights "
+                                       "while the comparison tasks were sampled; retry") from None
+        raise AssertionError("unreachable")
+
+    def _sample_once(self, texts, k, sp, timeout):
+        kw = dict(n=k, max_new_tokens=sp.max_new_tokens, top_k=sp.top_k, stop=list(sp.stop),
+                  temperature=sp.temperature if sp.HasField("temperature") else None,
+                  top_p=sp.top_p if sp.HasField("top_p") else None,
+                  seed=sp.seed if sp.HasField("seed") else None)
+        responses: list[list[str]] = []
+        finished: list[list[bool]] = []
+        version = 0
+        step = max(1, self.cfg.generate_batch)
+        for off in range(0, len(texts), step):
+            if kw["seed"] is not None and off:
+                kw["seed"] = sp.seed + off * k  # distinct samples for every prompt, still reproducible
+            try:
+                res = self.client.generate(texts[off: off + step], expected_model_version=version,
+                                           timeout=timeout, **kw)
+            except grpc.RpcError as e:
+                raise self._map(e, version) from None
+            version = res.model_version
+            if len(res.results) != len(texts[off: off + step]):
+                raise ServiceError(grpc.StatusCode.INTERNAL, "policy-inference returned the wrong number "
+                                   "of results")
+            for r in res.results:
+                responses.append([c.text for c in r.completions])
+                finished.append([c.finish_reason == common_pb2.FINISH_REASON_STOP for c in r.completions])
+        return responses, finished, version
+
+    def _map(self, e: grpc.RpcError, pinned: int) -> Exception:
+        code, msg = e.code(), e.details() or ""
+        if code == grpc.StatusCode.FAILED_PRECONDITION and pinned:
+            return _VersionChanged()
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAUTHENTICATED):
+            if code == grpc.StatusCode.INVALID_ARGUMENT and not msg.startswith("sampling"):
+                msg = f"sampling: {msg}"
+            return ServiceError(code, f"{msg} (from policy-inference)")
+        return ServiceError(grpc.StatusCode.UNAVAILABLE,
+                            f"policy-inference at {self.cfg.policy_address} unreachable: {code.name} {msg}")
+
+
+class _VersionChanged(Exception):
+    pass
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+    def __init__(self, cfg: FeedbackConfig, registry, store: FeedbackStore | None = None) -> None:
+        self.cfg = cfg
+        self.store = store or FeedbackStore(cfg.db, lease_seconds=cfg.lease_seconds,
+                                            rankings_per_task=cfg.rankings_per_task)
+        self.metrics = Metrics(registry, self.store)
+        self.sampler = PolicySampler(cfg)
+        self.web = None
+
+    def close(self) -> None:
+        if self.web is not None:
+            self.web.stop()
+        self.sampler.close()
+        self.store.close()
+
+    # -- RPCs ------------------------------------------------------------------------------------
+
+    def AddPrompts(self, request, context):
+        require(len(request.prompts) > 0, "prompts", "must not be empty")
+        require(len(request.prompts) <= self.cfg.max_prompts, "prompts",
+                f"at most {self.cfg.max_prompts} per call, got {len(request.prompts)}")
+        try:
+            ids, added = self.store.add_prompts([(p.text, p.source) for p in request.prompts])
+        except StoreError as e:
+            raise _abort(e) from None
+        self.metrics.prompts.inc(added)
+        return feedback_pb2.AddPromptsResponse(prompt_ids=ids, added=added)
+
+    def CreateComparisonTasks(self, request, context):
+        k = request.k
+        require(k >= 2, "k", f"must be >= 2 (responses to rank per prompt), got {k}")
+        require(k <= self.cfg.max_k, "k", f"must be <= {self.cfg.max_k}, got {k}")
+        n = len(request.prompts) + len(request.prompt_ids)
+        require(n <= self.cfg.max_prompts, "prompts", f"at most {self.cfg.max_prompts} prompts per call, got {n}")
+        sp = request.sampling
+        require(sp.max_new_tokens >= 0, "sampling.max_new_tokens", f"must be >= 0, got {sp.max_new_tokens}")
+        remaining = context.time_remaining()
+        timeout = min(self.cfg.policy_timeout_s, remaining) if remaining is not None else None
+        timer = self.metrics.sample_s.time()
+
+        def sample(texts, kk):
+            with timer:
+                return self.sampler.sample(texts, kk, sp, timeout)
+
+        try:
+            ids, version = self.store.create_comparison_tasks(list(request.prompts), list(request.prompt_ids), k,
+                                                              sample, source="comparison-request")
+        except StoreError as e:
+            raise _abort(e) from None
+        self.metrics.tasks.inc(len(ids))
+        event(log, "comparison tasks created", tasks=len(ids), k=k, policy_model_version=version)
+        return feedback_pb2.CreateComparisonTasksResponse(task_ids=ids, policy_model_version=version)
+
+    def NextTask(self, request, context):
+        try:
+            task, remaining = self.store.next_task(request.labeler_id)
+        except StoreError as e:
+            raise _abort(e) from None
+        if task is None:
+            return feedback_pb2.NextTaskResponse(remaining=0)
+        return feedback_pb2.NextTaskResponse(task=self.task_proto(task), remaining=remaining)
+
+    @staticmethod
+    def task_proto(t: dict) -> feedback_pb2.ComparisonTask:
+        return feedback_pb2.ComparisonTask(
+            task_id=t["task_id"], prompt_id=t["prompt_id"], prompt=t["prompt"], responses=t["responses"],
+            policy_model_version=t["policy_model_version"], created_at=_ts(t["created_us"]),
+            lease_expires_at=_ts(t["lease_expires_us"]), responses_finished=t["finished"])
+
+    def SubmitRanking(self, request, context):
+        try:
+            rid, dup, pairs = self.store.submit_ranking(request.submission_id, request.task_id,
+                                                        request.labeler_id, list(request.ranking))
+        except StoreError as e:
+            raise _abort(e) from None
+        self.metrics.submitted("ranking", dup)
+        return feedback_pb2.SubmitRankingResponse(ranking_id=rid, duplicate=dup, pairs=pairs)
+
+    def SubmitDemonstration(self, request, context):
+        msgs = []
+        for i, m in enumerate(request.messages):
+            if m.role not in _ROLE_NAMES:
+                raise invalid(f"messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+            msgs.append({"role": _ROLE_NAMES[m.role], "content": m.content})
+        try:
+            did, dup = self.store.submit_demonstration(request.submission_id, request.labeler_id, msgs)
+        except StoreError as e:
+            raise _abort(e) from None
+        self.metrics.submitted("demonstration", dup)
+        return feedback_pb2.SubmitDemonstrationResponse(demonstration_id=did, duplicate=dup)
+
+    def Export(self, request, context):
+        kind = _EXPORT_KINDS.get(request.kind)
+        if kind is None:
+            raise invalid("kind", "must be EXPORT_KIND_RANKINGS, EXPORT_KIND_DEMONSTRATIONS or EXPORT_KIND_PROMPTS")
+        require(request.limit >= 0, "limit", f"must be >= 0, got {request.limit}")
+        since = request.since.ToDatetime(tzinfo=timezone.utc) if request.HasField("since") else None
+        try:
+            rows = self.store.export(kind, since=since, limit=request.limit)
+            batch: list[str] = []
+            size = 0
+            for row in rows:
+                line = json.dumps(row, ensure_ascii=False)
+                if batch and (len(batch) >= self.cfg.export_batch_lines or size + len(line) > (1 << 20)):
+                    yield feedback_pb2.ExportResponse(lines=batch)
+                    batch, size = [], 0
+                batch.append(line)
+                size += len(line)
+            if batch:
+                yield feedback_pb2.ExportResponse(lines=batch)
+        except StoreError as e:
+            raise _abort(e) from None
+
+    def GetStats(self, request, context):
+        return feedback_pb2.GetStatsResponse(**self.store.stats())
+
+
+def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer, FeedbackServicer]:
+    srv = ServiceServer("feedback", server_cfg, mutating=MUTATING)
+    svc = FeedbackServicer(cfg, srv.registry)
+    srv.add_service(feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, svc,
+                    feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name)
+    srv.start()
+    if cfg.web_port >= 0:
+        from services.feedback.web import LabelingWeb
+
+        svc.web = LabelingWeb(svc.store, cfg.web_host, cfg.web_port, token=srv.token, metrics=svc.metrics)
+        svc.web.start()
+        log.info("labeling page at %s", svc.web.url)
+    srv.set_serving(True)  # the store is open: nothing else to load
+    return srv, svc
+
+
+def _translate(argv: list[str]) -> list[str]:
+    """``--db PATH`` / ``--policy HOST:PORT`` / ``--web-port N`` → ``--set`` overrides of the section."""
+    out, flags = [], {"--db": "db", "--policy": "policy_address", "--policy-address": "policy_address",
+                      "--web-port": "web_port"}
+    it = iter(argv)
+    for a in it:
+        key, _, val = a.partition("=")
+        if key in flags:
+            if not _:
+                val = next(it, None)
+                if val is None:
+                    raise SystemExit(f"chatrl serve feedback: error: {key} needs a value")
+            out += ["--set", f"{flags[key]}={json.dumps(val) if flags[key] != 'web_port' else val}"]
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print("feedback options (besides the common ones below): --db PATH  --policy HOST:PORT  --web-port N")
+    return run_service("feedback", FeedbackConfig, build, _translate(argv))

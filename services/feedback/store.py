@@ -1,0 +1,545 @@
+"""Durable label store for the feedback service: prompts, comparison tasks, rankings, demonstrations.
+
+SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL``: when a ``submit_*`` call returns,
+the label is committed and on disk (a ``kill -9`` right afterwards cannot lose it). No gRPC here —
+``services/feedback/server.py`` is thin glue over this module.
+
+- **Prompts** are deduplicated by text.
+- **Comparison tasks**: one prompt, K ≥ 2 sampled responses (with a finished flag each: did the
+  response end its turn with the end token), the policy model version that produced them. A task is
+  *open* while it has fewer than ``rankings_per_task`` rankings. ``next_task`` leases an open task to
+  one labeler for ``lease_seconds``; while the lease runs no other labeler receives it; an expired lease
+  returns the task to the pool. A labeler never receives a task they have already ranked.
+- **Rankings**: a permutation of 0..K-1, best first; one per (task, labeler).
+- **Demonstrations**: a conversation whose last message is the ideal assistant turn.
+- **Idempotency**: every submission carries a client-chosen ``submission_id``. Re-submitting the same
+  content returns the original id with ``duplicate=True``; the same id with different content is a
+  ``conflict``.
+- **Export** yields rows in the trainer's formats (``services/core/formats.py``) plus the metadata
+  fields the proto documents for each ``ExportKind``; oldest first, ``since`` inclusive, ``limit`` 0 = all.
+
+Errors are :class:`StoreError` with a ``kind`` (``invalid`` / ``not_found`` / ``conflict`` /
+``unavailable``) and a message that starts with the offending field.
+
+All times are integer microseconds since the Unix epoch (``*_us``); the clock is injectable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+ROLES = ("system", "user", "assistant")
+EXPORT_KINDS = ("rankings", "demonstrations", "prompts")
+MAX_PROMPT_CHARS = 20_000
+_PAGE = 500  # rows fetched per query while exporting (the lock is not held between pages)
+
+_SCHEMA_V1 = """
+CREATE TABLE prompts (
+    id          TEXT PRIMARY KEY,
+    text        TEXT NOT NULL UNIQUE,
+    source      TEXT NOT NULL DEFAULT '',
+    created_us  INTEGER NOT NULL
+);
+CREATE INDEX prompts_created ON prompts(created_us);
+CREATE TABLE tasks (
+    id                   TEXT PRIMARY KEY,
+    prompt_id            TEXT NOT NULL REFERENCES prompts(id),
+    k                    INTEGER NOT NULL CHECK (k >= 2),
+    responses            TEXT NOT NULL,   -- JSON list of K strings
+    finished             TEXT NOT NULL,   -- JSON list of K booleans
+    policy_model_version INTEGER NOT NULL DEFAULT 0,
+    created_us           INTEGER NOT NULL,
+    n_rankings           INTEGER NOT NULL DEFAULT 0,
+    lease_labeler        TEXT,
+    lease_expires_us     INTEGER
+);
+CREATE INDEX tasks_open ON tasks(n_rankings, created_us);
+CREATE TABLE rankings (
+    id             TEXT PRIMARY KEY,
+    task_id        TEXT NOT NULL REFERENCES tasks(id),
+    labeler_id     TEXT NOT NULL,
+    ranking        TEXT NOT NULL,          -- JSON list, best first
+    submission_id  TEXT NOT NULL UNIQUE,
+    created_us     INTEGER NOT NULL,
+    UNIQUE (task_id, labeler_id)
+);
+CREATE INDEX rankings_created ON rankings(created_us);
+CREATE TABLE demonstrations (
+    id             TEXT PRIMARY KEY,
+    labeler_id     TEXT NOT NULL,
+    messages       TEXT NOT NULL,          -- JSON list of {"role","content"}
+    submission_id  TEXT NOT NULL UNIQUE,
+    created_us     INTEGER NOT NULL
+);
+CREATE INDEX demonstrations_created ON demonstrations(created_us);
+"""
+
+# version -> SQL that upgrades the schema from version-1 to version.
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+class StoreError(Exception):
+    """A request the store refuses. ``kind``: invalid | not_found | conflict | unavailable."""
+
+    def __init__(self, kind: str, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.kind = kind
+        self.field = field
+        self.message = str(self)
+
+
+def _invalid(field: str, why: str) -> StoreError:
+    return StoreError("invalid", field, why)
+
+
+def rfc3339(us: int) -> str:
+    """Microseconds since the epoch → RFC 3339 UTC string, e.g. ``2024-05-01T12:00:00.123456Z``."""
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def to_us(t: datetime | float | int | None) -> int | None:
+    """A datetime (naive = UTC) or epoch seconds → epoch microseconds; None stays None."""
+    if t is None:
+        return None
+    if isinstance(t, datetime):
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=timezone.utc)
+        t = t.timestamp()
+    return int(round(float(t) * 1e6))
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _nonempty(value, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(field, "must not be empty")
+    return value
+
+
+def check_ranking(ranking: Sequence[int], k: int, field: str = "ranking") -> list[int]:
+    """A permutation of 0..k-1, or an ``invalid`` error naming duplicates, missing and out-of-range ranks."""
+    if isinstance(ranking, (str, bytes)) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                    for x in ranking):
+        raise _invalid(field, "must be a list of integers")
+    r = [int(x) for x in ranking]
+    if sorted(r) != list(range(k)):
+        dup = sorted({x for x in r if r.count(x) > 1})
+        missing = sorted(set(range(k)) - set(r))
+        bad = sorted({x for x in r if x < 0 or x >= k})
+        parts = [f"must be a permutation of 0..{k - 1} (got {len(r)} entries"]
+        if dup:
+            parts.append(f"duplicates {dup}")
+        if missing:
+            parts.append(f"missing {missing}")
+        if bad:
+            parts.append(f"out of range {bad}")
+        raise _invalid(field, ", ".join(parts) + ")")
+    return r
+
+
+def check_messages(messages, field: str = "messages") -> list[dict]:
+    """Conversation as [{"role","content"}]: non-empty, known roles, non-empty contents, last turn assistant."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise _invalid(field, "must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _invalid(f"{field}[{i}]", "must be an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise _invalid(f"{field}[{i}].role", f"must be one of {list(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise _invalid(f"{field}[{i}].content", "must not be empty")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise _invalid(f"{field}[{len(out) - 1}].role", "the last message must be the assistant turn, "
+                       f"got {out[-1]['role']!r}")
+    return out
+
+
+Sampler = Callable[[list[str], int], tuple[list[list[str]], list[list[bool]], int]]
+"""(prompt texts, k) → (K responses per prompt, K finished flags per prompt, policy model version)."""
+
+
+class FeedbackStore:
+    """Thread-safe: one connection guarded by a lock; every write is one ``BEGIN IMMEDIATE`` transaction
+    (so several processes may share the file too)."""
+
+    def __init__(self, path: str | Path, *, lease_seconds: float = 600.0, rankings_per_task: int = 1,
+                 clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0) -> None:
+        if lease_seconds <= 0 or not math.isfinite(lease_seconds):
+            raise ValueError(f"lease_seconds must be a positive number, got {lease_seconds}")
+        if rankings_per_task < 1:
+            raise ValueError(f"rankings_per_task must be >= 1, got {rankings_per_task}")
+        self.path = Path(path)
+        self.lease_us = int(lease_seconds * 1e6)
+        self.rankings_per_task = int(rankings_per_task)
+        self._clock = clock
+        self._lock = threading.RLock()
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(round(self._clock() * 1e6))
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            have = int(row[0]) if row else 0
+            if have > SCHEMA_VERSION:
+                raise StoreError("unavailable", "", f"{self.path}: schema version {have} is newer than this "
+                                 f"code supports ({SCHEMA_VERSION}); upgrade chatrl")
+            for v in range(have + 1, SCHEMA_VERSION + 1):
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
+            if not row:
+                db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_us', ?)", (str(self._now()),))
+
+    class _Tx:
+        def __init__(self, store: FeedbackStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._db
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.store._lock.release()
+
+    def _tx(self) -> FeedbackStore._Tx:
+        return FeedbackStore._Tx(self)
+
+    def _read(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT value FROM meta WHERE key='schema_version'")[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_prompt(text, field: str) -> str:
+        text = _nonempty(text, field)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise _invalid(field, f"is too long ({len(text)} characters, at most {MAX_PROMPT_CHARS})")
+        return text
+
+    def _upsert_prompt(self, db: sqlite3.Connection, text: str, source: str, now: int) -> tuple[str, bool]:
+        row = db.execute("SELECT id FROM prompts WHERE text=?", (text,)).fetchone()
+        if row:
+            return row[0], False
+        pid = _new_id("p")
+        db.execute("INSERT INTO prompts(id, text, source, created_us) VALUES (?,?,?,?)", (pid, text, source, now))
+        return pid, True
+
+    def add_prompts(self, prompts: Sequence[str | tuple[str, str]], field: str = "prompts") -> tuple[list[str], int]:
+        """Adds prompts (text, or (text, source)); returns (one id per prompt in order, how many were new)."""
+        items = []
+        for i, p in enumerate(prompts):
+            text, source = (p, "") if isinstance(p, str) else (p[0], p[1] or "")
+            items.append((self._check_prompt(text, f"{field}[{i}].text" if not isinstance(p, str) else
+                                             f"{field}[{i}]"), str(source)))
+        ids, added = [], 0
+        with self._tx() as db:
+            now = self._now()
+            for text, source in items:
+                pid, new = self._upsert_prompt(db, text, source, now)
+                ids.append(pid)
+                added += new
+        return ids, added
+
+    def get_prompt(self, prompt_id: str) -> dict:
+        rows = self._read("SELECT * FROM prompts WHERE id=?", (prompt_id,))
+        if not rows:
+            raise StoreError("not_found", "prompt_id", f"no prompt with id {prompt_id!r}")
+        r = rows[0]
+        return {"prompt_id": r["id"], "text": r["text"], "source": r["source"], "created_us": r["created_us"]}
+
+    # -- comparison tasks ----------------------------------------------------------------------
+
+    def _check_samples(self, k: int, responses, finished, field: str) -> tuple[list[str], list[bool]]:
+        if not isinstance(responses, (list, tuple)) or len(responses) != k:
+            n = len(responses) if isinstance(responses, (list, tuple)) else type(responses).__name__
+            raise _invalid(f"{field}.responses", f"expected {k} responses, got {n}")
+        if not all(isinstance(r, str) for r in responses):
+            raise _invalid(f"{field}.responses", "must be strings")
+        fin = [True] * k if finished is None else list(finished)
+        if len(fin) != k or not all(isinstance(b, bool) for b in fin):
+            raise _invalid(f"{field}.finished", f"must be {k} booleans")
+        return list(responses), fin
+
+    def _insert_task(self, db, prompt_id: str, k: int, responses, finished, version: int, now: int) -> str:
+        tid = _new_id("t")
+        db.execute("INSERT INTO tasks(id, prompt_id, k, responses, finished, policy_model_version, created_us) "
+                   "VALUES (?,?,?,?,?,?,?)",
+                   (tid, prompt_id, k, json.dumps(responses, ensure_ascii=False), json.dumps(finished),
+                    int(version), now))
+        return tid
+
+    def create_tasks(self, tasks: Sequence[dict], policy_model_version: int = 0) -> list[str]:
+        """Creates ranking tasks from ready samples. Each item: {"prompt" or "prompt_id", "responses",
+        optional "finished", optional "source"}. K is len(responses) and must be >= 2."""
+        if not tasks:
+            raise _invalid("tasks", "must not be empty")
+        checked = []
+        for i, t in enumerate(tasks):
+            resp = t.get("responses")
+            k = len(resp) if isinstance(resp, (list, tuple)) else 0
+            if k < 2:
+                raise _invalid(f"tasks[{i}].responses", f"K must be >= 2, got {k}")
+            resp, fin = self._check_samples(k, resp, t.get("finished"), f"tasks[{i}]")
+            if t.get("prompt_id"):
+                checked.append(("id", t["prompt_id"], k, resp, fin, i))
+            else:
+                text = self._check_prompt(t.get("prompt"), f"tasks[{i}].prompt")
+                checked.append(("text", (text, t.get("source") or ""), k, resp, fin, i))
+        ids = []
+        with self._tx() as db:
+            now = self._now()
+            for how, p, k, resp, fin, i in checked:
+                if how == "id":
+                    if not db.execute("SELECT 1 FROM prompts WHERE id=?", (p,)).fetchone():
+                        raise StoreError("not_found", f"tasks[{i}].prompt_id", f"no prompt with id {p!r}")
+                    pid = p
+                else:
+                    pid, _ = self._upsert_prompt(db, p[0], p[1], now)
+                ids.append(self._insert_task(db, pid, k, resp, fin, policy_model_version, now))
+        return ids
+
+    def create_comparison_tasks(self, prompts: Sequence[str], prompt_ids: Sequence[str], k: int,
+                                sampler: Sampler, source: str = "") -> tuple[list[str], int]:
+        """Validates the request, asks ``sampler`` for K samples per prompt (outside the lock), then
+        stores new prompt texts and one task per prompt in one transaction. Returns (task ids in request
+        order: prompts first, then prompt_ids; the policy model version)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise _invalid("k", f"must be >= 2 (responses to rank per prompt), got {k}")
+        if not prompts and not prompt_ids:
+            raise _invalid("prompts", "no prompts given (set prompts or prompt_ids)")
+        texts = [self._check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        for i, pid in enumerate(prompt_ids):
+            _nonempty(pid, f"prompt_ids[{i}]")
+        rows = {r["id"]: r["text"] for r in self._read(
+            f"SELECT id, text FROM prompts WHERE id IN ({','.join('?' * len(prompt_ids))})", list(prompt_ids))} \
+            if prompt_ids else {}
+        for i, pid in enumerate(prompt_ids):
+            if pid not in rows:
+                raise StoreError("not_found", f"prompt_ids[{i}]", f"no prompt with id {pid!r}")
+        all_texts = texts + [rows[pid] for pid in prompt_ids]
+        responses, finished, version = sampler(all_texts, k)
+        if len(responses) != len(all_texts) or len(finished) != len(all_texts):
+            raise StoreError("unavailable", "", f"policy returned samples for {len(responses)} prompts, "
+                             f"expected {len(all_texts)}")
+        samples = [self._check_samples(k, r, f, f"samples[{i}]") for i, (r, f) in
+                   enumerate(zip(responses, finished))]
+        ids = []
+        with self._tx() as db:
+            now = self._now()
+            pids = [self._upsert_prompt(db, t, source, now)[0] for t in texts] + list(prompt_ids)
+            for pid, (resp, fin) in zip(pids, samples):
+                ids.append(self._insert_task(db, pid, k, resp, fin, version, now))
+        return ids, int(version)
+
+    @staticmethod
+    def _task_dict(r: sqlite3.Row) -> dict:
+        return {"task_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["text"],
+                "responses": json.loads(r["responses"]), "finished": json.loads(r["finished"]),
+                "policy_model_version": r["policy_model_version"], "created_us": r["created_us"],
+                "lease_labeler": r["lease_labeler"], "lease_expires_us": r["lease_expires_us"],
+                "n_rankings": r["n_rankings"]}
+
+    def get_task(self, task_id: str) -> dict:
+        rows = self._read("SELECT t.*, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id WHERE t.id=?",
+                          (task_id,))
+        if not rows:
+            raise StoreError("not_found", "task_id", f"no task with id {task_id!r}")
+        return self._task_dict(rows[0])
+
+    # Tasks a labeler may receive: open, not ranked by them, not leased to someone else right now.
+    _AVAILABLE = ("FROM tasks t WHERE t.n_rankings < ? "
+                  "AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.labeler_id = ?) "
+                  "AND (t.lease_labeler IS NULL OR t.lease_labeler = ? OR t.lease_expires_us <= ?)")
+
+    def next_task(self, labeler_id: str) -> tuple[dict | None, int]:
+        """Leases the next task to ``labeler_id`` (their own unexpired lease first, then the oldest open
+        task); returns (task or None, open tasks left for this labeler besides this one)."""
+        _nonempty(labeler_id, "labeler_id")
+        with self._tx() as db:
+            now = self._now()
+            args = (self.rankings_per_task, labeler_id, labeler_id, now)
+            row = db.execute(f"SELECT t.id {self._AVAILABLE} ORDER BY COALESCE(t.lease_labeler = ? AND "
+                             "t.lease_expires_us > ?, 0) DESC, t.created_us, t.rowid LIMIT 1",
+                             (*args, labeler_id, now)).fetchone()
+            total = db.execute(f"SELECT COUNT(*) {self._AVAILABLE}", args).fetchone()[0]
+            if row is None:
+                return None, 0
+            db.execute("UPDATE tasks SET lease_labeler=?, lease_expires_us=? WHERE id=?",
+                       (labeler_id, now + self.lease_us, row[0]))
+            task = db.execute("SELECT t.*, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id "
+                              "WHERE t.id=?", (row[0],)).fetchone()
+            return self._task_dict(task), total - 1
+
+    # -- submissions ---------------------------------------------------------------------------
+
+    def _other_kind_uses(self, db, table: str, submission_id: str) -> None:
+        if db.execute(f"SELECT 1 FROM {table} WHERE submission_id=?", (submission_id,)).fetchone():
+            raise StoreError("conflict", "submission_id",
+                             f"{submission_id!r} was already used for a {table[:-1]} submission")
+
+    def submit_ranking(self, submission_id: str, task_id: str, labeler_id: str,
+                       ranking: Sequence[int]) -> tuple[str, bool, int]:
+        """Stores a ranking (best first). Returns (ranking id, duplicate, preference pairs C(K,2))."""
+        _nonempty(submission_id, "submission_id")
+        _nonempty(task_id, "task_id")
+        _nonempty(labeler_id, "labeler_id")
+        ranking = list(ranking)
+        with self._tx() as db:
+            prev = db.execute("SELECT r.*, t.k FROM rankings r JOIN tasks t ON t.id = r.task_id "
+                              "WHERE r.submission_id=?", (submission_id,)).fetchone()
+            if prev is not None:
+                same = (prev["task_id"] == task_id and prev["labeler_id"] == labeler_id
+                        and json.loads(prev["ranking"]) == ranking)
+                if not same:
+                    raise StoreError("conflict", "submission_id", f"{submission_id!r} was already used for a "
+                                     "different ranking (task, labeler or order differ)")
+                return prev["id"], True, prev["k"] * (prev["k"] - 1) // 2
+            self._other_kind_uses(db, "demonstrations", submission_id)
+            task = db.execute("SELECT id, k, lease_labeler FROM tasks WHERE id=?", (task_id,)).fetchone()
+            if task is None:
+                raise StoreError("not_found", "task_id", f"no task with id {task_id!r}")
+            k = task["k"]
+            ranking = check_ranking(ranking, k)
+            if db.execute("SELECT 1 FROM rankings WHERE task_id=? AND labeler_id=?",
+                          (task_id, labeler_id)).fetchone():
+                raise StoreError("conflict", "task_id", f"task {task_id!r} was already ranked by labeler "
+                                 f"{labeler_id!r} (under another submission_id)")
+            rid = _new_id("r")
+            db.execute("INSERT INTO rankings(id, task_id, labeler_id, ranking, submission_id, created_us) "
+                       "VALUES (?,?,?,?,?,?)",
+                       (rid, task_id, labeler_id, json.dumps(ranking), submission_id, self._now()))
+            lease_clear = ", lease_labeler=NULL, lease_expires_us=NULL" if task["lease_labeler"] == labeler_id else ""
+            db.execute(f"UPDATE tasks SET n_rankings = n_rankings + 1{lease_clear} WHERE id=?", (task_id,))
+            return rid, False, k * (k - 1) // 2
+
+    def submit_demonstration(self, submission_id: str, labeler_id: str, messages) -> tuple[str, bool]:
+        """Stores a demonstration ([{"role","content"}], last turn assistant). Returns (id, duplicate)."""
+        _nonempty(submission_id, "submission_id")
+        _nonempty(labeler_id, "labeler_id")
+        msgs = check_messages(messages)
+        with self._tx() as db:
+            prev = db.execute("SELECT * FROM demonstrations WHERE submission_id=?", (submission_id,)).fetchone()
+            if prev is not None:
+                if prev["labeler_id"] != labeler_id or json.loads(prev["messages"]) != msgs:
+                    raise StoreError("conflict", "submission_id", f"{submission_id!r} was already used for a "
+                                     "different demonstration")
+                return prev["id"], True
+            self._other_kind_uses(db, "rankings", submission_id)
+            did = _new_id("d")
+            db.execute("INSERT INTO demonstrations(id, labeler_id, messages, submission_id, created_us) "
+                       "VALUES (?,?,?,?,?)",
+                       (did, labeler_id, json.dumps(msgs, ensure_ascii=False), submission_id, self._now()))
+            return did, False
+
+    # -- export & stats ------------------------------------------------------------------------
+
+    def _paged(self, sql: str, since_us: int | None, limit: int) -> Iterator[sqlite3.Row]:
+        """Rows of ``sql`` (which selects ``x.created_us`` and ``x.rowid AS rid`` from alias x) oldest
+        first, keyset-paginated so no lock or cursor is held while the caller consumes rows."""
+        if limit < 0:
+            raise _invalid("limit", f"must be >= 0, got {limit}")
+        last = (since_us if since_us is not None else -(2 ** 62), -1)
+        left = limit or None
+        while True:
+            n = _PAGE if left is None else min(_PAGE, left)
+            rows = self._read(f"{sql} WHERE (x.created_us > ? OR (x.created_us = ? AND x.rowid > ?)) "
+                              "ORDER BY x.created_us, x.rowid LIMIT ?", (last[0], last[0], last[1], n))
+            yield from rows
+            if left is not None:
+                left -= len(rows)
+                if left <= 0:
+                    return
+            if len(rows) < n:
+                return
+            last = (rows[-1]["created_us"], rows[-1]["rid"])
+
+    def export_rankings(self, since=None, limit: int = 0) -> Iterator[dict]:
+        """Rows in the trainer's rankings format ({"prompt","responses","ranking","finished"}) plus metadata."""
+        sql = ("SELECT x.*, x.rowid AS rid, t.prompt_id, t.responses, t.finished, t.policy_model_version, p.text "
+               "FROM rankings x JOIN tasks t ON t.id = x.task_id JOIN prompts p ON p.id = t.prompt_id")
+        for r in self._paged(sql, to_us(since), limit):
+            yield {"ranking_id": r["id"], "task_id": r["task_id"], "prompt_id": r["prompt_id"],
+                   "prompt": r["text"], "responses": json.loads(r["responses"]),
+                   "ranking": json.loads(r["ranking"]), "finished": json.loads(r["finished"]),
+                   "labeler_id": r["labeler_id"], "submission_id": r["submission_id"],
+                   "policy_model_version": r["policy_model_version"], "created_at": rfc3339(r["created_us"])}
+
+    def export_demonstrations(self, since=None, limit: int = 0) -> Iterator[dict]:
+        """Rows in the trainer's SFT format ({"messages": [...]}) plus metadata."""
+        for r in self._paged("SELECT x.*, x.rowid AS rid FROM demonstrations x", to_us(since), limit):
+            yield {"demonstration_id": r["id"], "messages": json.loads(r["messages"]),
+                   "labeler_id": r["labeler_id"], "submission_id": r["submission_id"],
+                   "created_at": rfc3339(r["created_us"])}
+
+    def export_prompts(self, since=None, limit: int = 0) -> Iterator[dict]:
+        """Rows in the trainer's prompts format ({"prompt"}) plus the proto's {"prompt_id","text","source"}."""
+        for r in self._paged("SELECT x.*, x.rowid AS rid FROM prompts x", to_us(since), limit):
+            yield {"prompt_id": r["id"], "prompt": r["text"], "text": r["text"], "source": r["source"],
+                   "created_at": rfc3339(r["created_us"])}
+
+    def export(self, kind: str, since=None, limit: int = 0) -> Iterator[dict]:
+        if kind not in EXPORT_KINDS:
+            raise _invalid("kind", f"must be one of {list(EXPORT_KINDS)}, got {kind!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise _invalid("limit", f"must be >= 0, got {limit}")
+        return getattr(self, f"export_{kind}")(since, limit)
+
+    def stats(self) -> dict:
+        with self._lock:
+            q = lambda sql, *a: self._db.execute(sql, a).fetchone()[0]  # noqa: E731
+            return {"prompts": q("SELECT COUNT(*) FROM prompts"),
+                    "open_tasks": q("SELECT COUNT(*) FROM tasks WHERE n_rankings < ?", self.rankings_per_task),
+                    "tasks": q("SELECT COUNT(*) FROM tasks"),
+                    "rankings": q("SELECT COUNT(*) FROM rankings"),
+                    "demonstrations": q("SELECT COUNT(*) FROM demonstrations")}

@@ -1,0 +1,240 @@
+"""The whole InstructGPT loop, run the way it runs on a cluster:
+
+    pre-train → SFT → (round r: CreateComparisonTasks from the *current* policy → labels through the
+    feedback service → reward model r → reward-scoring loads it → PPO against it, rollouts by Ray
+    workers through the services, weights pushed to policy-inference after every iteration) × R
+
+In the embedded default the labels come from the *simulated labelers* (a noisy gold preference
+function standing in for people), which label through the feedback service's public API exactly as a
+person would (NextTask → SubmitRanking). With ``pipeline.labelers: 0`` the pipeline waits for people to
+rank the open tasks instead. Evaluation scores held-out prompts with the gold function, which the
+reward model never sees; the report (Markdown + PNG plots) lands in ``<run_dir>/report/``.
+
+Every stage checkpoints; rerunning the pipeline on the same run directory resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.core.checkpoint import atomic_write_text, load_checkpoint
+from services.core.config import RunConfig
+from services.core.formats import load_prompts, load_rankings, write_jsonl
+from services.trainer.stages import ppo, pretrain, reward_model, sft
+from services.trainer.stages.common import Reporter, run_dir, stage_dir, stage_done, write_json
+from services.trainer.stages.data import resolve_data
+
+log = logging.getLogger("chatrl.pipeline")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Services:
+    """Clients of the services the pipeline talks to (and the local processes, if it started them)."""
+
+    policy: object
+    reward: object
+    reference: object
+    feedback: object
+    addresses: dict[str, str]
+    cluster: object | None = None
+
+    def close(self) -> None:
+        for c in (self.policy, self.reward, self.reference, self.feedback):
+            c.close()
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Services:
+    from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient
+    from clients.up import LocalCluster
+
+    pc = cfg.pipeline
+    names = ["policy", "reward", "reference", "feedback"]
+    rd = run_dir(cfg).resolve()
+    if pc.start_services:
+        ports = {n: free_port() for n in names}
+        over = [f"{n}.port={ports[n]}" for n in names] + [f"{n}.metrics_port=-1" for n in names] + [
+            f"policy.checkpoint={sft_ckpt}", f"reference.checkpoint={sft_ckpt}", "reward.checkpoint=",
+            f"feedback.db={rd / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
+            f"policy.device={cfg.device}", f"reward.device={cfg.device}", f"reference.device={cfg.device}"]
+        over += list(pc.service_overrides)
+        cluster = LocalCluster(pc.services, over, only=names, log_dir=rd / "logs")
+        t0 = time.perf_counter()
+        reporter.log(f"starting services {names} …")
+        # reward-scoring has nothing to serve until the first reward model exists: wait on the others
+        cluster.start(120, wait_for=["policy", "reference", "feedback"])
+        reporter.log(f"services up in {time.perf_counter() - t0:.1f}s: "
+                     + ", ".join(f"{n} {cluster.address(n)}" for n in names))
+        addrs = {n: cluster.address(n) for n in names}
+    else:
+        from services.runtime.config import load_services_config
+
+        secs = load_services_config(pc.services, list(pc.service_overrides))
+        addrs = {n: f"{secs[n].get('host', '127.0.0.1')}:{secs[n]['port']}" for n in names}
+        cluster = None
+    kw = {"timeout": 600.0, "retries": 8}
+    return Services(PolicyClient(addrs["policy"], **kw), RewardClient(addrs["reward"], **kw),
+                    ReferenceClient(addrs["reference"], **kw), FeedbackClient(addrs["feedback"], **kw), addrs,
+                    cluster)
+
+
+def collect_rankings(cfg: RunConfig, svc: Services, round_: int, prompts: list[str], gold, reporter: Reporter
+                     ) -> list:
+    """Comparison tasks from the current policy → labels through the feedback API → exported rankings."""
+    out = run_dir(cfg) / "data" / f"rankings_r{round_}.jsonl"
+    if out.exists():
+        return load_rankings(out)
+    rc, pc = cfg.reward, cfg.pipeline
+    rng = np.random.default_rng([cfg.seed, round_, 17])
+    pick = rng.choice(len(prompts), size=min(rc.num_prompts, len(prompts)), replace=False)
+    chosen = [prompts[i] for i in pick]
+    t0 = time.perf_counter()
+    before = svc.feedback.stats().rankings
+    tasks = svc.feedback.create_comparison_tasks(chosen, rc.k, max_new_tokens=rc.max_new_tokens,
+                                                 temperature=rc.temperature, seed=int(cfg.seed + round_ * 1000))
+    reporter.log(f"round {round_}: {len(tasks.task_ids)} comparison tasks (K={rc.k}) from policy "
+                 f"v{tasks.policy_model_version} in {time.perf_counter() - t0:.1f}s")
+    want = set(tasks.task_ids)
+    if pc.labelers > 0:
+        label_with_simulated_labelers(svc, gold, pc.labelers, rc.label_noise, rng, reporter)
+    else:
+        reporter.log(f"round {round_}: waiting for people to rank {len(want)} tasks (feedback web page or "
+                     f"SubmitRanking)…")
+    while svc.feedback.stats().rankings - before < len(want):
+        reporter.check_cancelled()
+        time.sleep(2.0)
+    lines = svc.feedback.export("rankings")
+    write_jsonl(out, [json.loads(ln) for ln in lines])
+    rankings = load_rankings(out)
+    reporter.log(f"round {round_}: {len(rankings)} rankings exported ({time.perf_counter() - t0:.1f}s)")
+    return rankings
+
+
+def label_with_simulated_labelers(svc: Services, gold, n_labelers: int, noise: float, rng, reporter: Reporter) -> int:
+    """Stand-ins for people: take tasks one at a time and rank them with the noisy gold function."""
+    labelers = [f"simulated-labeler-{i}" for i in range(n_labelers)]
+    done = 0
+    while True:
+        progressed = False
+        for who in labelers:
+            t = svc.feedback.next_task(who)
+            if not t.HasField("task"):
+                continue
+            task = t.task
+            finished = list(task.responses_finished) or [True] * len(task.responses)
+            ranking = gold.rank(task.prompt, list(task.responses), finished, rng, noise)
+            svc.feedback.submit_ranking(f"{who}/{task.task_id}", task.task_id, who, [int(x) for x in ranking])
+            done += 1
+            progressed = True
+        if not progressed:
+            return done
+
+
+def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
+    from services.core.gold import GoldLabeler
+    from services.trainer.evaluate import evaluate_stage
+    from services.trainer.report import write_report
+
+    reporter = reporter or Reporter()
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    state_file = run_dir(cfg) / "pipeline.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"evals": {}, "history": {}, "times": {}}
+    times = state["times"]
+    data = resolve_data(cfg)
+    gold = GoldLabeler.load(data.gold) if data.gold else None
+
+    def timed(name, fn, *a, **kw):
+        t = time.perf_counter()
+        r = fn(*a, **kw)
+        if name not in times:
+            times[name] = time.perf_counter() - t
+        return r
+
+    timed("pretrain", pretrain.run, cfg, reporter)
+    sft_res = timed("sft", sft.run, cfg, reporter)
+    prompts = load_prompts(data.prompts)
+    eval_prompts = load_prompts(data.eval_prompts)[: cfg.pipeline.eval_prompts]
+    pool = None
+    svc = start_services(cfg, sft_res.checkpoint, reporter)
+    try:
+        from services.trainer.rollout import Endpoints, RolloutPool
+
+        t = time.perf_counter()
+        pool = RolloutPool(Endpoints(svc.addresses["policy"], svc.addresses["reward"], svc.addresses["reference"]),
+                           cfg.ppo.num_workers, cfg.ppo.worker_num_cpus, cfg.ppo.worker_num_gpus)
+        reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
+        policy_ckpt = sft_res.checkpoint
+        version = svc.policy.model_info().model_version
+        for r in range(cfg.pipeline.rounds):
+            name = ppo.stage_name(r)
+            done = stage_done(stage_dir(cfg, name))
+            if done is not None:
+                policy_ckpt = done.path
+                continue
+            if policy_ckpt != sft_res.checkpoint and version < 2:  # resumed: serve the latest policy again
+                version += 1
+                svc.policy.update_weights(load_checkpoint(policy_ckpt).model_state(), version)
+            rankings = timed(f"labels_r{r}", collect_rankings, cfg, svc, r, prompts, gold, reporter)
+            rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
+                       rankings=rankings, stage=f"reward_r{r}")
+            svc.reward.load_model(str(rm.checkpoint))
+            svc.reward.wait_serving(60)
+            pc = cfg.ppo
+
+            def collect(ps, ver, seed):
+                return pool.collect(ps, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
+                                    expected_version=0 if pc.max_staleness else ver)
+
+            def push(state_dict, ver):
+                svc.policy.update_weights(state_dict, ver, metadata={"round": str(r)})
+
+            def observe(exps):
+                if gold is None:
+                    return {}
+                g = [gold.score(e.prompt, e.text, e.finished) for e in exps]
+                return {"gold_train": float(np.mean(g))}
+
+            res = timed(name, ppo.run, cfg, reporter, round_=r, policy_init=load_checkpoint(policy_ckpt),
+                        value_init=load_checkpoint(rm.checkpoint), collect=collect, push=push,
+                        start_version=version, prompts_file=data.prompts, observe=observe)
+            state["history"][name] = res.history or state["history"].get(name, [])
+            policy_ckpt, version = res.checkpoint, res.version
+            write_json(state_file, state)
+            # checkpoints/policy always points at the newest policy (what `chatrl up` serves)
+            atomic_write_text(stage_dir(cfg, "policy") / "LATEST", f"../{name}/final\n")
+    finally:
+        if pool is not None:
+            pool.close()
+        svc.close()
+    # evaluation on held-out prompts (gold never seen by any RM), with the last RM's score and KL to SFT
+    if gold is not None:
+        last_rm = stage_done(stage_dir(cfg, f"reward_r{cfg.pipeline.rounds - 1}"))
+        stages = [("base (pre-trained)", "pretrain"), ("SFT", "sft")] + [
+            (f"PPO round {r}", ppo.stage_name(r)) for r in range(cfg.pipeline.rounds)]
+        for label, st in stages:
+            if label in state["evals"]:
+                continue
+            ck = stage_done(stage_dir(cfg, st))
+            state["evals"][label] = evaluate_stage(cfg, ck, sft_res.checkpoint, last_rm.path if last_rm else None,
+                                                   eval_prompts, gold)
+            reporter.log(f"eval {label}: gold {state['evals'][label]['gold']:+.3f}")
+    times["total"] = times.get("total_before", 0.0) + time.perf_counter() - t_start
+    state["times"] = times
+    write_json(state_file, state)
+    report = write_report(cfg, state)
+    return {"report": str(report), "policy": str(Path(policy_ckpt).resolve()), **state}

@@ -1,0 +1,73 @@
+"""The run report: a Markdown table per stage and round + PNG plots of the PPO iterations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.core.checkpoint import atomic_write_text
+from services.core.config import RunConfig
+from services.trainer.stages.common import run_dir
+
+PLOTS = [("reward", "RM score (train samples)"), ("gold_train", "gold score (train samples)"),
+         ("kl", "KL to SFT per response (nats)"), ("beta", "KL coefficient β"),
+         ("policy_loss", "policy loss"), ("value_loss", "value loss"), ("entropy", "entropy"),
+         ("clipfrac", "clip fraction")]
+
+
+def eval_table(evals: dict[str, dict]) -> str:
+    lines = ["| policy | gold score (held-out) | RM score | KL to SFT | finished turns | words |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, e in evals.items():
+        rm = f"{e['rm']:+.3f}" if "rm" in e else "–"
+        lines.append(f"| {label} | {e['gold']:+.3f} ± {e['gold_se']:.3f} | {rm} | {e['kl']:.2f} | "
+                     f"{e['finished']:.0%} | {e['length']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(cfg: RunConfig, state: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = run_dir(cfg) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    hist = state.get("history", {})
+    pngs = []
+    if any(hist.values()):
+        fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+        for ax, (key, title) in zip(axes.flat, PLOTS):
+            x0 = 0
+            for name, rows in hist.items():
+                ys = [r[key] for r in rows if key in r]
+                if ys:
+                    ax.plot(range(x0 + 1, x0 + len(ys) + 1), ys, marker=".", label=name)
+                x0 += len(rows)
+            ax.set_title(title)
+            ax.set_xlabel("PPO iteration")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "ppo.png", dpi=80)
+        plt.close(fig)
+        pngs.append("ppo.png")
+    times = state.get("times", {})
+    md = [f"# chatrl run report — {cfg.name}", "",
+          "Held-out prompts sampled at temperature 1 and scored by the *gold* simulated labeler (a stand-in "
+          "for people, never shown to the reward model), the last round's reward model, and KL to the SFT "
+          "(reference) model.", "", eval_table(state.get("evals", {})), "", "## Wall time per stage", "",
+          "| stage | seconds |", "|---|---:|"]
+    md += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    for name, rows in hist.items():
+        if rows:
+            last = rows[-1]
+            md += ["", f"## {name}: last iteration", "",
+                   ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, (int, float)))]
+    md += [""] + [f"![{p}]({p})" for p in pngs]
+    samples = [(label, s) for label, e in state.get("evals", {}).items() for s in e.get("samples", [])[:2]]
+    if samples:
+        md += ["", "## Samples", ""] + [f"- **{label}** — *{s['prompt']}* → {s['response']}"
+                                        + ("" if s["finished"] else " […]") for label, s in samples]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path

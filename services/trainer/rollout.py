@@ -1,0 +1,160 @@
+"""Ray rollout workers: PPO experience produced in parallel through the services.
+
+Each :class:`RolloutWorker` actor takes a shard of prompts and, through the client library, calls
+policy-inference ``Generate`` (n samples per prompt, token ids + logprobs + model version),
+reference-model ``LogProbs`` and reward-scoring ``Score``, and returns :class:`Experience` to the
+trainer. The clients retry ``UNAVAILABLE`` with backoff; an actor that dies is restarted by Ray
+(``max_restarts``) and its shard is issued again. Locally Ray starts in-process (loopback only);
+with ``RAY_ADDRESS`` set the pool joins that cluster (e.g. a KubeRay RayCluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.trainer.stages.ppo import Experience
+
+log = logging.getLogger("chatrl.rollout")
+
+
+@dataclass
+class Endpoints:
+    policy: str
+    reward: str
+    reference: str
+    token: str | None = None
+
+
+class RolloutWorker:
+    """The actor's body (usable without Ray, e.g. in tests)."""
+
+    def __init__(self, endpoints: Endpoints, worker_id: int = 0) -> None:
+        import torch
+
+        from clients.lib import PolicyClient, ReferenceClient, RewardClient
+
+        torch.set_num_threads(1)
+        self.id = worker_id
+        kw = {"token": endpoints.token, "timeout": 300.0, "retries": 8}
+        self.policy = PolicyClient(endpoints.policy, **kw)
+        self.reward = RewardClient(endpoints.reward, **kw)
+        self.reference = ReferenceClient(endpoints.reference, **kw)
+        self.calls = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rollout(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+                expected_version: int = 0) -> list[Experience]:
+        self.calls += 1
+        if not prompts:
+            return []
+        t0 = time.perf_counter()
+        from services.proto.chatrl.v1 import common_pb2
+        from services.runtime.tensors import from_proto
+
+        res = self.policy.generate(list(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed, expected_model_version=expected_version)
+        version = res.model_version
+        rows = []
+        for p, r in zip(prompts, res.results):
+            for c in r.completions:
+                rows.append((p, list(r.prompt_token_ids), list(c.token_ids), from_proto(c.logprobs).tolist(),
+                             c.finish_reason == common_pb2.FINISH_REASON_STOP, c.text))
+        nonempty = [x for x in rows if x[2]]
+        ref = []
+        scores = []
+        if nonempty:
+            ref, _ = self.reference.logprobs([x[1] + x[2] for x in nonempty], [len(x[1]) for x in nonempty],
+                                             temperature=temperature)
+            scores = list(self.reward.score_ids([x[1] for x in nonempty], [x[2] for x in nonempty]).rewards)
+        out = [Experience(prompt=p, prompt_ids=pi, response_ids=ri, logprobs=lp, ref_logprobs=rl.tolist(), score=s,
+                          finished=fin, version=version, text=txt)
+               for (p, pi, ri, lp, fin, txt), rl, s in zip(nonempty, ref, scores)]
+        log.debug("worker %d: %d samples in %.2fs", self.id, len(out), time.perf_counter() - t0)
+        return out
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join ``$RAY_ADDRESS`` if set, else start Ray in-process on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or 2, include_dashboard=False, object_store_memory=200 * 2**20,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+class RolloutPool:
+    """N Ray actors; ``collect`` shards prompts across them and gathers experience in prompt order."""
+
+    def __init__(self, endpoints: Endpoints, num_workers: int = 2, num_cpus: float = 0.5, num_gpus: float = 0.0,
+                 max_restarts: int = 3, max_attempts: int = 4) -> None:
+        import ray
+
+        init_ray()
+        self.max_attempts = max_attempts
+        remote = ray.remote(RolloutWorker)
+        self.actors = [remote.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                      max_task_retries=0).remote(endpoints, i) for i in range(num_workers)]
+        self.reissued = 0
+
+    def submit(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+               expected_version: int = 0) -> PendingRollout:
+        shards = [list(s) for s in np.array_split(np.asarray(prompts, dtype=object), len(self.actors))]
+        return PendingRollout(self, shards, (n, max_new_tokens, temperature, seed, expected_version))
+
+    def collect(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+                expected_version: int = 0) -> list[Experience]:
+        return self.submit(prompts, n, max_new_tokens, temperature, seed, expected_version).result()
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+class PendingRollout:
+    """Shards in flight; ``result()`` gathers them, re-issuing the shard of a worker that died."""
+
+    def __init__(self, pool: RolloutPool, shards: list[list[str]], args: tuple) -> None:
+        self.pool, self.shards, self.args = pool, shards, args
+        self.attempts = [0] * len(shards)
+        self.futures = {self._launch(i): i for i in range(len(shards)) if shards[i]}
+
+    def _launch(self, i: int):
+        n, mnt, temp, seed, ver = self.args
+        actor = self.pool.actors[(i + self.attempts[i]) % len(self.pool.actors)]
+        self.attempts[i] += 1
+        return actor.rollout.remote(self.shards[i], n, mnt, temp, seed + i * 7919, ver)
+
+    def result(self) -> list[Experience]:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        out: dict[int, list[Experience]] = {}
+        while self.futures:
+            ready, _ = ray.wait(list(self.futures), num_returns=1)
+            fut = ready[0]
+            i = self.futures.pop(fut)
+            try:
+                out[i] = ray.get(fut)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                if self.attempts[i] >= self.pool.max_attempts:
+                    raise RuntimeError(f"rollout shard {i} failed {self.attempts[i]} times: {e}") from e
+                log.warning("rollout worker died on shard %d (%s); re-issuing", i, type(e).__name__)
+                self.pool.reissued += 1
+                self.futures[self._launch(i)] = i
+        return [e for i in sorted(out) for e in out[i]]

@@ -1,0 +1,470 @@
+"""The feedback service through real gRPC on 127.0.0.1: every RPC, every error status, auth, metrics,
+the labeling page, ``python -m services.feedback``, and CreateComparisonTasks against a real
+policy-inference server over a tiny GPT."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clients.lib import FeedbackClient, PolicyClient, chat_message
+from services.core import formats
+from services.core.checkpoint import save_checkpoint
+from services.core.model import GPT, GPTConfig
+from services.core.tokenizer import ChatTokenizer
+from services.feedback.server import FeedbackConfig, build
+from services.proto.chatrl.v1 import common_pb2, feedback_pb2
+from services.runtime.server import ServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "feedback-test-token"
+TOKEN_ENV = "CHATRL_FEEDBACK_TEST_TOKEN"
+CODE = grpc.StatusCode
+
+
+# -- a real policy-inference server over a tiny GPT ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    words = "the film movie story cast was is warm funny dull a delight mess long charming honest".split()
+    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    tok = ChatTokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=128)
+    model = GPT(cfg)
+    root = tmp_path_factory.mktemp("policy-ckpt")
+    save_checkpoint(root, "final", stage="sft", step=1, model_state=model.state_dict(), model_config=cfg.to_dict(),
+                    tokenizer_json=tok.to_str(), save_rng=False)
+    return root
+
+
+def _start_policy_server(ckpt: Path):
+    """The real policy-inference server (services/policy/server.py) over the tiny GPT; a minimal in-test
+    servicer over the same model only if that module is missing."""
+    srv_cfg = ServerConfig(port=0, auth_token_env="")
+    try:
+        from services.policy.server import PolicyConfig
+        from services.policy.server import build as build_policy
+    except ImportError:
+        return (*_in_test_policy(srv_cfg, ckpt), "in-test servicer")
+    srv, svc = build_policy(srv_cfg, PolicyConfig(checkpoint=str(ckpt), max_new_tokens=32))
+    return srv, svc, "services.policy.server"
+
+
+def _in_test_policy(srv_cfg: ServerConfig, ckpt: Path):
+    from services.core.checkpoint import load_checkpoint
+    from services.core.generate import SamplingParams, generate
+    from services.proto.chatrl.v1 import policy_pb2, policy_pb2_grpc
+    from services.runtime.errors import invalid
+    from services.runtime.server import ServiceServer
+    from services.runtime.tensors import to_proto
+
+    ck = load_checkpoint(ckpt)
+    model = GPT(GPTConfig.from_dict(ck.manifest["model_config"]))
+    model.load_state_dict(ck.model_state(), strict=False)
+    model.eval()
+    tok = ChatTokenizer.load(ck.path / "tokenizer.json")
+    roles = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
+
+    class Policy(policy_pb2_grpc.PolicyInferenceServiceServicer):
+        def Generate(self, request, context):
+            sp, n = request.sampling, max(1, request.sampling.n)
+            prompts, params = [], []
+            for p in request.prompts:
+                ids = tok.render_chat([{"role": roles[m.role], "content": m.content} for m in p.chat.messages],
+                                      add_generation_prompt=True)[0]
+                for j in range(n):
+                    sps = SamplingParams(max_new_tokens=sp.max_new_tokens or 16,
+                                         temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+                                         top_k=sp.top_k, top_p=sp.top_p if sp.HasField("top_p") else 1.0,
+                                         seed=sp.seed + j if sp.HasField("seed") else None,
+                                         stop_token_ids=(tok.end_id,))
+                    try:
+                        sps.validate(model.cfg.max_seq_len)
+                    except ValueError as e:
+                        raise invalid("sampling", str(e)) from None
+                    prompts.append(ids)
+                    params.append(sps)
+            samples = generate(model, prompts, params, pad_id=tok.pad_id)
+            results = []
+            for i in range(len(request.prompts)):
+                comps = []
+                for s in samples[i * n:(i + 1) * n]:
+                    text, _ = tok.response_text(s.tokens)
+                    comps.append(policy_pb2.Completion(
+                        token_ids=s.tokens, text=text, logprobs=to_proto(torch.tensor(s.logprobs)),
+                        finish_reason=common_pb2.FINISH_REASON_STOP if s.finish_reason == "stop"
+                        else common_pb2.FINISH_REASON_LENGTH))
+                results.append(policy_pb2.GenerateResult(prompt_token_ids=prompts[i * n], completions=comps))
+            return policy_pb2.GenerateResponse(results=results, model_version=1)
+
+    srv = ServiceServer("policy", srv_cfg)
+    srv.add_service(policy_pb2_grpc.add_PolicyInferenceServiceServicer_to_server, Policy(),
+                    policy_pb2.DESCRIPTOR.services_by_name["PolicyInferenceService"].full_name)
+    srv.start()
+    srv.set_serving(True)
+    return srv, None
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint):
+    srv, svc, kind = _start_policy_server(tiny_checkpoint)
+    yield srv.address, kind
+    srv.stop(0)
+    if svc is not None and hasattr(svc, "close"):
+        svc.close()
+
+
+# -- the feedback server ---------------------------------------------------------------------------
+
+def _feedback(tmp: Path, policy_address: str, metrics_port: int = -1, **kw):
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        cfg = FeedbackConfig(db=str(tmp / "feedback.db"), policy_address=policy_address, **kw)
+        return build(ServerConfig(port=0, metrics_port=metrics_port, auth_token_env=TOKEN_ENV, grace_seconds=1), cfg)
+    finally:
+        del os.environ[TOKEN_ENV]
+
+
+@pytest.fixture(scope="module")
+def fb(tmp_path_factory, policy):
+    srv, svc = _feedback(tmp_path_factory.mktemp("fb"), policy[0], metrics_port=0, export_batch_lines=2)
+    yield SimpleNamespace(address=srv.address, metrics_port=srv.metrics_port, store=svc.store)
+    srv.stop(0)
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(fb):
+    with FeedbackClient(fb.address, token=TOKEN, retries=1, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def anon(fb):
+    with FeedbackClient(fb.address, token="", retries=1, timeout=10) as c:
+        yield c
+
+
+def _code(fn, *a, **kw) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as ei:
+        fn(*a, **kw)
+    return ei.value.code(), ei.value.details()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+def test_health_and_reflection(fb, client):
+    assert client.health() == "SERVING"
+    assert client.health("chatrl.v1.FeedbackService") == "SERVING"
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "chatrl.v1.FeedbackService" in {s.name for s in resp.list_services_response.service}
+
+
+def test_add_prompts(client):
+    r = client.add_prompts(["Tell me about the film.", "Was the cast good?", "Tell me about the film."], source="t")
+    assert r.added == 2 and r.prompt_ids[0] == r.prompt_ids[2] != r.prompt_ids[1]
+    assert client.add_prompts(["Was the cast good?"]).added == 0
+    code, msg = _code(client.stub.AddPrompts, feedback_pb2.AddPromptsRequest(), metadata=client._md)
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("prompts")
+    code, msg = _code(client.add_prompts, ["ok", "  "])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("prompts[1].text")
+
+
+def test_create_comparison_tasks_samples_from_policy(client, policy):
+    (pid,) = client.add_prompts(["How was the story?"]).prompt_ids
+    req = feedback_pb2.CreateComparisonTasksRequest(
+        prompts=["What did you think of the movie?", "Did you like the cast?"], prompt_ids=[pid], k=3,
+        sampling=common_pb2.SamplingParams(max_new_tokens=8, temperature=1.0, seed=123))
+    r = client.stub.CreateComparisonTasks(req, metadata=client._md, timeout=60)
+    assert len(r.task_ids) == 3 and r.policy_model_version >= 1
+    # the stored responses are exactly what the policy samples for these prompts and seeds
+    with PolicyClient(policy[0], token="") as pc:
+        ref = pc.generate(["What did you think of the movie?", "Did you like the cast?", "How was the story?"],
+                          n=3, max_new_tokens=8, temperature=1.0, seed=123)
+    lines = [json.loads(x) for x in client.export("prompts")]
+    assert {"What did you think of the movie?", "Did you like the cast?"} <= {x["text"] for x in lines}
+    seen = {}
+    for _ in range(3):
+        t = client.next_task("policy-check").task
+        seen[t.task_id] = t
+        client.submit_ranking(f"pc-{t.task_id}", t.task_id, "policy-check", [0, 1, 2])
+    for tid, res in zip(r.task_ids, ref.results):
+        t = seen[tid]
+        assert list(t.responses) == [c.text for c in res.completions]
+        assert t.policy_model_version == r.policy_model_version
+    assert t.prompt == "How was the story?" and t.prompt_id == pid
+    assert len({x for t in seen.values() for x in t.responses}) > 1  # real samples, not one canned answer
+
+
+def test_create_comparison_tasks_errors(client, tmp_path):
+    def create(**kw):
+        return client.stub.CreateComparisonTasks(feedback_pb2.CreateComparisonTasksRequest(**kw),
+                                                  metadata=client._md, timeout=30)
+
+    code, msg = _code(create, prompts=["hi"], k=1)
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("k:")
+    code, msg = _code(create, prompts=["hi"], k=99)
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("k:")
+    code, msg = _code(create, k=2)
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("prompts")
+    code, msg = _code(create, prompts=[""], k=2)
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("prompts[0]")
+    code, msg = _code(create, prompt_ids=["p_nope"], k=2)
+    assert code == CODE.NOT_FOUND and "prompt_ids[0]" in msg
+    code, msg = _code(create, prompts=["hi"], k=2, sampling=common_pb2.SamplingParams(top_p=5.0))
+    assert code == CODE.INVALID_ARGUMENT and "sampling" in msg and "policy-inference" in msg
+    # policy-inference down → UNAVAILABLE, nothing stored
+    srv, svc = _feedback(tmp_path, f"127.0.0.1:{_free_port()}", policy_timeout_s=5)
+    try:
+        with FeedbackClient(srv.address, token=TOKEN, retries=1) as c:
+            code, msg = _code(c.create_comparison_tasks, ["hi"], 2)
+            assert code == CODE.UNAVAILABLE and "policy-inference" in msg
+            assert c.stats().tasks == 0
+    finally:
+        srv.stop(0)
+        svc.close()
+
+
+def _make_task(fb, k=3) -> str:
+    """A task with ready responses, straight through the server's store (no policy needed)."""
+    return fb.store.create_tasks([{"prompt": f"prompt {random.random()}", "responses": [f"r{i}" for i in range(k)]}],
+                                  policy_model_version=5)[0]
+
+
+def test_next_task_and_submit_ranking(fb, client, anon):
+    drain(client, "alice")
+    drain(client, "bob")
+    t1, t2 = _make_task(fb), _make_task(fb, k=2)
+    r = client.next_task("alice")
+    assert r.task.task_id == t1 and r.remaining == 1 and len(r.task.responses) == 3
+    assert r.task.lease_expires_at.seconds > r.task.created_at.seconds and r.task.policy_model_version == 5
+    assert anon.next_task("alice").task.task_id == t1  # NextTask needs no token; same lease again
+    assert client.next_task("bob").task.task_id == t2
+    assert not client.next_task("carol").HasField("task")
+    s = client.submit_ranking("sub-a", t1, "alice", [2, 0, 1])
+    assert not s.duplicate and s.pairs == 3 and s.ranking_id
+    again = client.submit_ranking("sub-a", t1, "alice", [2, 0, 1])
+    assert again.duplicate and again.ranking_id == s.ranking_id
+    code, msg = _code(client.submit_ranking, "sub-a", t1, "alice", [0, 1, 2])
+    assert code == CODE.ALREADY_EXISTS and "submission_id" in msg
+    code, msg = _code(client.submit_ranking, "sub-b", t1, "alice", [0, 1, 2])
+    assert code == CODE.ALREADY_EXISTS and "task_id" in msg
+    code, msg = _code(client.submit_ranking, "sub-c", t2, "bob", [0, 0])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("ranking") and "duplicates [0]" in msg \
+        and "missing [1]" in msg
+    code, msg = _code(client.submit_ranking, "sub-c", t2, "bob", [0])
+    assert code == CODE.INVALID_ARGUMENT and "missing [1]" in msg
+    code, msg = _code(client.submit_ranking, "sub-c", "t_nope", "bob", [0, 1])
+    assert code == CODE.NOT_FOUND and "task_id" in msg
+    code, msg = _code(client.submit_ranking, "", t2, "bob", [0, 1])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("submission_id")
+    code, msg = _code(client.submit_ranking, "sub-c", t2, "", [0, 1])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("labeler_id")
+    code, msg = _code(client.next_task, "")
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("labeler_id")
+    assert client.submit_ranking("sub-c", t2, "bob", [1, 0]).pairs == 1
+
+
+def drain(client, labeler):
+    while True:
+        t = client.next_task(labeler)
+        if not t.HasField("task"):
+            return
+        client.submit_ranking(f"drain-{t.task.task_id}-{labeler}", t.task.task_id, labeler,
+                              list(range(len(t.task.responses))))
+
+
+def test_submit_demonstration(client):
+    msgs = [{"role": "system", "content": "Be warm."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello, how can I help?"}]
+    d = client.submit_demonstration("demo-1", "alice", msgs)
+    assert not d.duplicate and d.demonstration_id
+    assert client.submit_demonstration("demo-1", "alice", msgs).demonstration_id == d.demonstration_id
+    code, msg = _code(client.submit_demonstration, "demo-1", "alice", msgs[:2] + [{"role": "assistant",
+                                                                                    "content": "Other."}])
+    assert code == CODE.ALREADY_EXISTS and "submission_id" in msg
+    code, msg = _code(client.submit_demonstration, "demo-2", "alice", msgs[:2])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("messages[1].role")
+    code, msg = _code(client.submit_demonstration, "demo-2", "alice", [])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("messages")
+    code, msg = _code(client.submit_demonstration, "demo-2", "alice", [msgs[1], {"role": "assistant", "content": ""}])
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("messages[1].content")
+    bad = feedback_pb2.SubmitDemonstrationRequest(submission_id="demo-2", labeler_id="alice", messages=[
+        common_pb2.ChatMessage(content="x"), chat_message("assistant", "y")])
+    code, msg = _code(client.stub.SubmitDemonstration, bad, metadata=client._md)
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("messages[0].role")
+
+
+def test_auth_on_mutating_rpcs(fb, anon):
+    task = _make_task(fb, k=2)
+    calls = [
+        lambda c: c.add_prompts(["needs a token"]),
+        lambda c: c.create_comparison_tasks(["needs a token"], 2),
+        lambda c: c.submit_ranking("auth-1", task, "eve", [0, 1]),
+        lambda c: c.submit_demonstration("auth-2", "eve", [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "a"}]),
+    ]
+    with FeedbackClient(fb.address, token="wrong", retries=1) as wrong:
+        for call in calls:
+            for c in (anon, wrong):
+                code, msg = _code(call, c)
+                assert code == CODE.UNAUTHENTICATED and "Bearer" in msg
+    # reads need no token
+    assert anon.stats().tasks >= 1
+    assert isinstance(anon.export("prompts"), list)
+
+
+def test_export_and_stats(fb, client, tmp_path):
+    st = client.stats()
+    assert st.rankings >= 2 and st.demonstrations >= 1 and st.tasks >= st.open_tasks and st.prompts >= 3
+    for kind, loader in (("rankings", formats.load_rankings), ("demonstrations", formats.load_sft),
+                         ("prompts", formats.load_prompts)):
+        lines = client.export(kind)
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        assert len(loader(path)) == len(lines) == getattr(st, kind)
+    rows = [json.loads(x) for x in client.export("rankings")]
+    assert all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in rows)
+    assert {"ranking_id", "task_id", "prompt_id", "labeler_id", "submission_id", "policy_model_version",
+            "created_at", "finished"} <= set(rows[0])
+    # batching (export_batch_lines=2), limit, since
+    msgs = list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_PROMPTS)))
+    assert len(msgs) >= 2 and all(len(m.lines) <= 2 for m in msgs)
+    assert len(client.export("prompts", limit=2)) == 2
+    future = Timestamp(seconds=4_000_000_000)
+    assert list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_RANKINGS,
+                                                              since=future))) == []
+    past = Timestamp(seconds=1)
+    got = [ln for m in client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_RANKINGS,
+                                                                     since=past)) for ln in m.lines]
+    assert len(got) == st.rankings
+    # since is inclusive of the record's own created_at
+    mid = rows[1]["created_at"]
+    ts = Timestamp()
+    ts.FromJsonString(mid)
+    got = [json.loads(ln)["ranking_id"] for m in client.stub.Export(feedback_pb2.ExportRequest(
+        kind=feedback_pb2.EXPORT_KIND_RANKINGS, since=ts)) for ln in m.lines]
+    assert got == [r["ranking_id"] for r in rows if r["created_at"] >= mid] and rows[1]["ranking_id"] in got
+    code, msg = _code(lambda: list(client.stub.Export(feedback_pb2.ExportRequest())))
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("kind")
+    code, msg = _code(lambda: list(client.stub.Export(feedback_pb2.ExportRequest(
+        kind=feedback_pb2.EXPORT_KIND_PROMPTS, limit=-1))))
+    assert code == CODE.INVALID_ARGUMENT and msg.startswith("limit")
+
+
+def test_metrics(fb, client):
+    drain(client, "metrics")
+    task = _make_task(fb, k=2)
+    client.submit_ranking("metric-1", task, "metrics", [1, 0])
+    client.submit_ranking("metric-1", task, "metrics", [1, 0])
+    body = urllib.request.urlopen(f"http://127.0.0.1:{fb.metrics_port}/metrics", timeout=10).read().decode()
+    val = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
+           if ln and not ln.startswith("#")}
+    st = client.stats()
+    assert val['chatrl_feedback_labels_submitted_total{kind="ranking"}'] >= 1
+    assert val['chatrl_feedback_duplicate_submissions_total{kind="ranking"}'] >= 1
+    assert val["chatrl_feedback_open_tasks"] == st.open_tasks
+    assert val['chatrl_feedback_records{kind="rankings"}'] == st.rankings
+    assert val['chatrl_feedback_rpc_requests_total{code="OK",method="SubmitRanking"}'] >= 2
+
+
+def test_labeling_page(tmp_path):
+    srv, svc = _feedback(tmp_path, "127.0.0.1:1", web_port=0)
+    try:
+        base = svc.web.url.rstrip("/")
+        (tid,) = svc.store.create_tasks([{"prompt": "Rank <b>these</b>", "responses": ["one", "two", "three"],
+                                          "finished": [True, False, True]}])
+
+        def req(path, body=None, token=TOKEN):
+            headers = {"Content-Type": "application/json"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            data = json.dumps(body).encode() if body is not None else None
+            try:
+                with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers),
+                                            timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        status, page = req("/")
+        assert status == 200 and "Rank the responses" in page and "/api/rankings" in page
+        status, body = req("/api/next?labeler_id=web-alice")
+        task = json.loads(body)["task"]
+        assert status == 200 and task["task_id"] == tid and task["responses"] == ["one", "two", "three"]
+        assert task["finished"] == [True, False, True]
+        sub = {"submission_id": "web-1", "task_id": tid, "labeler_id": "web-alice", "ranking": [1, 2, 0]}
+        assert req("/api/rankings", sub, token="")[0] == 401
+        assert req("/api/rankings", sub, token="nope")[0] == 401
+        status, body = req("/api/rankings", {**sub, "ranking": [1, 1, 0]})
+        assert status == 400 and json.loads(body)["error"].startswith("ranking") and "duplicates [1]" in body
+        assert req("/api/rankings", {**sub, "task_id": "t_nope"})[0] == 404
+        assert req("/api/next?labeler_id=")[0] == 400
+        status, body = req("/api/rankings", sub)
+        assert status == 200 and json.loads(body)["pairs"] == 3 and not json.loads(body)["duplicate"]
+        assert json.loads(req("/api/rankings", sub)[1])["duplicate"] is True
+        assert req("/api/rankings", {**sub, "ranking": [0, 1, 2]})[0] == 409
+        assert json.loads(req("/api/next?labeler_id=web-alice")[1]) == {"task": None, "remaining": 0}
+        assert json.loads(req("/api/stats")[1])["rankings"] == 1
+        assert req("/nope")[0] == 404
+        # the same store behind gRPC
+        with FeedbackClient(srv.address, token=TOKEN) as c:
+            row = json.loads(c.export("rankings")[0])
+            assert row["ranking"] == [1, 2, 0] and row["submission_id"] == "web-1"
+    finally:
+        srv.stop(0)
+        svc.close()
+
+
+def test_python_m_serves_until_sigterm(tmp_path):
+    db = tmp_path / "cli.db"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CHATRL_AUTH_TOKEN=TOKEN)
+    p = subprocess.Popen([sys.executable, "-m", "services.feedback", "--db", str(db), "--port", "0",
+                          "--set", "host=127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert "feedback serving on 127.0.0.1:" in line, p.stderr.read() if p.poll() is not None else line
+        addr = line.split("serving on ")[1].split()[0]
+        with FeedbackClient(addr, token=TOKEN) as c:
+            c.wait_serving(30)
+            assert c.add_prompts(["from the CLI"]).added == 1
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    from services.feedback.store import FeedbackStore
+
+    with FeedbackStore(db) as s:
+        assert [r["text"] for r in s.export("prompts")] == ["from the CLI"]

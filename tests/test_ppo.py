@@ -1,0 +1,95 @@
+"""The PPO stage without services: experience alignment, and that PPO raises a reward it is given
+while the KL penalty and checkpoints behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from services.core.checkpoint import latest_checkpoint, load_checkpoint
+from services.core.config import load_config
+from services.core.generate import SamplingParams, generate, sequence_logprobs
+from services.trainer.stages import ppo
+from services.trainer.stages.common import Reporter, model_from_checkpoint, tokenizer_from_checkpoint
+from services.trainer.stages.ppo import Experience, make_batch
+
+
+def test_make_batch_aligns_response_tokens_with_targets():
+    e1 = Experience("p", [5, 6, 7], [8, 9], [-0.1, -0.2], [-0.3, -0.4], 1.0, True, 1)
+    e2 = Experience("q", [5], [8, 9, 10], [-1.0, -2.0, -3.0], [-1.5, -2.5, -3.5], -1.0, False, 1)
+    b = make_batch([e1, e2], pad_id=0)
+    assert b.ids.tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
+    # targets are ids[:, 1:]: row 0 → [6, 7, 8, 9]; response tokens 8, 9 are targets 2 and 3
+    assert b.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    assert b.old_logprobs[0].tolist() == pytest.approx([0, 0, -0.1, -0.2])
+    assert b.ref_logprobs[1].tolist() == pytest.approx([-1.5, -2.5, -3.5, 0])
+    assert b.scores.tolist() == [1.0, -1.0]
+
+
+def in_process_collect(cfg, trainer_holder, ref_model, target_token: int):
+    """Sample from the trainer's current policy in-process; reward = share of `target_token` in the
+    response (a reward PPO can clearly climb)."""
+    def collect(prompts, version, seed):
+        tr = trainer_holder[0]
+        tok = tr.tok
+        pids = [tok.prompt_ids(p) for p in prompts for _ in range(2)]
+        params = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=seed + i, stop_token_ids=(tok.end_id,))
+                  for i in range(len(pids))]
+        samples = generate(tr.policy, pids, params, tok.pad_id)
+        seqs = [p + s.tokens for p, s in zip(pids, samples)]
+        ref = sequence_logprobs(ref_model, seqs, tok.pad_id)
+        out = []
+        for p, s, r in zip(pids, samples, ref):
+            score = 5.0 * s.tokens.count(target_token) / len(s.tokens)
+            out.append(Experience("x", p, s.tokens, s.logprobs, r[len(p):], score, s.finish_reason == "stop", version))
+        return out
+    return collect
+
+
+def test_ppo_climbs_a_reward_and_checkpoints(micro_run, tmp_path):
+    cfg, cks = micro_run
+    cfg = load_config(None, [f"run_dir={tmp_path}", "dtype=fp32", "threads=1",
+                             "ppo.iterations=8", "ppo.prompts_per_iteration=8", "ppo.lr=0.003", "ppo.epochs=2",
+                             "ppo.minibatch_size=8", "ppo.init_kl_coef=0.01", "ppo.ckpt_every=4"])
+    sft_ck = load_checkpoint(cks["sft"])
+    tok = tokenizer_from_checkpoint(sft_ck)
+    ref_model = model_from_checkpoint(sft_ck).eval()
+    target = tok.encode(" warm")[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["How was the film?", "Did you like the cast?", "Tell me about the story.",
+                                  "What did you think of the movie?"] * 4))
+    holder = []
+    orig_init = ppo.PPOTrainer.__init__
+
+    def capture(self, *a, **k):
+        orig_init(self, *a, **k)
+        holder[:] = [self]
+
+    pushed = []
+    ppo.PPOTrainer.__init__ = capture
+    try:
+        res = ppo.run(cfg, Reporter(quiet=True), round_=0, policy_init=sft_ck, value_init=load_checkpoint(cks["reward"]),
+                      collect=in_process_collect(cfg, holder, ref_model, target),
+                      push=lambda sd, v: pushed.append(v), start_version=1, prompts_file=prompts)
+    finally:
+        ppo.PPOTrainer.__init__ = orig_init
+    rewards = [h["reward"] for h in res.history]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+    assert pushed == list(range(2, 10)) and res.version == 9  # one versioned push per iteration
+    assert all(np.isfinite(h["kl"]) and h["beta"] > 0 for h in res.history)
+    # with the policy's own logprobs recomputed, the first minibatch starts exactly on-policy
+    assert res.history[0]["ratio_mean"] == pytest.approx(1.0, abs=0.05)
+    fin = load_checkpoint(res.checkpoint)
+    assert fin.manifest["meta"]["final"] and fin.manifest["meta"]["policy_version"] == 9
+    assert "scalar_head.weight" in fin.tensors("value")
+    # iteration checkpoints carry everything needed to resume
+    it4 = load_checkpoint(tmp_path / "checkpoints" / "ppo_r0" / "iter-00004")
+    assert it4.optimizer_state() is not None and it4.manifest["meta"]["kl_controller"]["value"] > 0
+    assert latest_checkpoint(tmp_path / "checkpoints" / "ppo_r0").path == fin.path
+    # the trained policy now prefers the rewarded token more than the SFT model does
+    pol = model_from_checkpoint(fin)
+    ids = torch.tensor([tok.prompt_ids("How was the film?")])
+    p_new = torch.softmax(pol(ids).logits[0, -1], -1)[target]
+    p_old = torch.softmax(ref_model(ids).logits[0, -1], -1)[target]
+    assert p_new > p_old
