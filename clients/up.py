@@ -61,11 +61,11 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         pending = set(names or self.names)
         while pending:
-            for name in sorted(pending):
-                p = self.procs[name]
+            for name, p in self.procs.items():
                 if p.poll() is not None:
                     hint = f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
                     raise RuntimeError(f"{name} exited with code {p.returncode} during start-up{hint}")
+            for name in sorted(pending):
                 with CLIENTS[name](self.address(name), retries=1, timeout=2) as c:
                     if c.health() == "SERVING":
                         pending.discard(name)

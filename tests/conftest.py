@@ -76,3 +76,31 @@ def micro_run(tiny_data, tmp_path_factory):
     out = {"pretrain": pretrain.run(cfg, rep).checkpoint, "sft": sft.run(cfg, rep).checkpoint,
            "reward": reward_model.run(cfg, rep).checkpoint}
     return cfg, out
+
+
+@pytest.fixture(scope="session")
+def tiny_gold(tmp_path_factory) -> Path:
+    """A simulated labeler fitted on the synthetic sentences (warm = 1, hostile = 0)."""
+    from services.core.gold import GoldLabeler
+
+    rng = random.Random(1)
+    labeled = [(f"{rng.choice(SUBJECTS).capitalize()} {g}.", 1) for g in GOOD for _ in range(6)] + [
+        (f"{rng.choice(SUBJECTS).capitalize()} {b}.", 0) for b in BAD for _ in range(6)]
+    gold = GoldLabeler.fit(labeled, [t for t, _ in labeled], steps=200)
+    path = tmp_path_factory.mktemp("gold") / "gold.npz"
+    gold.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray, once per test session, on loopback only, small."""
+    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                       "RAY_AUTH_MODE": "disabled"})
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

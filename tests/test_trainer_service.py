@@ -18,12 +18,14 @@ from services.trainer.server import TrainerConfig, build
 MICRO = Path(__file__).parents[1] / "configs" / "micro.yaml"
 
 
-def micro_yaml(tiny_data, **extra) -> str:
+def micro_yaml(tiny_data, gold=None, **extra) -> str:
     d = yaml.safe_load(MICRO.read_text())
     d.pop("run_dir")  # the trainer gives each run its own output directory
     d["data"] = {"pretrain_files": [str(tiny_data["corpus"])], "sft_file": str(tiny_data["sft"]),
                  "prompts_file": str(tiny_data["prompts"]), "eval_prompts_file": str(tiny_data["eval_prompts"]),
                  "rankings_file": str(tiny_data["rankings"])}
+    if gold is not None:
+        d["data"]["gold_file"] = str(gold)
     d.update(extra)
     return yaml.safe_dump(d)
 
@@ -38,10 +40,12 @@ def trainer(tmp_path, monkeypatch):
     svc.close()
 
 
-def test_pipeline_run_streams_progress_and_lists_checkpoints(trainer, tiny_data):
+def test_pipeline_run_streams_progress_and_lists_checkpoints(trainer, tiny_data, tiny_gold, ray_session):
+    """StartRun(PIPELINE) drives the whole loop: stages, services, Ray rollouts, PPO."""
     srv, _ = trainer
     with TrainerClient(srv.address, token="tok") as c:
-        run = c.start_run("pipeline", micro_yaml(tiny_data), overrides={"pretrain.steps": "12"}, run_id="r1")
+        run = c.start_run("pipeline", micro_yaml(tiny_data, tiny_gold), overrides={"pretrain.steps": "12"},
+                          run_id="r1")
         assert run.run_id == "r1" and run.state in (trainer_pb2.RUN_STATE_PENDING, trainer_pb2.RUN_STATE_RUNNING)
         events = list(c.watch_run("r1", timeout=300))
         states = [trainer_pb2.RunState.Name(e.state_change.new_state) for e in events
@@ -50,7 +54,7 @@ def test_pipeline_run_streams_progress_and_lists_checkpoints(trainer, tiny_data)
         assert "RUN_STATE_RUNNING" in states
         metrics = [e for e in events if e.WhichOneof("payload") == "metrics"]
         stages = {trainer_pb2.Stage.Name(e.progress.stage) for e in metrics}
-        assert {"STAGE_PRETRAIN", "STAGE_SFT", "STAGE_REWARD_MODEL"} <= stages
+        assert {"STAGE_PRETRAIN", "STAGE_SFT", "STAGE_REWARD_MODEL", "STAGE_PPO"} <= stages
         assert any("loss" in e.metrics.values for e in metrics)
         assert [e.sequence for e in events] == sorted(e.sequence for e in events)
         # replay from a sequence number
@@ -60,10 +64,11 @@ def test_pipeline_run_streams_progress_and_lists_checkpoints(trainer, tiny_data)
         assert got.state == trainer_pb2.RUN_STATE_SUCCEEDED and got.progress.step > 0
         assert "pretrain/eval_loss" in got.latest_metrics
         cks = c.list_checkpoints("r1")
-        assert {trainer_pb2.Stage.Name(k.stage) for k in cks} >= {"STAGE_PRETRAIN", "STAGE_SFT", "STAGE_REWARD_MODEL"}
+        assert {trainer_pb2.Stage.Name(k.stage) for k in cks} >= {"STAGE_PRETRAIN", "STAGE_SFT", "STAGE_REWARD_MODEL",
+                                                                  "STAGE_PPO"}
         assert all(len(k.sha256) == 64 and k.size_bytes > 0 for k in cks)
         # the same StartRun again is idempotent; a different one with the same id is refused
-        assert c.start_run("pipeline", micro_yaml(tiny_data), overrides={"pretrain.steps": "12"},
+        assert c.start_run("pipeline", micro_yaml(tiny_data, tiny_gold), overrides={"pretrain.steps": "12"},
                            run_id="r1").run_id == "r1"
         with pytest.raises(grpc.RpcError) as e:
             c.start_run("sft", micro_yaml(tiny_data), run_id="r1")

@@ -68,7 +68,7 @@ def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Servic
     if pc.start_services:
         ports = {n: free_port() for n in names}
         over = [f"{n}.port={ports[n]}" for n in names] + [f"{n}.metrics_port=-1" for n in names] + [
-            f"policy.checkpoint={sft_ckpt}", f"reference.checkpoint={sft_ckpt}", "reward.checkpoint=",
+            f"policy.checkpoint={sft_ckpt}", f"reference.checkpoint={sft_ckpt}", "reward.checkpoint=''",
             f"feedback.db={rd / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
             f"policy.device={cfg.device}", f"reward.device={cfg.device}", f"reference.device={cfg.device}"]
         over += list(pc.service_overrides)
@@ -180,40 +180,43 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
         reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
         policy_ckpt = sft_res.checkpoint
         version = svc.policy.model_info().model_version
+        pc = cfg.ppo
+        current = {"round": 0}
+        pushed = False  # whether this invocation has put a PPO policy on policy-inference yet
+
+        def collect(ps: list[str], ver: int, seed: int) -> list:
+            return pool.collect(ps, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
+                                expected_version=0 if pc.max_staleness else ver)
+
+        def push(state_dict: dict, ver: int) -> None:
+            svc.policy.update_weights(state_dict, ver, metadata={"round": str(current["round"])})
+
+        def observe(exps: list) -> dict[str, float]:
+            if gold is None:
+                return {}
+            return {"gold_train": float(np.mean([gold.score(e.prompt, e.text, e.finished) for e in exps]))}
+
         for r in range(cfg.pipeline.rounds):
+            current["round"] = r
             name = ppo.stage_name(r)
             done = stage_done(stage_dir(cfg, name))
             if done is not None:
                 policy_ckpt = done.path
                 continue
-            if policy_ckpt != sft_res.checkpoint and version < 2:  # resumed: serve the latest policy again
+            if policy_ckpt != sft_res.checkpoint and not pushed:  # resumed: serve the latest policy again
                 version += 1
-                svc.policy.update_weights(load_checkpoint(policy_ckpt).model_state(), version)
+                push(load_checkpoint(policy_ckpt).model_state(), version)
+                pushed = True
             rankings = timed(f"labels_r{r}", collect_rankings, cfg, svc, r, prompts, gold, reporter)
             rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
                        rankings=rankings, stage=f"reward_r{r}")
             svc.reward.load_model(str(rm.checkpoint))
             svc.reward.wait_serving(60)
-            pc = cfg.ppo
-
-            def collect(ps, ver, seed):
-                return pool.collect(ps, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
-                                    expected_version=0 if pc.max_staleness else ver)
-
-            def push(state_dict, ver):
-                svc.policy.update_weights(state_dict, ver, metadata={"round": str(r)})
-
-            def observe(exps):
-                if gold is None:
-                    return {}
-                g = [gold.score(e.prompt, e.text, e.finished) for e in exps]
-                return {"gold_train": float(np.mean(g))}
-
             res = timed(name, ppo.run, cfg, reporter, round_=r, policy_init=load_checkpoint(policy_ckpt),
                         value_init=load_checkpoint(rm.checkpoint), collect=collect, push=push,
                         start_version=version, prompts_file=data.prompts, observe=observe)
             state["history"][name] = res.history or state["history"].get(name, [])
-            policy_ckpt, version = res.checkpoint, res.version
+            policy_ckpt, version, pushed = res.checkpoint, res.version, True
             write_json(state_file, state)
             # checkpoints/policy always points at the newest policy (what `chatrl up` serves)
             atomic_write_text(stage_dir(cfg, "policy") / "LATEST", f"../{name}/final\n")

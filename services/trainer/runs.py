@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import traceback
@@ -87,6 +88,8 @@ class _RunReporter(Reporter):
 
     def start(self, stage: str, total: int, initial: int = 0) -> None:
         self.run.current_stage, self.run.total_steps, self.run.step = stage, total, initial
+        m = re.search(r"_r(\d+)$", stage)
+        self.run.round = int(m.group(1)) if m else self.run.round
         self.mgr._emit(self.run, "log", text=f"stage {stage} started ({total} steps)")
 
     def progress(self, stage: str, step: int, total: int) -> None:

@@ -5,6 +5,7 @@ checkpoints and state changes), ``CancelRun``, ``ListCheckpoints``. Run manageme
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def _state(s: str) -> int:
 
 
 def _stage(s: str) -> int:
-    return STAGE_TO_PROTO.get(s, trainer_pb2.STAGE_UNSPECIFIED)
+    """'reward_r1' / 'ppo_r0' (a stage of one pipeline round) → their proto stage."""
+    return STAGE_TO_PROTO.get(re.sub(r"_r\d+$", "", s), trainer_pb2.STAGE_UNSPECIFIED)
 
 
 def run_proto(r: RunRecord) -> trainer_pb2.Run:
@@ -169,7 +171,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         root = Path(rec.output_dir) / "checkpoints"
         if root.exists():
             for sd in sorted(root.iterdir()):
-                if not sd.is_dir() or (want and want != "pipeline" and sd.name != want):
+                if not sd.is_dir() or (want and want != "pipeline" and _stage(sd.name) != request.stage):
                     continue
                 for ck in list_checkpoints(sd):
                     m = ck.manifest

@@ -30,6 +30,8 @@ class Reporter:
     """Receives progress and metrics from a stage. The default draws a tqdm bar and prints metric
     lines; the trainer service subclasses it to stream ``WatchRun`` events and export Prometheus metrics."""
 
+    SHOWN = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "gold_train", "kl", "beta", "tokens_per_s")
+
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.cancel_event = threading.Event()
@@ -49,7 +51,8 @@ class Reporter:
     def metrics(self, stage: str, step: int, total: int, values: dict[str, float]) -> None:
         self.history.append({"stage": stage, "step": step, **values})
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]})
+            keys = [k for k in self.SHOWN if k in values] or list(values)[:4]
+            self._bar.set_postfix({k: f"{values[k]:.4g}" for k in keys[:5]})
 
     def log(self, msg: str) -> None:
         if self._bar is not None:

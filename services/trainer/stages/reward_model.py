@@ -177,7 +177,7 @@ def get_rankings(cfg: RunConfig, base, tok: ChatTokenizer, data, reporter: Repor
     if data.gold is None:
         raise FileNotFoundError("no rankings: set data.rankings_file (labels from people) or data.gold_file "
                                 "(the simulated labeler)")
-    out = run_dir(cfg) / "data" / "rankings_r0.jsonl"
+    out = run_dir(cfg) / "data" / "rankings_simulated.jsonl"
     if out.exists():
         return load_rankings(out)
     policy = model_from_checkpoint(base, device=cfg.device)
