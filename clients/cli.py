@@ -62,6 +62,27 @@ def cmd_demo(args) -> int:
     return run_demo(cfg)
 
 
+def cmd_pipeline(args) -> int:
+    from services.core.config import load_config
+    from services.trainer.pipeline import run_pipeline
+    from services.trainer.report import eval_table
+    from services.trainer.stages.common import setup_runtime
+
+    if args.pipeline_cmd == "resume":
+        path = Path(args.run_dir) / "config.yaml"
+        if not path.exists():
+            print(f"chatrl: error: {path} not found — is {args.run_dir} a pipeline run directory?", file=sys.stderr)
+            return 2
+        cfg = load_config(path, args.set)
+    else:
+        cfg = _config(args)
+    setup_runtime(cfg)
+    res = run_pipeline(cfg)
+    print(eval_table(res["evals"]))
+    print(f"report: {res['report']}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -202,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on the embedded default")
     _add_config_args(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("pipeline", help="the whole RLHF pipeline through the services and Ray")
+    psub = p.add_subparsers(dest="pipeline_cmd", required=True)
+    q = psub.add_parser("run", help="run (or continue) the pipeline of a config")
+    _add_config_args(q)
+    q.set_defaults(fn=cmd_pipeline)
+    q = psub.add_parser("resume", help="continue a pipeline run from its last checkpoints (after a crash)")
+    q.add_argument("run_dir")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(fn=cmd_pipeline)
 
     p = sub.add_parser("sample", help="sample responses from a checkpoint in-process")
     p.add_argument("checkpoint")

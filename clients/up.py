@@ -17,6 +17,16 @@ CLIENTS = {"policy": PolicyClient, "reward": RewardClient, "reference": Referenc
            "feedback": FeedbackClient}
 
 
+def _die_with_parent() -> None:
+    """Linux: a service gets SIGTERM (and drains) if the process that started it dies, even by kill -9."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalCluster:
     """Start services as subprocesses (``python -m services.<name>``) from one service config."""
 
@@ -49,7 +59,7 @@ class LocalCluster:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = open(self.log_dir / f"{name}.log", "ab")
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+                                                start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self.wait_healthy(timeout, wait_for)
         except BaseException:

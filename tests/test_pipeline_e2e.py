@@ -45,3 +45,44 @@ def test_pipeline_end_to_end_through_services_and_ray(tiny_data, tiny_gold, tmp_
     assert "PPO round 0" in report.read_text()
     state = json.loads((run / "pipeline.json").read_text())
     assert {"pretrain", "sft", "labels_r0", "reward_r0", "ppo_r0"} <= set(state["times"])
+
+
+def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gold, tmp_path, ray_session):
+    """kill -9 the pipeline (and its Ray) in the middle of PPO; `chatrl pipeline resume` continues from
+    the last checkpoints and, with the fixed seed, ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    import yaml
+
+    ref_cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "ref")
+    ref = run_pipeline(ref_cfg, Reporter(quiet=True))
+    cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "b")
+    cfg_file = tmp_path / "b.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, "-m", "clients.cli", "pipeline", "run", "-c", str(cfg_file)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "iter-00002" / "manifest.json"
+    final = tmp_path / "b" / "checkpoints" / "ppo_r0" / "final"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "PPO never reached iteration 2"
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # the trainer and its Ray processes die at once
+    p.wait()
+    assert not final.exists(), "the run finished before it could be killed"
+    r = subprocess.run([sys.executable, "-m", "clients.cli", "pipeline", "resume", str(tmp_path / "b")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrain: already finished" in r.stderr and "resuming after iteration 2" in r.stderr
+    wa = load_checkpoint(Path(ref["policy"])).model_state()
+    wb = load_checkpoint(final).model_state()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+    assert json.loads((tmp_path / "b" / "pipeline.json").read_text())["evals"].keys() == ref["evals"].keys()

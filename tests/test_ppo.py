@@ -93,3 +93,47 @@ def test_ppo_climbs_a_reward_and_checkpoints(micro_run, tmp_path):
     p_new = torch.softmax(pol(ids).logits[0, -1], -1)[target]
     p_old = torch.softmax(ref_model(ids).logits[0, -1], -1)[target]
     assert p_new > p_old
+
+
+def test_async_rollout_overlaps_and_bounds_staleness(micro_run, tmp_path):
+    """With async_rollout the next rollout is issued before the update: its samples are one version
+    old, kept within max_staleness and learned from with their behaviour logprobs."""
+    cfg, cks = micro_run
+    cfg = load_config(None, [f"run_dir={tmp_path}", "dtype=fp32", "threads=1", "ppo.iterations=3",
+                             "ppo.prompts_per_iteration=4", "ppo.minibatch_size=8", "ppo.async_rollout=true",
+                             "ppo.max_staleness=1"])
+    sft_ck = load_checkpoint(cks["sft"])
+    tok = tokenizer_from_checkpoint(sft_ck)
+    policy = model_from_checkpoint(sft_ck).eval()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How was the film?\nDid you like the cast?\n")
+    issued, consumed = [], []
+    versions = {"now": 1}
+
+    def submit(ps, ver, seed):
+        issued.append((ver, versions["now"]))
+        pids = [tok.prompt_ids(p) for p in ps]
+        samples = generate(policy, pids, SamplingParams(max_new_tokens=6, seed=seed), tok.pad_id)
+        ref = sequence_logprobs(policy, [p + s.tokens for p, s in zip(pids, samples)], tok.pad_id)
+        exps = [Experience("x", p, s.tokens, s.logprobs, r[len(p):], 1.0, False, ver)
+                for p, s, r in zip(pids, samples, ref)]
+
+        def wait():
+            consumed.append(versions["now"])
+            return exps
+        return wait
+
+    def push(sd, v):
+        versions["now"] = v
+
+    res = ppo.run(cfg, Reporter(quiet=True), round_=0, policy_init=sft_ck, value_init=load_checkpoint(cks["reward"]),
+                  submit=submit, push=push, start_version=1, prompts_file=prompts)
+    # iteration i+1's rollout was issued while the trainer was still at version v (before its push)
+    assert [v for v, _ in issued] == [1, 1, 2]
+    # ... and consumed after that push: samples one version behind the trainer, kept (staleness 1)
+    assert consumed == [1, 2, 3] and cfg.ppo.old_logprobs == "service"
+    assert all(h["dropped_stale"] == 0 for h in res.history) and res.version == 4
+    cfg.ppo.max_staleness = 0
+    with pytest.raises(ValueError, match="max_staleness"):
+        ppo.run(cfg, Reporter(quiet=True), round_=1, policy_init=sft_ck, value_init=load_checkpoint(cks["reward"]),
+                submit=submit, push=push, start_version=1, prompts_file=prompts)

@@ -152,6 +152,11 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
     times: dict[str, float] = {}
+    cfg_file = run_dir(cfg) / "config.yaml"
+    if not cfg_file.exists():  # what `chatrl pipeline resume RUN_DIR` restarts from
+        import yaml
+
+        atomic_write_text(cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     state_file = run_dir(cfg) / "pipeline.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {"evals": {}, "history": {}, "times": {}}
     times = state["times"]
@@ -184,9 +189,9 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
         current = {"round": 0}
         pushed = False  # whether this invocation has put a PPO policy on policy-inference yet
 
-        def collect(ps: list[str], ver: int, seed: int) -> list:
-            return pool.collect(ps, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
-                                expected_version=0 if pc.max_staleness else ver)
+        def submit(ps: list[str], ver: int, seed: int):
+            return pool.submit(ps, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
+                               expected_version=0 if pc.max_staleness else ver).result
 
         def push(state_dict: dict, ver: int) -> None:
             svc.policy.update_weights(state_dict, ver, metadata={"round": str(current["round"])})
@@ -213,7 +218,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
             svc.reward.load_model(str(rm.checkpoint))
             svc.reward.wait_serving(60)
             res = timed(name, ppo.run, cfg, reporter, round_=r, policy_init=load_checkpoint(policy_ckpt),
-                        value_init=load_checkpoint(rm.checkpoint), collect=collect, push=push,
+                        value_init=load_checkpoint(rm.checkpoint), submit=submit, push=push,
                         start_version=version, prompts_file=data.prompts, observe=observe)
             state["history"][name] = res.history or state["history"].get(name, [])
             policy_ckpt, version, pushed = res.checkpoint, res.version, True

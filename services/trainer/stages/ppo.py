@@ -53,6 +53,8 @@ class Experience:
 
 
 Collect = Callable[[list[str], int, int], list[Experience]]  # (prompts, policy version, seed) → experience
+# like Collect, but returns at once with a function that waits for the experience (rollouts in flight)
+Submit = Callable[[list[str], int, int], Callable[[], list[Experience]]]
 Push = Callable[[dict, int], None]  # (state_dict, new version) → None
 
 
@@ -254,12 +256,28 @@ def _opt_meta(opt: torch.optim.Optimizer) -> dict:
 
 
 def run(cfg: RunConfig, reporter: Reporter, *, round_: int, policy_init: Checkpoint, value_init: Checkpoint,
-        collect: Collect, push: Push, start_version: int, prompts_file: Path,
+        collect: Collect | None = None, push: Push, start_version: int, prompts_file: Path,
         ptx_tokens: torch.Tensor | None = None,
-        observe: Callable[[list[Experience]], dict[str, float]] | None = None) -> PPOResult:
+        observe: Callable[[list[Experience]], dict[str, float]] | None = None,
+        submit: Submit | None = None) -> PPOResult:
     """Run (or resume) the PPO iterations of one round. ``start_version`` is the policy-inference
-    version currently serving ``policy_init``'s weights."""
+    version currently serving ``policy_init``'s weights.
+
+    With ``ppo.async_rollout`` (and ``submit``), the rollout of iteration i+1 is issued before the update
+    of iteration i, so generation overlaps training; its samples come from the policy one version
+    behind (staleness 1), are kept only within ``ppo.max_staleness``, and PPO's ratio uses the
+    behaviour logprobs they were sampled with."""
     pc = cfg.ppo
+    if submit is None:
+        if collect is None:
+            raise ValueError("ppo.run needs collect or submit")
+        submit = lambda ps, ver, seed: (lambda: collect(ps, ver, seed))  # noqa: E731
+    overlap = pc.async_rollout
+    if overlap and pc.max_staleness < 1:
+        raise ValueError("ppo.async_rollout needs ppo.max_staleness >= 1 (its samples are one version old)")
+    if overlap and pc.old_logprobs != "service":
+        reporter.log("ppo: async_rollout uses the behaviour policy's logprobs (ppo.old_logprobs=service)")
+        pc.old_logprobs = "service"
     tr = PPOTrainer(cfg, policy_init, value_init, round_, reporter, ptx_tokens)
     name = stage_name(round_)
     done = latest_checkpoint(tr.root)
@@ -273,16 +291,22 @@ def run(cfg: RunConfig, reporter: Reporter, *, round_: int, policy_init: Checkpo
         tr.version = max(tr.version, start_version) + 1
         push(tr.policy.state_dict(), tr.version)  # policy-inference serves the restored weights
     prompts = load_prompts(prompts_file)
+
+    def issue(it: int):
+        rng = np.random.default_rng([cfg.seed, round_, it])
+        pick = rng.choice(len(prompts), size=min(pc.prompts_per_iteration, len(prompts)), replace=False)
+        return submit([prompts[i] for i in pick], tr.version, int(cfg.seed * 7 + round_ * 100_000 + it * 1000))
+
     history: list[dict] = []
     reporter.start(name, pc.iterations, tr.iteration)
     t0 = time.perf_counter()
+    pending = None
     while tr.iteration < pc.iterations:
         reporter.check_cancelled()
         it = tr.iteration
-        rng = np.random.default_rng([cfg.seed, round_, it])
-        pick = rng.choice(len(prompts), size=min(pc.prompts_per_iteration, len(prompts)), replace=False)
         t_roll = time.perf_counter()
-        exps = collect([prompts[i] for i in pick], tr.version, int(cfg.seed * 7 + round_ * 100_000 + it * 1000))
+        exps = (pending or issue(it))()
+        pending = issue(it + 1) if overlap and it + 1 < pc.iterations else None
         stale = [e for e in exps if tr.version - e.version > pc.max_staleness]
         exps = [e for e in exps if tr.version - e.version <= pc.max_staleness]
         t_upd = time.perf_counter()
