@@ -121,6 +121,7 @@ class PipelineConfig:
     eval_prompts: int = 200  # held-out prompts scored by the gold labeler per stage
     services: str = "configs/services.yaml"  # ports and options of the services the pipeline starts
     start_services: bool = True  # start the services as local processes (false: use running ones)
+    reuse_from: str = ""  # another run dir whose pre-training, SFT and round-0 labels/RM this run starts from
     labelers: int = 2  # simulated labelers labelling through the feedback service; 0 = wait for people
     service_overrides: list[str] = field(default_factory=list)  # e.g. ["policy.max_batch_size=64"]
 
@@ -201,18 +202,32 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path, depth: int = 0) -> dict:
+    """A config file; ``base: other.yaml`` (relative to this file) inherits and deep-merges another."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    if "base" in d:
+        if depth > 8:
+            raise ConfigError(f"{path}: 'base' chain too deep")
+        d = _merge(read_yaml(path.parent / str(d.pop("base")), depth + 1), d)
+    return d
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    d: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    d = read_yaml(Path(path)) if path else {}
     d = apply_overrides(d, overrides or [])
     return from_dict(RunConfig, d)
 

@@ -144,6 +144,23 @@ def label_with_simulated_labelers(svc: Services, gold, n_labelers: int, noise: f
             return done
 
 
+def reuse(src: Path, dst: Path, reporter: Reporter) -> None:
+    """Start from another run's pre-training, SFT, round-0 labels and reward model (ablations: the same
+    starting point, only PPO differs). Copies are made once; existing files are kept."""
+    import shutil
+
+    for rel in ("tokenizer.json", "data/pretrain_tokens.npy", "data/rankings_r0.jsonl", "checkpoints/pretrain",
+                "checkpoints/sft", "checkpoints/reward_r0"):
+        s, d = src / rel, dst / rel
+        if not s.exists():
+            raise FileNotFoundError(f"pipeline.reuse_from: {s} does not exist (run that pipeline first)")
+        if d.exists():
+            continue
+        d.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if s.is_dir() else shutil.copy2)(s, d)
+    reporter.log(f"reusing pre-training, SFT and round-0 reward model from {src}")
+
+
 def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     from services.core.gold import GoldLabeler
     from services.trainer.evaluate import evaluate_stage
@@ -170,6 +187,8 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
             times[name] = time.perf_counter() - t
         return r
 
+    if cfg.pipeline.reuse_from:
+        reuse(Path(cfg.pipeline.reuse_from), run_dir(cfg), reporter)
     timed("pretrain", pretrain.run, cfg, reporter)
     sft_res = timed("sft", sft.run, cfg, reporter)
     prompts = load_prompts(data.prompts)
