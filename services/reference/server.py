@@ -18,7 +18,7 @@ from services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
 from services.runtime.batcher import MicroBatcher
 from services.runtime.errors import check_range, check_token_ids, require
 from services.runtime.main import run_service
-from services.runtime.model_host import ModelHost
+from services.runtime.model_host import ModelHost, ServedModel
 from services.runtime.server import ServerConfig, ServiceServer
 from services.runtime.tensors import to_proto
 
@@ -42,11 +42,11 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
         self.host = ModelHost("reference-model", scalar_head=False, device=cfg.device, dtype=cfg.dtype)
         self.batcher = MicroBatcher(self._batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
                                     name="reference-batcher")
-        self.on_loaded = lambda: None
         self.m_tokens = Counter("chatrl_reference_tokens_total", "response tokens scored", registry=registry)
         self.m_batch = Histogram("chatrl_reference_batch_size", "sequences per forward pass",
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
-        self.m_version = Gauge("chatrl_reference_model_version", "loaded model version", registry=registry)
+        self.served = ServedModel(self.host, Gauge("chatrl_reference_model_version", "loaded model version",
+                                                   registry=registry))
         Gauge("chatrl_reference_queue_depth", "sequences waiting", registry=registry).set_function(
             self.batcher.depth)
 
@@ -91,9 +91,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
         return reference_pb2.LogProbsResponse(logprobs=[to_proto(t) for t in res], model_version=snap.version)
 
     def LoadModel(self, request, context):
-        self.host.load(request.checkpoint_uri, request.model_version, request.sha256)
-        self.m_version.set(self.host.version)
-        self.on_loaded()
+        self.served.load(request.checkpoint_uri, request.model_version, request.sha256)
         return reference_pb2.ReferenceModelServiceLoadModelResponse(info=self.host.info())
 
     def GetModelInfo(self, request, context):
@@ -104,14 +102,9 @@ def build(server_cfg: ServerConfig, cfg: ReferenceConfig) -> tuple[ServiceServer
     torch.set_num_threads(max(1, cfg.threads))
     srv = ServiceServer("reference", server_cfg, mutating={"LoadModel"})
     svc = ReferenceServicer(cfg, srv.registry)
-    svc.on_loaded = lambda: srv.set_serving(True)
     srv.add_service(reference_pb2_grpc.add_ReferenceModelServiceServicer_to_server, svc,
                     reference_pb2.DESCRIPTOR.services_by_name["ReferenceModelService"].full_name)
-    srv.start()
-    if cfg.checkpoint:
-        svc.host.load(cfg.checkpoint)
-        svc.m_version.set(svc.host.version)
-    srv.set_serving(svc.host.version > 0)
+    svc.served.start(srv, cfg.checkpoint)
     return srv, svc
 
 

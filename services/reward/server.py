@@ -18,7 +18,7 @@ from services.proto.chatrl.v1 import reward_pb2, reward_pb2_grpc
 from services.runtime.batcher import MicroBatcher
 from services.runtime.errors import check_token_ids, invalid, require
 from services.runtime.main import run_service
-from services.runtime.model_host import ModelHost
+from services.runtime.model_host import ModelHost, ServedModel
 from services.runtime.server import ServerConfig, ServiceServer
 
 MAX_ITEMS = 4096
@@ -46,10 +46,10 @@ class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
         self.m_reward = Histogram("chatrl_reward_score", "rewards returned",
                                   buckets=(-5, -2, -1, -0.5, 0, 0.5, 1, 2, 5), registry=registry)
-        self.m_version = Gauge("chatrl_reward_model_version", "loaded reward-model version", registry=registry)
+        self.served = ServedModel(self.host, Gauge("chatrl_reward_model_version", "loaded reward-model version",
+                                                   registry=registry))
         self.m_queue = Gauge("chatrl_reward_queue_depth", "pairs waiting to be scored", registry=registry)
         self.m_queue.set_function(self.batcher.depth)
-        self.on_loaded = lambda: None  # the server marks itself SERVING once a model is loaded
 
     # items: (snapshot, ids)
     def _score_batch(self, items):
@@ -101,9 +101,7 @@ class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
         return reward_pb2.ScoreResponse(rewards=rewards, model_version=snap.version)
 
     def LoadModel(self, request, context):
-        self.host.load(request.checkpoint_uri, request.model_version, request.sha256)
-        self.m_version.set(self.host.version)
-        self.on_loaded()
+        self.served.load(request.checkpoint_uri, request.model_version, request.sha256)
         return reward_pb2.RewardScoringServiceLoadModelResponse(info=self.host.info())
 
     def GetModelInfo(self, request, context):
@@ -114,14 +112,9 @@ def build(server_cfg: ServerConfig, cfg: RewardConfig) -> tuple[ServiceServer, R
     torch.set_num_threads(max(1, cfg.threads))
     srv = ServiceServer("reward", server_cfg, mutating={"LoadModel"})
     svc = RewardServicer(cfg, srv.registry)
-    svc.on_loaded = lambda: srv.set_serving(True)
     srv.add_service(reward_pb2_grpc.add_RewardScoringServiceServicer_to_server, svc,
                     reward_pb2.DESCRIPTOR.services_by_name["RewardScoringService"].full_name)
-    srv.start()
-    if cfg.checkpoint:
-        svc.host.load(cfg.checkpoint)
-        svc.m_version.set(svc.host.version)
-    srv.set_serving(svc.host.version > 0)
+    svc.served.start(srv, cfg.checkpoint)
     return srv, svc
 
 

@@ -108,3 +108,28 @@ def model_info(name: str, model: GPT, tok: ChatTokenizer, version: int, uri: str
 
 def no_grad_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
+
+
+class ServedModel:
+    """A ModelHost bound to its server: loading sets the version gauge and marks the server SERVING.
+    Shared by the reward-scoring and reference-model services (their LoadModel/start-up)."""
+
+    def __init__(self, host: ModelHost, version_gauge) -> None:
+        self.host = host
+        self.gauge = version_gauge
+        self.server = None  # a ServiceServer, once started
+
+    def load(self, uri: str, version: int = 0, sha256: str = "") -> common_pb2.ModelInfo:
+        self.host.load(uri, version, sha256)
+        self.gauge.set(self.host.version)
+        if self.server is not None:
+            self.server.set_serving(True)
+        return self.host.info()
+
+    def start(self, server, checkpoint: str) -> None:
+        """Start serving; load ``checkpoint`` if given (else NOT_SERVING until LoadModel)."""
+        server.start()
+        self.server = server
+        if checkpoint:
+            self.load(checkpoint)
+        server.set_serving(self.host.version > 0)
