@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray: loopback only
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"] and len(argv) >= 2:  # everything after the service name goes to the service
         args = build_parser().parse_args(argv[:2])

@@ -122,6 +122,15 @@ class _Client:
                 else e.code().name
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
+    def wait_health_known(self, timeout: float = 60.0) -> str:
+        """Block until the server answers health checks at all (SERVING or NOT_SERVING)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.health()
+            if st in ("SERVING", "NOT_SERVING") or time.monotonic() > deadline:
+                return st
+            time.sleep(0.2)
+
     def wait_serving(self, timeout: float = 60.0) -> None:
         """Block until the service reports SERVING (its model is loaded)."""
         deadline = time.monotonic() + timeout

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# before anything imports Ray: local Ray binds and advertises loopback only
+os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                   "RAY_AUTH_MODE": "disabled"})
 torch.set_num_threads(1)
 
 SUBJECTS = ["the film", "this movie", "the story", "the cast", "the ending", "the music", "the script"]
@@ -95,12 +98,12 @@ def tiny_gold(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray, once per test session, on loopback only, small."""
-    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                       "RAY_AUTH_MODE": "disabled"})
     os.environ.pop("RAY_ADDRESS", None)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    from services.trainer.rollout import init_ray
+
+    init_ray(num_cpus=2)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()

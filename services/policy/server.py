@@ -104,6 +104,8 @@ class PolicyMetrics:
                                        buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=registry)
         self.updates = Counter("chatrl_policy_weight_updates_total", "UpdateWeights calls, by outcome",
                                ["outcome"], registry=registry)
+        for outcome in ("ok", "rejected"):  # present from the start, so the first increment is a change
+            self.updates.labels(outcome)
         self.update_bytes = Counter("chatrl_policy_weight_bytes_received_total", "UpdateWeights payload bytes",
                                     registry=registry)
         self.queue = Gauge("chatrl_policy_queue_depth", "requests waiting to join the batch", registry=registry)

@@ -70,6 +70,7 @@ def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Servic
         over = [f"{n}.port={ports[n]}" for n in names] + [f"{n}.metrics_port=-1" for n in names] + [
             f"policy.checkpoint={sft_ckpt}", f"reference.checkpoint={sft_ckpt}", "reward.checkpoint=''",
             f"feedback.db={rd / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
+            "feedback.web_port=-1",
             f"policy.device={cfg.device}", f"reward.device={cfg.device}", f"reference.device={cfg.device}"]
         over += list(pc.service_overrides)
         cluster = LocalCluster(pc.services, over, only=names, log_dir=rd / "logs")
@@ -87,9 +88,28 @@ def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Servic
         addrs = {n: f"{secs[n].get('host', '127.0.0.1')}:{secs[n]['port']}" for n in names}
         cluster = None
     kw = {"timeout": 600.0, "retries": 8}
-    return Services(PolicyClient(addrs["policy"], **kw), RewardClient(addrs["reward"], **kw),
-                    ReferenceClient(addrs["reference"], **kw), FeedbackClient(addrs["feedback"], **kw), addrs,
-                    cluster)
+    svc = Services(PolicyClient(addrs["policy"], **kw), RewardClient(addrs["reward"], **kw),
+                   ReferenceClient(addrs["reference"], **kw), FeedbackClient(addrs["feedback"], **kw), addrs,
+                   cluster)
+    if not pc.start_services:  # services deployed elsewhere (k8s): give empty ones their SFT model
+        seed_models(svc, sft_ckpt, reporter)
+    return svc
+
+
+def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> None:
+    """Load the SFT checkpoint into a reference-model that has none (the path must be visible to it, e.g. a
+    shared volume) and push the SFT weights to a policy-inference that has none."""
+    svc.reference.wait_health_known(120)
+    if svc.reference.model_info().model_version == 0:
+        svc.reference.load_model(str(sft_ckpt))
+        reporter.log(f"reference-model: loaded {sft_ckpt}")
+    svc.policy.wait_health_known(120)
+    if svc.policy.model_info().model_version == 0:
+        ck = load_checkpoint(sft_ckpt)
+        svc.policy.update_weights(ck.model_state(), 1, metadata={
+            "config_json": json.dumps(ck.manifest["model_config"]),
+            "tokenizer_json": (Path(ck.path) / "tokenizer.json").read_text()})
+        reporter.log("policy-inference: pushed the SFT weights as version 1")
 
 
 def collect_rankings(cfg: RunConfig, svc: Services, round_: int, prompts: list[str], gold, reporter: Reporter

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Local Ray must advertise loopback, never this machine's own address: Ray reads this at import time.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
+
 from services.trainer.stages.ppo import Experience
 
 log = logging.getLogger("chatrl.rollout")
@@ -83,16 +88,18 @@ class RolloutWorker:
 def init_ray(num_cpus: int | None = None) -> None:
     """Join ``$RAY_ADDRESS`` if set, else start Ray in-process on loopback."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or 2, include_dashboard=False, object_store_memory=200 * 2**20,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        return
+    # A local, single-node Ray binds and advertises 127.0.0.1 only. Ray decides this from an env var read
+    # when it is first imported; if something imported Ray before that default was set, apply it now.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus or 2, include_dashboard=False, object_store_memory=200 * 2**20,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
 class RolloutPool:

@@ -235,7 +235,7 @@ class PPOTrainer:
         self.iteration += 1
         lens = [len(e.response_ids) for e in exps]
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out.update({"reward": float(b.scores.mean()), "kl": seq_kl, "beta": self.kl_ctl.value,
+        out.update({"reward": float(b.scores.mean()), "kl": seq_kl, "beta": self.kl_ctl.value, "kl_target": pc.kl_target,
                     "response_len": float(np.mean(lens)), "finished": float(np.mean([e.finished for e in exps])),
                     "logprob_gap": logprob_gap, "samples": float(n),
                     "kl_penalized_reward": float(b.scores.mean()) - self.kl_ctl.value * seq_kl})
