@@ -267,3 +267,32 @@ def test_eager_attention_matches_sdpa(dirs, loaded):
     eager = HFCausalLM.from_pretrained(dirs["llama"], attn_implementation="eager")
     ids, mask = left_pad(rand_seqs(sdpa.cfg.vocab_size, [6, 2], seed=5), tok.pad_id)
     torch.testing.assert_close(eager(ids, mask).logits, sdpa(ids, mask).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_services_serve_a_local_hf_directory(dirs, loaded):
+    """policy-inference and reference-model load an HF directory like a chatrl checkpoint."""
+    from clients.lib import PolicyClient, ReferenceClient
+    from services.policy.server import PolicyConfig
+    from services.policy.server import build as build_policy
+    from services.reference.server import ReferenceConfig
+    from services.reference.server import build as build_reference
+    from services.runtime.server import ServerConfig
+
+    psrv, psvc = build_policy(ServerConfig(port=0), PolicyConfig(checkpoint=dirs["llama"]))
+    rsrv, rsvc = build_reference(ServerConfig(port=0), ReferenceConfig(checkpoint=dirs["llama"]))
+    try:
+        with PolicyClient(psrv.address) as p, ReferenceClient(rsrv.address) as r:
+            info = p.model_info()
+            assert info.loaded and info.architecture == "hf"
+            res = p.generate([[5, 6, 7]], n=2, max_new_tokens=4, seed=1)
+            comp = res.results[0].completions[0]
+            assert 1 <= len(comp.token_ids) <= 4
+            lps, _ = r.logprobs([[5, 6, 7] + list(comp.token_ids)], [3])
+            from services.runtime.tensors import from_proto
+
+            assert torch.allclose(lps[0], from_proto(comp.logprobs), atol=1e-4)
+    finally:
+        psrv.stop(0)
+        rsrv.stop(0)
+        rsvc.batcher.close()
+        psvc.close()

@@ -412,7 +412,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         else:
             m = slot.model
             info = common_pb2.ModelInfo(
-                name=self.cfg.name, model_version=slot.version, loaded=True, architecture="gpt",
+                name=self.cfg.name, model_version=slot.version, loaded=True,
+                architecture=m.cfg.to_dict().get("architecture", "gpt"),
                 config_json=json.dumps(m.cfg.to_dict()), parameter_count=m.num_params(),
                 tokenizer=common_pb2.TokenizerInfo(vocab_size=m.cfg.vocab_size),
                 max_sequence_length=m.cfg.max_seq_len, checkpoint_uri=slot.meta.get("checkpoint_uri", ""),

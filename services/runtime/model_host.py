@@ -15,6 +15,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.core.checkpoint import CheckpointError, load_checkpoint
+from services.core.hf import is_hf_dir
 from services.core.model import GPT, GPTConfig
 from services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer
 from services.proto.chatrl.v1 import common_pb2
@@ -23,7 +24,7 @@ from services.runtime.errors import invalid, not_found, precondition
 
 @dataclass(frozen=True)
 class Loaded:
-    model: GPT
+    model: torch.nn.Module  # a GPT, or an HF model behind the same interface (services.core.hf)
     tok: ChatTokenizer
     version: int
     uri: str
@@ -55,12 +56,24 @@ class ModelHost:
         path = Path(uri.removeprefix("file://"))
         if not path.exists():
             raise not_found(f"checkpoint_uri: {uri} does not exist")
+        model, tok, where, digest, meta = (self._load_hf(path) if is_hf_dir(path) else self._load_chatrl(path))
+        if sha256 and sha256 != digest:
+            raise invalid("sha256", f"checkpoint weights hash {digest[:12]}… differs from {sha256[:12]}…")
+        model.to(self.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with self._lock:
+            cur_v = self.version
+            if version and version <= cur_v:
+                raise invalid("model_version", f"must be greater than the current version {cur_v}, got {version}")
+            self._cur = Loaded(model, tok, version or cur_v + 1, where, digest, time.time(), meta)
+            return self._cur
+
+    def _load_chatrl(self, path: Path):
         try:
             ck = load_checkpoint(path)
         except CheckpointError as e:
             raise invalid("checkpoint_uri", str(e)) from None
-        if sha256 and sha256 != ck.sha256:
-            raise invalid("sha256", f"checkpoint weights hash {ck.sha256[:12]}… differs from {sha256[:12]}…")
         state = ck.model_state(self.device)
         if self.scalar_head and "scalar_head.weight" not in state:
             raise invalid("checkpoint_uri", f"{ck.path} has no scalar head (not a reward model checkpoint)")
@@ -68,17 +81,20 @@ class ModelHost:
         if not self.scalar_head:
             state = {k: v for k, v in state.items() if not k.startswith("scalar_head.")}
         model.load_state_dict(state, strict=False)
-        model.to(self.device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        tok = ChatTokenizer.load(ck.path / "tokenizer.json")
-        with self._lock:
-            cur_v = self.version
-            if version and version <= cur_v:
-                raise invalid("model_version", f"must be greater than the current version {cur_v}, got {version}")
-            self._cur = Loaded(model, tok, version or cur_v + 1, str(ck.path), ck.sha256, time.time(),
-                               ck.manifest.get("meta", {}))
-            return self._cur
+        return model, ChatTokenizer.load(ck.path / "tokenizer.json"), str(ck.path), ck.sha256, ck.manifest.get("meta", {})
+
+    def _load_hf(self, path: Path):
+        """A local Hugging Face model directory (AutoModelForCausalLM + tokenizer), no hub access."""
+        import hashlib
+
+        from services.core.checkpoint import sha256_file
+        from services.core.hf import load_hf
+
+        if self.scalar_head and not (path / "scalar_head.safetensors").is_file():
+            raise invalid("checkpoint_uri", f"{path} has no scalar_head.safetensors (not a reward model)")
+        model, tok = load_hf(path, scalar_head=self.scalar_head, device=self.device)
+        digest = hashlib.sha256(b"".join(sha256_file(f).encode() for f in sorted(path.glob("*.safetensors"))))
+        return model, tok, str(path), digest.hexdigest(), {}
 
     def info(self) -> common_pb2.ModelInfo:
         cur = self._cur
@@ -99,7 +115,7 @@ def model_info(name: str, model: GPT, tok: ChatTokenizer, version: int, uri: str
         special_tokens=SPECIAL_TOKENS, chat_template="chatrl: <|role|>content<|end|>",
         sha256=hashlib.sha256(tok.to_str().encode()).hexdigest())
     return common_pb2.ModelInfo(
-        name=name, model_version=version, loaded=True, architecture="gpt",
+        name=name, model_version=version, loaded=True, architecture=model.cfg.to_dict().get("architecture", "gpt"),
         config_json=json.dumps({**model.cfg.to_dict(), "scalar_head": model.scalar_head is not None}),
         parameter_count=model.num_params(), tokenizer=tinfo, max_sequence_length=model.cfg.max_seq_len,
         checkpoint_uri=uri, weights_sha256=sha256, device=device,
