@@ -14,6 +14,7 @@ from services.trainer.pipeline import run_pipeline
 from services.trainer.stages.common import Reporter
 
 MICRO = Path(__file__).parents[1] / "configs" / "micro.yaml"
+POLL_S = 0.02
 
 
 def micro_pipeline_cfg(tiny_data, tiny_gold, run_dir, extra=()):
@@ -74,7 +75,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     while not marker.exists():
         assert p.poll() is None, p.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "PPO never reached iteration 2"
-        time.sleep(0.02)
+        time.sleep(POLL_S)  # polling the condition above
     os.killpg(p.pid, signal.SIGKILL)  # the trainer and its Ray processes die at once
     p.wait()
     assert not final.exists(), "the run finished before it could be killed"

@@ -35,6 +35,7 @@ TOKEN = "policy-test-token"
 TOKEN_ENV = "CHATRL_POLICY_TEST_TOKEN"
 CODE = grpc.StatusCode
 WAIT = 60.0
+POLL_S = 0.005  # how often wait_for re-checks its condition
 
 
 def wait_for(cond, timeout: float = WAIT, what: str = "condition") -> None:
@@ -43,7 +44,7 @@ def wait_for(cond, timeout: float = WAIT, what: str = "condition") -> None:
     while not cond():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+        time.sleep(POLL_S)
 
 
 @pytest.fixture(scope="module")

@@ -122,10 +122,6 @@ def model_info(name: str, model: GPT, tok: ChatTokenizer, version: int, uri: str
         dtype={"bf16": "bfloat16", None: "float32"}.get(dtype, dtype or "float32"), loaded_at=loaded_at)
 
 
-def no_grad_threads(n: int) -> None:
-    torch.set_num_threads(max(1, n))
-
-
 class ServedModel:
     """A ModelHost bound to its server: loading sets the version gauge and marks the server SERVING.
     Shared by the reward-scoring and reference-model services (their LoadModel/start-up)."""

@@ -133,12 +133,6 @@ def tokenizer_from_checkpoint(ckpt: Checkpoint) -> ChatTokenizer:
     return ChatTokenizer.load(ckpt.path / "tokenizer.json")
 
 
-def resume_point(root: Path) -> Checkpoint | None:
-    """The latest checkpoint of a stage if the stage has not finished, else None."""
-    ck = latest_checkpoint(root)
-    return ck
-
-
 def stage_done(root: Path) -> Checkpoint | None:
     ck = latest_checkpoint(root)
     if ck is not None and ck.manifest.get("meta", {}).get("final"):

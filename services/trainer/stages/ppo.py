@@ -13,7 +13,6 @@ run resumes at the last finished iteration.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -327,7 +326,3 @@ def run(cfg: RunConfig, reporter: Reporter, *, round_: int, policy_init: Checkpo
     reporter.finish(name)
     ck = tr.save(final=True, metrics={"seconds": time.perf_counter() - t0, **(history[-1] if history else {})})
     return PPOResult(ck.path, tr.version, history)
-
-
-def kl_bounded(history: list[dict], target: float) -> bool:
-    return all(math.isfinite(h["kl"]) and h["kl"] < 10 * target for h in history)
