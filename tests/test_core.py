@@ -256,3 +256,15 @@ def test_config_overrides_and_errors():
     with pytest.raises(ConfigError, match="divisible"):
         config_from_yaml_text("model: {d_model: 30, n_head: 4}")
     assert math.isclose(config_from_yaml_text("pretrain: {lr: 1}").pretrain.lr, 1.0)
+
+
+def test_config_inherits_a_base_file(tmp_path):
+    from services.core.config import load_config
+
+    (tmp_path / "a.yaml").write_text("name: a\nppo: {lr: 1.0e-5, iterations: 7}\nmodel: {d_model: 64}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nppo: {lr: 5e-5}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.name == "b" and cfg.ppo.lr == 5e-5 and cfg.ppo.iterations == 7 and cfg.model.d_model == 64
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "c.yaml")
