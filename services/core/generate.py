@@ -75,9 +75,14 @@ class RowSampler:
             return tok, float(torch.log_softmax(logits, dim=-1)[tok])
         scaled = logits / p.temperature
         base_lp = torch.log_softmax(scaled, dim=-1)
-        trunc = truncate_logits(scaled, p.top_k, p.top_p)
-        probs = torch.softmax(trunc, dim=-1)
-        tok = int(torch.multinomial(probs, 1, generator=self.gen))
+        if p.top_k or p.top_p < 1.0:
+            probs = torch.softmax(truncate_logits(scaled, p.top_k, p.top_p), dim=-1)
+        else:
+            probs = base_lp.exp()
+        # inverse-CDF sampling: one uniform per token (torch.multinomial draws one per vocabulary entry)
+        cdf = probs.cumsum(0)
+        u = torch.rand(1, generator=self.gen).clamp_min(1e-12) * cdf[-1]
+        tok = min(int(torch.searchsorted(cdf, u)), probs.shape[0] - 1)
         return tok, float(base_lp[tok])
 
 

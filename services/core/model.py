@@ -103,12 +103,16 @@ class KVCache:
                        torch.cat([am, bm]), torch.cat([a.next_pos, b.next_pos]))
 
 
-def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding of x [B, H, T, Dh] at integer positions pos [B, T]."""
-    dh = x.shape[-1]
-    inv = 1.0 / (base ** (torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh))
-    ang = pos.to(torch.float32)[:, None, :, None] * inv  # [B,1,T,Dh/2]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+def rope_tables(pos: torch.Tensor, dh: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, T, Dh/2] of the rotary angles at integer positions pos [B, T] (once per forward)."""
+    inv = 1.0 / (base ** (torch.arange(0, dh, 2, device=pos.device, dtype=torch.float32) / dh))
+    ang = pos.to(torch.float32)[:, None, :, None] * inv
+    return ang.cos(), ang.sin()
+
+
+def _rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding of x [B, H, T, Dh] with precomputed cos/sin tables."""
+    cos, sin = tables[0].to(x.dtype), tables[1].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2)
@@ -122,12 +126,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = cfg.dropout
 
-    def forward(self, x, pos, attn_mask, past: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x, rope, attn_mask, past: tuple[torch.Tensor, torch.Tensor] | None):
         b, t, d = x.shape
         h = self.cfg.n_head
         q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        if self.cfg.positions == "rotary":
-            q, k = _rope(q, pos, self.cfg.rope_base), _rope(k, pos, self.cfg.rope_base)
+        if rope is not None:
+            q, k = _rope(q, rope), _rope(k, rope)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -147,8 +151,8 @@ class Block(nn.Module):
                                  nn.Linear(4 * cfg.d_model, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, pos, attn_mask, past):
-        a, kv = self.attn(self.ln1(x), pos, attn_mask, past)
+    def forward(self, x, rope, attn_mask, past):
+        a, kv = self.attn(self.ln1(x), rope, attn_mask, past)
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, kv
@@ -224,10 +228,12 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         x = self.drop(x)
+        rope = (rope_tables(pos, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
+                if self.cfg.positions == "rotary" else None)
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
             past = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, (k, v) = blk(x, pos, attn, past)
+            x, (k, v) = blk(x, rope, attn, past)
             if use_cache:
                 new_k.append(k)
                 new_v.append(v)

@@ -428,6 +428,8 @@ def _dtype_name(dtype: str) -> str:
 
 def build(server_cfg: ServerConfig, cfg: PolicyConfig) -> tuple[ServiceServer, PolicyServicer]:
     torch.set_num_threads(max(1, cfg.threads))
+    # each blocking Generate holds a handler thread: leave room for a full batch of concurrent callers
+    server_cfg.max_workers = max(server_cfg.max_workers, cfg.max_batch_size + 16)
     srv = ServiceServer("policy", server_cfg, mutating=MUTATING)
     try:
         svc = PolicyServicer(cfg, srv.registry, on_loaded=lambda: srv.set_serving(True))

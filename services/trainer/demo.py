@@ -19,6 +19,7 @@ def run_demo(cfg: RunConfig) -> int:
     print()
     print("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["times"].items()))
     print(f"\nreport: {res['report']} (plots beside it); this run took {time.perf_counter() - t0:.0f}s")
-    print(f"\nchat with the result:\n  .venv/bin/chatrl up --set policy.checkpoint={res['policy']}   "
-          f"# in one terminal\n  .venv/bin/chatrl chat                      # in another")
+    print(f"\nchat with the result ({res['policy']}):\n"
+          "  .venv/bin/chatrl up      # in one terminal: serves runs/<name>/checkpoints/policy (configs/services.yaml)\n"
+          "  .venv/bin/chatrl chat    # in another")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,7 @@ class RolloutWorker:
         self.policy = PolicyClient(endpoints.policy, **kw)
         self.reward = RewardClient(endpoints.reward, **kw)
         self.reference = ReferenceClient(endpoints.reference, **kw)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ref")
         self.calls = 0
 
     def pid(self) -> int:
@@ -74,10 +76,11 @@ class RolloutWorker:
         nonempty = [x for x in rows if x[2]]
         ref = []
         scores = []
-        if nonempty:
-            ref, _ = self.reference.logprobs([x[1] + x[2] for x in nonempty], [len(x[1]) for x in nonempty],
-                                             temperature=temperature)
+        if nonempty:  # reference logprobs and rewards are independent: ask both services at once
+            ref_call = self._pool.submit(self.reference.logprobs, [x[1] + x[2] for x in nonempty],
+                                         [len(x[1]) for x in nonempty], temperature=temperature)
             scores = list(self.reward.score_ids([x[1] for x in nonempty], [x[2] for x in nonempty]).rewards)
+            ref, _ = ref_call.result()
         out = [Experience(prompt=p, prompt_ids=pi, response_ids=ri, logprobs=lp, ref_logprobs=rl.tolist(), score=s,
                           finished=fin, version=version, text=txt)
                for (p, pi, ri, lp, fin, txt), rl, s in zip(nonempty, ref, scores)]
