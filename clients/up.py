@@ -17,16 +17,6 @@ CLIENTS = {"policy": PolicyClient, "reward": RewardClient, "reference": Referenc
            "feedback": FeedbackClient}
 
 
-def _die_with_parent() -> None:
-    """Linux: a service gets SIGTERM (and drains) if the process that started it dies, even by kill -9."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalCluster:
     """Start services as subprocesses (``python -m services.<name>``) from one service config."""
 
@@ -48,7 +38,9 @@ class LocalCluster:
     def start(self, timeout: float = 120.0, wait_for: list[str] | None = None) -> LocalCluster:
         """Start every service; wait until ``wait_for`` (default: all) report SERVING. A model service
         started without a checkpoint stays NOT_SERVING until its LoadModel."""
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
+        # CHATRL_PARENT_PID: a service drains and exits if this process dies, even by kill -9
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false",
+               "CHATRL_PARENT_PID": str(os.getpid())}
         for name in self.names:
             if not self.sections[name].get("port"):
                 raise ValueError(f"{name}.port must be set (non-zero) in the service config for chatrl up")
@@ -59,7 +51,7 @@ class LocalCluster:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = open(self.log_dir / f"{name}.log", "ab")
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                start_new_session=True, preexec_fn=_die_with_parent)
+                                                start_new_session=True)
         try:
             self.wait_healthy(timeout, wait_for)
         except BaseException:

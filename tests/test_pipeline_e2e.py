@@ -79,6 +79,13 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     os.killpg(p.pid, signal.SIGKILL)  # the trainer and its Ray processes die at once
     p.wait()
     assert not final.exists(), "the run finished before it could be killed"
+    # the services it started (in their own sessions) notice their parent is gone and drain
+    logs = tmp_path / "b" / "logs"
+    deadline = time.monotonic() + 60
+    while not all("is gone; draining" in (logs / f"{n}.log").read_text()
+                  for n in ("policy", "reward", "reference", "feedback")):
+        assert time.monotonic() < deadline, "services outlived the killed pipeline"
+        time.sleep(POLL_S)
     r = subprocess.run([sys.executable, "-m", "clients.cli", "pipeline", "resume", str(tmp_path / "b")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

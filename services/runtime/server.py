@@ -239,11 +239,21 @@ class ServiceServer:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+        parent = int(os.environ.get("CHATRL_PARENT_PID", "0") or 0)
+        if parent:  # started by a local cluster: don't outlive it (it may die by kill -9)
+            threading.Thread(target=_watch_parent, args=(parent, stop, self.service), daemon=True).start()
         stop.wait()
         self.stop()
         if on_stop is not None:
             on_stop()
         log.info("%s: stopped", self.service)
+
+
+def _watch_parent(pid: int, stop: threading.Event, service: str) -> None:
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            log.info("%s: parent process %d is gone; draining", service, pid)
+            stop.set()
 
 
 def _thread_pool(n: int):
