@@ -106,6 +106,11 @@ def run_up(services_yaml: str, overrides: list[str], only: list[str] | None = No
             print(f"chatrl up: {name}.checkpoint {ck} does not exist — run `make demo` (or `chatrl train ...`) "
                   f"first, or point it elsewhere with --set {name}.checkpoint=DIR", file=sys.stderr)
             return 2
+    # Ctrl-C / SIGTERM only set a flag: a KeyboardInterrupt raised inside a gRPC call can leave its
+    # threads hanging at exit, so the main loop notices the flag and stops the services itself.
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     print(f"starting {', '.join(cluster.names)} (logs in runs/logs/) …", flush=True)
     cluster.start()
     for name in cluster.names:
@@ -113,13 +118,8 @@ def run_up(services_yaml: str, overrides: list[str], only: list[str] | None = No
         metrics = f"metrics http://127.0.0.1:{sec['metrics_port']}/metrics" if sec.get("metrics_port", -1) > 0 else ""
         print(f"  {name:10s} {cluster.address(name):22s} SERVING  {metrics}")
     print("ready — try `chatrl chat` or `chatrl status`; Ctrl-C stops everything", flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop and all(p.poll() is None for p in cluster.procs.values()):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    while not stop and all(p.poll() is None for p in cluster.procs.values()):
+        time.sleep(0.2)
     dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
     codes = cluster.stop()
     print("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -64,7 +65,12 @@ def test_up_status_generate_chat_and_clean_stop(micro_run, tmp_path):
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "max_new_tokens" in bad.stderr
     finally:
         up.send_signal(signal.SIGINT)
-        out, _ = up.communicate(timeout=120)
+        try:
+            out, _ = up.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            out, _ = up.communicate()
+            pytest.fail(f"chatrl up did not stop on Ctrl-C:\n{''.join(lines)}{out}")
     assert up.returncode == 0, out
     assert "stopped:" in out and "policy (0)" in out and "feedback (0)" in out
     st = chatrl("status", "--services", str(svc))
