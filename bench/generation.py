@@ -142,14 +142,7 @@ def _mean_batch(a, b) -> float | None:
     return (b[0] - a[0]) / n if n else None
 
 
-if __name__ == "__main__":  # python -m bench.generation [quick|micro|full]
-    import sys
+if __name__ == "__main__":  # python -m bench.generation [micro|quick|full]
+    from bench.report import standalone
 
-    from bench.common import SIZES
-    from bench.report import print_rows
-
-    w = Workdir()
-    try:
-        print_rows(run(SIZES[sys.argv[1] if len(sys.argv) > 1 else "quick"], w))
-    finally:
-        w.close()
+    standalone(run)

@@ -89,14 +89,7 @@ def run(size: Size, wd: Workdir) -> list[Row]:
     return rows
 
 
-if __name__ == "__main__":
-    import sys
+if __name__ == "__main__":  # python -m bench.overhead [micro|quick|full]
+    from bench.report import standalone
 
-    from bench.common import SIZES
-    from bench.report import print_rows
-
-    w = Workdir()
-    try:
-        print_rows(run(SIZES[sys.argv[1] if len(sys.argv) > 1 else "quick"], w))
-    finally:
-        w.close()
+    standalone(run)

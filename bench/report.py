@@ -57,6 +57,22 @@ def rows_markdown(rows: list[Row | dict]) -> str:
     return "\n".join(out)
 
 
+def standalone(run) -> None:
+    """``python -m bench.<name> [size]``: one benchmark at a size (default quick), table on stdout."""
+    import sys
+
+    from bench.common import SIZES, Workdir
+
+    w = Workdir()
+    try:
+        out = run(SIZES[sys.argv[1] if len(sys.argv) > 1 else "quick"], w)
+        rows, notes = out if isinstance(out, tuple) else (out, [])
+        print_rows(rows)
+        print("\n".join(notes))
+    finally:
+        w.close()
+
+
 def print_rows(rows: list[Row]) -> None:
     print(rows_markdown(rows))
     for r in rows:

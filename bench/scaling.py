@@ -51,15 +51,6 @@ def run(size: Size, wd: Workdir) -> tuple[list[Row], list[str]]:
 
 
 if __name__ == "__main__":
-    import sys
+    from bench.report import standalone
 
-    from bench.common import SIZES
-    from bench.report import print_rows
-
-    w = Workdir()
-    try:
-        rows, notes = run(SIZES[sys.argv[1] if len(sys.argv) > 1 else "quick"], w)
-        print_rows(rows)
-        print("\n".join(notes))
-    finally:
-        w.close()
+    standalone(run)

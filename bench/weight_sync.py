@@ -96,14 +96,7 @@ def _one_model(size: Size, wd: Workdir, label: str, d: int, n_layer: int, n_head
             compare(NAME, f"{label} model", "MB/s", r["grpc"], "safetensors write + fsync + read + load", r["disk"])]
 
 
-if __name__ == "__main__":
-    import sys
+if __name__ == "__main__":  # python -m bench.weight_sync [micro|quick|full]
+    from bench.report import standalone
 
-    from bench.common import SIZES
-    from bench.report import print_rows
-
-    w = Workdir()
-    try:
-        print_rows(run(SIZES[sys.argv[1] if len(sys.argv) > 1 else "quick"], w))
-    finally:
-        w.close()
+    standalone(run)
