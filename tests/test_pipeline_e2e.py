@@ -5,6 +5,7 @@ reward model → reward-scoring loads it → PPO with Ray rollout workers and a 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from services.core.checkpoint import load_checkpoint
@@ -89,7 +90,11 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     r = subprocess.run([sys.executable, "-m", "clients.cli", "pipeline", "resume", str(tmp_path / "b")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "pretrain: already finished" in r.stderr and "resuming after iteration 2" in r.stderr
+    assert "pretrain: already finished" in r.stderr
+    # it was killed at or after the iteration-2 checkpoint (a fast machine may finish another iteration
+    # between seeing the marker and the kill) and before the end
+    resumed = re.search(r"resuming after iteration (\d+)", r.stderr)
+    assert resumed and 2 <= int(resumed.group(1)) < 10, r.stderr[-3000:]
     wa = load_checkpoint(Path(ref["policy"])).model_state()
     wb = load_checkpoint(final).model_state()
     for k in wa:
