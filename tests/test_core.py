@@ -75,6 +75,39 @@ def test_kv_cache_matches_full_forward_and_supports_join_and_leave(model):
     assert torch.allclose(nxt.logits[0, -1], model(torch.tensor([other + [12, 13]])).logits[0, -1], atol=1e-5)
 
 
+def test_kv_cache_writes_in_place_yet_branches_stay_independent(model):
+    """Decoding writes into preallocated columns (no copy per token), past the spare capacity too; two
+    continuations of one prefix each see only their own tokens."""
+    prefix = [1, 2, 3]
+    base = model(torch.tensor([prefix]), use_cache=True).cache
+    a = model(torch.tensor([[4]]), cache=base, use_cache=True)
+    b = model(torch.tensor([[5]]), cache=base, use_cache=True)  # base is shared past its end: b copies
+    assert a.cache.keys[0].data_ptr() == base.keys[0].data_ptr()  # a extended in place
+    assert b.cache.keys[0].data_ptr() != base.keys[0].data_ptr()
+    assert torch.allclose(a.logits[0, -1], model(torch.tensor([prefix + [4]])).logits[0, -1], atol=1e-5)
+    assert torch.allclose(b.logits[0, -1], model(torch.tensor([prefix + [5]])).logits[0, -1], atol=1e-5)
+    nxt = model(torch.tensor([[6]]), cache=a.cache, use_cache=True)  # a is still intact after b
+    assert torch.allclose(nxt.logits[0, -1], model(torch.tensor([prefix + [4, 6]])).logits[0, -1], atol=1e-5)
+    cache, seq = base, list(prefix)
+    for i in range(KVCache.SPARE + 5):  # grows past the spare columns
+        seq.append(7 + i % 50)
+        out = model(torch.tensor([[seq[-1]]]), cache=cache, use_cache=True)
+        cache = out.cache
+    assert cache.length == len(seq)
+    assert torch.allclose(out.logits[0, -1], model(torch.tensor([seq])).logits[0, -1], atol=1e-4)
+
+
+def test_kv_cache_under_bf16_autocast_matches_full_forward(model):
+    seq = [1, 2, 3, 4, 5]
+    with autocast("bf16"):
+        full = model(torch.tensor([seq])).logits[0, -1].float()
+        out = model(torch.tensor([seq[:3]]), use_cache=True)
+        for tok in seq[3:]:
+            out = model(torch.tensor([[tok]]), cache=out.cache, use_cache=True)
+    assert out.cache.keys[0].dtype == torch.bfloat16
+    assert torch.allclose(out.logits[0, -1].float(), full, atol=0.05)
+
+
 def test_scalar_head_and_param_count():
     m = GPT(CFG, scalar_head=True)
     out = m(torch.tensor([[1, 2, 3]]))

@@ -315,7 +315,7 @@ def test_dynamic_batching_metrics_and_backpressure(server, model0, tok):
 
 def test_cancel_and_deadline_free_the_engine(server):
     eng = server.engine
-    cancelled = eng.stats.requests_cancelled
+    cancelled, tokens0 = eng.stats.requests_cancelled, eng.stats.tokens_generated
     # deadline: a queued request whose deadline passes leaves the queue
     eng.pause()
     try:
@@ -342,7 +342,7 @@ def test_cancel_and_deadline_free_the_engine(server):
         go.set()
         eng.on_step = hook
     wait_for(lambda: eng.stats.active_rows == 0, what="the cancelled stream to leave the batch")
-    assert eng.stats.tokens_generated < 32 + 100
+    assert eng.stats.tokens_generated - tokens0 < 32  # neither the expired request nor the stream ran out
     assert server.client.generate([[5]], max_new_tokens=2).results[0].completions
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from services.core.checkpoint import latest_checkpoint, load_checkpoint
 from services.core.config import load_config
@@ -92,12 +91,17 @@ def test_ppo_climbs_a_reward_and_checkpoints(micro_run, tmp_path):
     it4 = load_checkpoint(tmp_path / "checkpoints" / "ppo_r0" / "iter-00004")
     assert it4.optimizer_state() is not None and it4.manifest["meta"]["kl_controller"]["value"] > 0
     assert latest_checkpoint(tmp_path / "checkpoints" / "ppo_r0").path == fin.path
-    # the trained policy now prefers the rewarded token more than the SFT model does
-    pol = model_from_checkpoint(fin)
-    ids = torch.tensor([tok.prompt_ids("How was the film?")])
-    p_new = torch.softmax(pol(ids).logits[0, -1], -1)[target]
-    p_old = torch.softmax(ref_model(ids).logits[0, -1], -1)[target]
-    assert p_new > 1.5 * p_old, (float(p_new), float(p_old))
+    # the trained policy produces the rewarded token more often than the SFT model does (fresh samples)
+    pol = model_from_checkpoint(fin).eval()
+    probe_ids = [tok.prompt_ids(p) for p in ("How was the film?", "Tell me about the story.") for _ in range(16)]
+
+    def share(m):
+        outs = generate(m, probe_ids, [SamplingParams(max_new_tokens=10, seed=1000 + i, stop_token_ids=(tok.end_id,))
+                                       for i in range(len(probe_ids))], tok.pad_id)
+        return np.mean([s.tokens.count(target) / len(s.tokens) for s in outs])
+
+    s_new, s_old = share(pol), share(ref_model)
+    assert s_new > 1.5 * s_old, (s_new, s_old)
 
 
 def test_async_rollout_overlaps_and_bounds_staleness(micro_run, tmp_path):

@@ -7,6 +7,7 @@ trainer and reference model recompute with ``log_softmax(logits / temperature)``
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -57,33 +58,45 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 class RowSampler:
-    """Samples one row's next token under its own parameters and RNG."""
+    """One row's sampling parameters and RNG (a seeded row draws the same tokens in any batch)."""
 
     def __init__(self, params: SamplingParams, device: str = "cpu") -> None:
         self.params = params
-        self.gen = torch.Generator(device=device)
-        if params.seed is not None:
-            self.gen.manual_seed(int(params.seed))
-        else:
-            self.gen.seed()
+        self.rng = random.Random(params.seed)  # seed None: fresh entropy
+        self.truncates = bool(params.top_k) or params.top_p < 1.0
+
+    def uniform(self) -> float:
+        return max(self.rng.random(), 1e-12)
 
     def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
-        p = self.params
-        logits = logits.float()
-        if p.temperature == 0:
-            tok = int(torch.argmax(logits))
-            return tok, float(torch.log_softmax(logits, dim=-1)[tok])
-        scaled = logits / p.temperature
-        base_lp = torch.log_softmax(scaled, dim=-1)
-        if p.top_k or p.top_p < 1.0:
-            probs = torch.softmax(truncate_logits(scaled, p.top_k, p.top_p), dim=-1)
-        else:
-            probs = base_lp.exp()
-        # inverse-CDF sampling: one uniform per token (torch.multinomial draws one per vocabulary entry)
-        cdf = probs.cumsum(0)
-        u = torch.rand(1, generator=self.gen).clamp_min(1e-12) * cdf[-1]
-        tok = min(int(torch.searchsorted(cdf, u)), probs.shape[0] - 1)
-        return tok, float(base_lp[tok])
+        """Sample from one row's logits [V]."""
+        toks, lps = sample_rows(logits[None], [self])
+        return toks[0], lps[0]
+
+
+def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[list[int], list[float]]:
+    """One token per row of ``logits`` [B, V], each row under its own sampler, batched over the rows.
+
+    Inverse-CDF sampling: one uniform per token from the row's RNG (``torch.multinomial`` would draw one
+    per vocabulary entry). Returns the tokens and their logprobs under the temperature-scaled distribution
+    before truncation (greedy rows: under the unscaled distribution)."""
+    logits = logits.float()
+    b, v = logits.shape
+    temps = torch.tensor([s.params.temperature for s in samplers], dtype=torch.float32)
+    greedy = temps == 0
+    base_lp = torch.log_softmax(logits / torch.where(greedy, 1.0, temps)[:, None].to(logits.device), dim=-1)
+    probs = base_lp.exp()
+    for i, s in enumerate(samplers):
+        if s.truncates and not greedy[i]:
+            p = s.params
+            probs[i] = torch.softmax(truncate_logits(logits[i] / p.temperature, p.top_k, p.top_p), dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.tensor([s.uniform() if s.params.temperature else 0.0 for s in samplers], dtype=torch.float32)
+    tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None]).clamp_(max=v - 1)
+    if bool(greedy.any()):
+        tok = torch.where(greedy[:, None].to(tok.device), logits.argmax(-1, keepdim=True), tok)
+    lp = base_lp.gather(1, tok)
+    return tok[:, 0].tolist(), lp[:, 0].tolist()
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,8 +150,9 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list
     active = list(range(len(prompts)))
     while active:
         nxt, keep = [], []
+        toks, lps = sample_rows(logits, [samplers[i] for i in active])
         for j, i in enumerate(active):
-            tok, lp = samplers[i](logits[j])
+            tok, lp = toks[j], lps[j]
             s = out[i]
             s.tokens.append(tok)
             s.logprobs.append(lp)

@@ -51,27 +51,113 @@ class GPTConfig:
         return cls(**d)
 
 
+class _Store:
+    """Buffers a chain of caches shares: per-layer keys/values [B, H, C, Dh] (allocated at the first write,
+    in the compute dtype), key validity [B, C] with spare capacity C, and the frontier — the first column
+    nobody has written yet."""
+
+    __slots__ = ("keys", "values", "valid", "frontier")
+
+    def __init__(self, keys: list, values: list, valid: torch.Tensor, frontier: int) -> None:
+        self.keys, self.values, self.valid, self.frontier = keys, values, valid, frontier
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    @classmethod
+    def alloc(cls, like: _Store, batch: int, columns: int, spare: int) -> _Store:
+        cap = columns + spare
+        ks = [k.new_zeros(batch, k.shape[1], cap, k.shape[3]) for k in like.keys]
+        vs = [v.new_zeros(batch, v.shape[1], cap, v.shape[3]) for v in like.values]
+        return cls(ks, vs, like.valid.new_zeros(batch, cap), 0)
+
+
 class KVCache:
-    """Per-layer keys/values [B, H, T, Dh], a key-validity mask [B, T] and each row's next position."""
+    """Per-layer keys/values [B, H, T, Dh], a key-validity mask [B, T] and each row's next position.
+
+    The tensors are views of preallocated buffers with spare columns, so a decode step writes its new
+    keys in place instead of concatenating (copying) the whole cache every token. A cache never changes
+    once made: extending it gives a new cache over the same buffers when nobody has written past its end,
+    and over copied buffers otherwise, so two continuations of one prefix never overwrite each other."""
+
+    SPARE = 64  # columns allocated ahead
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
                  next_pos: torch.Tensor) -> None:
-        self.keys, self.values, self.valid, self.next_pos = keys, values, valid, next_pos
+        """A cache over exactly these tensors (e.g. from the transformers backend); no spare columns."""
+        self._store, self._off, self._len = _Store(list(keys), list(values), valid, valid.shape[1]), 0, valid.shape[1]
+        self.next_pos = next_pos
+
+    @classmethod
+    def _view(cls, store: _Store, off: int, length: int, next_pos: torch.Tensor) -> KVCache:
+        c = cls.__new__(cls)
+        c._store, c._off, c._len, c.next_pos = store, off, length, next_pos
+        return c
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [k[:, :, self._off:self._off + self._len] for k in self._store.keys]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [v[:, :, self._off:self._off + self._len] for v in self._store.values]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._store.valid[:, self._off:self._off + self._len]
 
     @property
     def batch_size(self) -> int:
-        return self.valid.shape[0]
+        return self._store.valid.shape[0]
 
     @property
     def length(self) -> int:
-        return self.valid.shape[1]
+        return self._len
+
+    @classmethod
+    def start(cls, mask: torch.Tensor, next_pos: torch.Tensor, n_layer: int) -> KVCache:
+        """A fresh cache of ``mask.shape[1]`` columns whose keys/values each layer writes with :meth:`put`."""
+        b, t = mask.shape
+        valid = mask.new_zeros(b, t + cls.SPARE)
+        valid[:, :t] = mask
+        return cls._view(_Store([None] * n_layer, [None] * n_layer, valid, t), 0, t, next_pos)
+
+    def extend(self, mask: torch.Tensor, next_pos: torch.Tensor) -> KVCache:
+        """This cache plus ``mask.shape[1]`` new columns whose keys/values each layer writes with :meth:`put`."""
+        t = mask.shape[1]
+        st, off = self._store, self._off
+        end = off + self._len
+        if st.frontier != end or end + t > st.capacity:  # shared past our end, or full: copy
+            st = _Store.alloc(st, self.batch_size, self._len + t, self.SPARE)
+            for dst, src in zip(st.keys + st.values, self.keys + self.values):
+                dst[:, :, :self._len] = src
+            st.valid[:, :self._len] = self.valid
+            off, end = 0, self._len
+        st.valid[:, end:end + t] = mask
+        st.frontier = end + t
+        return self._view(st, off, self._len + t, next_pos)
+
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``layer``'s keys/values of the newest ``k.shape[2]`` columns; return all of them."""
+        st, end = self._store, self._off + self._len
+        kb, vb = st.keys[layer], st.values[layer]
+        if kb is None:  # the first write allocates, in the compute dtype
+            shape = (k.shape[0], k.shape[1], st.capacity, k.shape[3])
+            kb, vb = st.keys[layer], st.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        elif kb.dtype != k.dtype:  # autocast switched on or off between calls
+            kb, vb = st.keys[layer], st.values[layer] = kb.to(k.dtype), vb.to(v.dtype)
+        kb[:, :, end - k.shape[2]:end] = k
+        vb[:, :, end - v.shape[2]:end] = v
+        return kb[:, :, self._off:end], vb[:, :, self._off:end]
 
     def select(self, rows: torch.Tensor | list[int]) -> KVCache:
         """Keep only ``rows`` (finished requests leave the batch)."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
-        cache = KVCache([k[idx] for k in self.keys], [v[idx] for v in self.values], self.valid[idx],
-                        self.next_pos[idx])
-        return cache.compact()
+        st = self._store
+        idx = torch.as_tensor(rows, dtype=torch.long, device=st.valid.device)
+        new = _Store([k[idx] for k in st.keys], [v[idx] for v in st.values], st.valid[idx],
+                     self._off + self._len)
+        return self._view(new, self._off, self._len, self.next_pos[idx]).compact()
 
     def compact(self) -> KVCache:
         """Drop leading columns no row uses any more (after rows left)."""
@@ -81,41 +167,36 @@ class KVCache:
         first = int(used.nonzero()[0])
         if first == 0:
             return self
-        return KVCache([k[:, :, first:] for k in self.keys], [v[:, :, first:] for v in self.values],
-                       self.valid[:, first:], self.next_pos)
+        return self._view(self._store, self._off + first, self._len - first, self.next_pos)
 
     @staticmethod
     def merge(a: KVCache, b: KVCache) -> KVCache:
         """Concatenate two batches (new requests join), left-padding the shorter cache."""
         t = max(a.length, b.length)
-
-        def pad(c: KVCache) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        st = _Store.alloc(a._store, a.batch_size + b.batch_size, t, KVCache.SPARE)
+        row = 0
+        for c in (a, b):
             p = t - c.length
-            if p == 0:
-                return c.keys, c.values, c.valid
-            ks = [F.pad(k, (0, 0, p, 0)) for k in c.keys]
-            vs = [F.pad(v, (0, 0, p, 0)) for v in c.values]
-            return ks, vs, F.pad(c.valid, (p, 0), value=False)
-
-        ak, av, am = pad(a)
-        bk, bv, bm = pad(b)
-        return KVCache([torch.cat([x, y]) for x, y in zip(ak, bk)], [torch.cat([x, y]) for x, y in zip(av, bv)],
-                       torch.cat([am, bm]), torch.cat([a.next_pos, b.next_pos]))
+            for dst, src in zip(st.keys + st.values, c.keys + c.values):
+                dst[row:row + c.batch_size, :, p:t] = src
+            st.valid[row:row + c.batch_size, p:t] = c.valid
+            row += c.batch_size
+        st.frontier = t
+        return KVCache._view(st, 0, t, torch.cat([a.next_pos, b.next_pos]))
 
 
-def rope_tables(pos: torch.Tensor, dh: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, 1, T, Dh/2] of the rotary angles at integer positions pos [B, T] (once per forward)."""
+def rope_tables(pos: torch.Tensor, dh: int, base: float) -> torch.Tensor:
+    """Rotations e^(i·pos·θ_j) [B, 1, T, Dh/2] (complex64) at integer positions pos [B, T], once per forward."""
     inv = 1.0 / (base ** (torch.arange(0, dh, 2, device=pos.device, dtype=torch.float32) / dh))
     ang = pos.to(torch.float32)[:, None, :, None] * inv
-    return ang.cos(), ang.sin()
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def _rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotary embedding of x [B, H, T, Dh] with precomputed cos/sin tables."""
-    cos, sin = tables[0].to(x.dtype), tables[1].to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2)
+def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [..., B, H, T, Dh]: each pair (x[2j], x[2j+1]) turned by pos·θ_j, as one
+    complex multiply (computed in fp32, returned in x's dtype)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -126,19 +207,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = cfg.dropout
 
-    def forward(self, x, rope, attn_mask, past: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x, rope, attn_mask, causal: bool, cache: KVCache | None, layer: int):
         b, t, d = x.shape
         h = self.cfg.n_head
-        q, k, v = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = _rope(q, rope), _rope(k, rope)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        qkv = self.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        v = qkv[2]
+        q, k = _rope(qkv[:2], rope) if rope is not None else qkv[:2]
+        if cache is not None:
+            k, v = cache.put(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
                                            dropout_p=self.drop if self.training else 0.0)
         y = y.transpose(1, 2).reshape(b, t, d)
-        return self.proj(y), (k, v)
+        return self.proj(y)
 
 
 class Block(nn.Module):
@@ -151,11 +231,9 @@ class Block(nn.Module):
                                  nn.Linear(4 * cfg.d_model, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, attn_mask, past):
-        a, kv = self.attn(self.ln1(x), rope, attn_mask, past)
-        x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.ln2(x)))
-        return x, kv
+    def forward(self, x, rope, attn_mask, causal, cache, layer):
+        x = x + self.drop(self.attn(self.ln1(x), rope, attn_mask, causal, cache, layer))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 @dataclass
@@ -207,43 +285,56 @@ class GPT(nn.Module):
         appended after the cached ones (their positions continue each row's count)."""
         b, t = input_ids.shape
         dev = input_ids.device
-        mask = (torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None
-                else attention_mask.to(torch.bool))
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the cheaper paths below apply
         start = cache.next_pos if cache is not None else torch.zeros(b, dtype=torch.long, device=dev)
-        pos = start[:, None] + torch.cumsum(mask.long(), dim=1) - 1
-        pos = pos.clamp(min=0)
-        past_valid = cache.valid if cache is not None else torch.zeros(b, 0, dtype=torch.bool, device=dev)
-        key_valid = torch.cat([past_valid, mask], dim=1)  # [B, Tp+T]
-        tp = past_valid.shape[1]
-        causal = torch.ones(t, tp + t, dtype=torch.bool, device=dev).tril(diagonal=tp)
-        attn = causal[None] & key_valid[:, None, :]
-        # a padded query row attending to nothing would give NaN: let it see itself
-        eye = torch.zeros(t, tp + t, dtype=torch.bool, device=dev)
-        eye[torch.arange(t), tp + torch.arange(t)] = True
-        attn = attn | (eye[None] & ~mask[:, :, None])
-        attn = attn[:, None]  # [B,1,T,Tp+T]
-        if int(pos.max()) >= self.cfg.max_seq_len and self.pos_emb is not None:
+        if attention_mask is None:
+            mask = torch.ones(b, t, dtype=torch.bool, device=dev)
+            pos = start[:, None] + torch.arange(t, device=dev)
+        else:
+            mask = attention_mask.to(torch.bool)
+            pos = (start[:, None] + torch.cumsum(mask.long(), dim=1) - 1).clamp(min=0)
+        if self.pos_emb is not None and int(pos.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"sequence longer than model.max_seq_len={self.cfg.max_seq_len}")
+        next_pos = start + (t if attention_mask is None else mask.long().sum(dim=1))
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.extend(mask, next_pos)
+        elif use_cache:
+            new_cache = KVCache.start(mask, next_pos, self.cfg.n_layer)
+        attn, causal = self._attention_mask(mask, attention_mask is None,
+                                            new_cache.valid if new_cache is not None else mask)
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         x = self.drop(x)
         rope = (rope_tables(pos, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
                 if self.cfg.positions == "rotary" else None)
-        new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
-            past = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, (k, v) = blk(x, rope, attn, past)
-            if use_cache:
-                new_k.append(k)
-                new_v.append(v)
+            x = blk(x, rope, attn, causal, new_cache, i)
         x = self.ln_f(x)
-        new_cache = None
-        if use_cache:
-            new_cache = KVCache(new_k, new_v, key_valid, start + mask.long().sum(dim=1))
         logits = self.lm_head(x) if lm_head else None
         scalar = self.scalar_head(x).squeeze(-1) if self.scalar_head is not None else None
-        return ModelOutput(logits=logits, hidden=x, scalar=scalar, cache=new_cache)
+        return ModelOutput(logits=logits, hidden=x, scalar=scalar, cache=new_cache if use_cache else None)
+
+    @staticmethod
+    def _attention_mask(mask: torch.Tensor, dense: bool, key_valid: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [B, 1, T, Tk] or None, is_causal) for queries ``mask`` [B, T] over keys
+        ``key_valid`` [B, Tk] whose last T columns are the queries themselves."""
+        t, tk = mask.shape[1], key_valid.shape[1]
+        tp = tk - t
+        if dense and tp == 0:
+            return None, True  # plain causal attention: no padding, no past
+        if dense and t == 1:  # one new token per row (decoding): it sees every valid key
+            return (None if bool(key_valid.all()) else key_valid[:, None, None, :]), False
+        dev = mask.device
+        causal = torch.ones(t, tk, dtype=torch.bool, device=dev).tril(diagonal=tp)
+        attn = causal[None] & key_valid[:, None, :]
+        # a padded query row attending to nothing would give NaN: let it see itself
+        eye = torch.zeros(t, tk, dtype=torch.bool, device=dev)
+        eye[torch.arange(t), tp + torch.arange(t)] = True
+        attn = attn | (eye[None] & ~mask[:, :, None])
+        return attn[:, None], False
 
 
 def autocast(dtype: str | None, device: str = "cpu"):

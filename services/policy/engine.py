@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from services.core.generate import RowSampler, SamplingParams, decode_step, prefill
+from services.core.generate import RowSampler, SamplingParams, decode_step, prefill, sample_rows
 from services.core.model import KVCache, autocast
 
 log = logging.getLogger("chatrl.policy.engine")
@@ -735,12 +735,12 @@ class GenerationEngine:
                 self._stats.active_rows = 0
             self._notify_step(StepInfo(0, 0, 0, 0, depth, slot.version if slot else 0))
             return
-        lg = self._logits.float().cpu()
+        toks, lps = sample_rows(self._logits, [row.sampler for row in self._rows])
         keep: list[int] = []
         nxt: list[int] = []
         done: list[_Row] = []
         for i, row in enumerate(self._rows):
-            tok, lp = row.sampler(lg[i])
+            tok, lp = toks[i], lps[i]
             row.tokens.append(tok)
             row.logprobs.append(lp)
             if row.req.stream is not None:
