@@ -105,12 +105,23 @@ def make_batch(exps: list[Experience], pad_id: int) -> Batch:
     return Batch(ids, att, mask, old, ref, torch.tensor([e.score for e in exps], dtype=torch.float32))
 
 
-def policy_forward(model: GPT, b: Batch, cfg: RunConfig, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs [B, L-1] of the taken tokens, entropy [B, L-1])."""
+def policy_forward(model: GPT, b: Batch, cfg: RunConfig, temperature: float,
+                   entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [B, L-1] of the taken tokens, entropy [B, L-1]) at response positions, 0 elsewhere.
+
+    The LM head and the softmax run on response tokens only: prompt positions never enter a PPO loss,
+    and with prompts as long as responses that halves the costliest part after the transformer body.
+    ``entropy_grad=False`` computes the entropy (a statistic then) without a graph."""
+    sel = b.mask.bool()
     with autocast(cfg.dtype, cfg.device.split(":")[0]):
-        logits = model(b.ids[:, :-1], b.att[:, :-1]).logits
+        hidden = model(b.ids[:, :-1], b.att[:, :-1], lm_head=False).hidden
+        logits = model.lm_head(hidden[sel])  # [N, V], N = response tokens in the batch
     logits = logits.float() / temperature
-    return algos.logprobs_from_logits(logits, b.ids[:, 1:]), algos.entropy_from_logits(logits)
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=logits.device)
+    lp = zeros.masked_scatter(sel, algos.logprobs_from_logits(logits, b.ids[:, 1:][sel]))
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = zeros.masked_scatter(sel, algos.entropy_from_logits(logits))
+    return lp, ent
 
 
 def value_forward(critic: GPT, b: Batch, cfg: RunConfig) -> torch.Tensor:
@@ -202,7 +213,7 @@ class PPOTrainer:
             for s in range(0, n, pc.minibatch_size):
                 idx = perm[s: s + pc.minibatch_size]
                 mb = Batch(b.ids[idx], b.att[idx], b.mask[idx], old_lp[idx], b.ref_logprobs[idx], b.scores[idx])
-                lp, ent = policy_forward(self.policy, mb, cfg, pc.temperature)
+                lp, ent = policy_forward(self.policy, mb, cfg, pc.temperature, entropy_grad=pc.entropy_coef != 0)
                 pl, pst = algos.policy_loss(lp, mb.old_logprobs, adv[idx], mb.mask, pc.clip_eps)
                 loss = pl
                 if pc.entropy_coef:
