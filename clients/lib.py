@@ -199,20 +199,24 @@ class PolicyClient(_Client):
     def update_weights(self, state_dict: dict, version: int, chunk_bytes: int = 1 << 20,
                        metadata: dict[str, str] | None = None, timeout: float | None = None
                        ) -> policy_pb2.UpdateWeightsResponse:
-        """Push a full state dict as safetensors bytes in chunks, with its sha256; atomic swap server-side."""
-        payload = serialize_weights(state_dict)
-        return self.update_weights_bytes(payload, version, chunk_bytes, metadata, timeout)
+        """Push a full state dict as safetensors bytes in chunks, with its sha256; atomic swap server-side.
+        The bytes are packed into a buffer this client keeps for the next push of the same model."""
+        from services.runtime.weights import pack_state
 
-    def update_weights_bytes(self, payload: bytes, version: int, chunk_bytes: int = 1 << 20,
+        self._weights_buf = pack_state(state_dict, getattr(self, "_weights_buf", None))
+        return self.update_weights_bytes(self._weights_buf, version, chunk_bytes, metadata, timeout)
+
+    def update_weights_bytes(self, payload: bytes | bytearray, version: int, chunk_bytes: int = 1 << 20,
                              metadata: dict[str, str] | None = None, timeout: float | None = None
                              ) -> policy_pb2.UpdateWeightsResponse:
         digest = hashlib.sha256(payload).hexdigest()
+        view = memoryview(payload)
 
         def chunks() -> Iterable[policy_pb2.UpdateWeightsRequest]:
             for off in range(0, max(1, len(payload)), chunk_bytes):
                 yield policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
                     version=version, sha256=digest, total_bytes=len(payload), offset=off,
-                    data=payload[off: off + chunk_bytes], format="safetensors", metadata=metadata or {}))
+                    data=bytes(view[off: off + chunk_bytes]), format="safetensors", metadata=metadata or {}))
 
         delay = self.opts.backoff_s
         for attempt in range(self.opts.retries):
@@ -230,16 +234,10 @@ class PolicyClient(_Client):
 
 
 def serialize_weights(state_dict: dict) -> bytes:
-    from safetensors.torch import save
+    """The safetensors payload ``update_weights`` sends for ``state_dict``."""
+    from services.runtime.weights import pack_state
 
-    seen: set[int] = set()
-    flat = {}
-    for k, v in state_dict.items():
-        v = v.detach().contiguous().cpu()
-        ptr = v.untyped_storage().data_ptr()
-        flat[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return save(flat)
+    return bytes(pack_state(state_dict))
 
 
 class RewardClient(_Client):

@@ -323,9 +323,22 @@ def test_update_weights_with_requests_in_flight(tok, prompts):
             eng.update_weights({**sd, "ln_f.bias": torch.full_like(sd["ln_f.bias"], float("nan"))}, 3)
         assert eng.version == 2
         # a whole model object, waiting until it is active
-        assert eng.update_weights(make_model(tok, 0), 5, wait=True, timeout=WAIT) == 2
+        user = make_model(tok, 0)
+        assert eng.update_weights(user, 5, wait=True, timeout=WAIT) == 2
         assert eng.active_version == 5
         assert_same(eng.submit(prompts[0], sp).result(WAIT).samples, reference(old, tok, prompts[0], sp, ends=False))
+        # state-dict updates are copied into retired engine-built models (no fresh allocation), never into a
+        # model the caller passed in or one still serving
+        user_sd = {k: v.clone() for k, v in user.state_dict().items()}
+        built = {}
+        for version, m in ((6, new), (7, old), (8, new), (9, old)):
+            eng.update_weights(m.state_dict(), version, wait=True, timeout=WAIT)
+            built[version] = eng.latest.model
+            res = eng.submit(prompts[0], sp).result(WAIT)
+            assert res.model_version == version
+            assert_same(res.samples, reference(m, tok, prompts[0], sp, ends=False), version=version)
+        assert built[8] is built[6] and built[9] is built[7] and built[6] is not built[7]
+        assert all(torch.equal(user.state_dict()[k], user_sd[k]) for k in user_sd)
 
 
 def test_no_model_then_loaded_and_shutdown(model, tok, prompts):

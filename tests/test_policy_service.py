@@ -404,6 +404,15 @@ def test_update_weights_swaps_with_requests_in_flight(make_server, ckpt, model0,
     check_completions(b.results[0].completions, reference(model1, tok, prompt, 12, 9, 2), tok)
     assert "chatrl_policy_model_version 2.0" in s.metrics()
     assert 'chatrl_policy_weight_updates_total{outcome="ok"} 1.0' in s.metrics()
+    # further pushes of the same size reuse the server's staging buffer and retired models: each version
+    # still serves exactly its own weights
+    for version, (m, sd) in enumerate([(model0, model0.state_dict()), (model1, model1.state_dict()),
+                                        (model0, model0.state_dict())], start=3):
+        assert s.client.update_weights(sd, version).model_version == version
+        wait_for(lambda v=version: eng.active_version == v, what=f"version {version} to become active")
+        got = s.client.generate([prompt], n=2, max_new_tokens=12, seed=9)
+        assert got.model_version == version
+        check_completions(got.results[0].completions, reference(m, tok, prompt, 12, 9, 2), tok)
 
 
 def test_update_weights_rejects_bad_uploads(make_server, ckpt, model1, tok):

@@ -121,3 +121,61 @@ def test_tensor_codec_roundtrip_and_errors():
     msg.dtype = 0
     with pytest.raises(TensorDecodeError, match="dtype"):
         from_proto(msg)
+
+
+# --- weights on the wire (services/runtime/weights.py) -------------------------------------------------
+
+def _weights_state():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 4, generator=g), "ids": torch.arange(5, dtype=torch.int64),
+            "h": torch.randn(3, generator=g).to(torch.bfloat16), "flag": torch.tensor([True, False, True]),
+            "empty": torch.zeros(0, 2), "b": torch.tensor([7], dtype=torch.uint8)}
+
+
+def test_packed_weights_are_safetensors_both_ways_and_reuse_the_buffer():
+    from safetensors.torch import load, save
+
+    from services.runtime.weights import pack_state, unpack_state
+
+    sd = _weights_state()
+    buf = pack_state(sd, metadata={"stage": "ppo"})
+    back = load(bytes(buf))  # the safetensors library reads what we write
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    theirs = unpack_state(bytearray(save(sd)))  # and we read what it writes
+    assert all(torch.equal(theirs[k], sd[k]) and theirs[k].dtype == sd[k].dtype for k in sd)
+    views = unpack_state(buf)
+    assert all(torch.equal(views[k], sd[k]) for k in sd)
+    sd2 = {k: (v + 1 if v.is_floating_point() else v) for k, v in sd.items()}
+    again = pack_state(sd2, buf, metadata={"stage": "ppo"})
+    assert again is buf  # same size: written in place
+    assert torch.equal(views["w"], sd["w"] + 1)  # views alias the buffer (the receiver copies them out)
+    assert pack_state({"x": torch.zeros(2)}, buf) is not buf  # another size: a new buffer
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda b: b[:4], "shorter than the 8-byte"),
+    (lambda b: (10 ** 9).to_bytes(8, "little") + b[8:], "header length"),
+    (lambda b: b[:8] + b"{" * (int.from_bytes(b[:8], "little")) + b[8 + int.from_bytes(b[:8], "little"):],
+     "not JSON"),
+    (lambda b: b[:-1], "data_offsets"),
+    (lambda b: b + b"\0" * 8, "cover"),
+])
+def test_malformed_weight_payloads_name_the_problem(mutate, match):
+    from services.runtime.weights import WeightsFormatError, pack_state, unpack_state
+
+    buf = bytes(pack_state({"w": torch.ones(2, 2), "v": torch.ones(3)}))
+    with pytest.raises(WeightsFormatError, match=match):
+        unpack_state(bytearray(mutate(buf)))
+
+
+def test_weight_payload_with_overlapping_tensors_is_refused():
+    import json
+    import struct
+
+    from services.runtime.weights import WeightsFormatError, unpack_state
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    payload = bytearray(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(WeightsFormatError, match="overlap"):
+        unpack_state(payload)

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ from services.runtime.main import run_service
 from services.runtime.model_host import ModelHost, model_info
 from services.runtime.server import ServerConfig, ServiceServer
 from services.runtime.tensors import to_proto
+from services.runtime.weights import WeightsFormatError, unpack_state
 
 log = logging.getLogger("chatrl.policy")
 
@@ -131,6 +133,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
     def __init__(self, cfg: PolicyConfig, registry, on_loaded=None) -> None:
         self.cfg = cfg
         self.on_loaded = on_loaded
+        self._weights_lock = threading.Lock()
+        self._staging: bytearray | None = None  # the last upload's buffer, reused by the next of equal size
         self.metrics = PolicyMetrics(registry, lambda: self.engine)
         model = tok = None
         meta: dict = {}
@@ -313,8 +317,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         return out
 
     def _update_weights(self, request_iterator) -> policy_pb2.UpdateWeightsResponse:
+        with self._weights_lock:  # one upload at a time: they share the staging buffer, versions must rise
+            return self._receive_weights(request_iterator)
+
+    def _receive_weights(self, request_iterator) -> policy_pb2.UpdateWeightsResponse:
         first = None
-        buf = bytearray()
+        buf: bytearray | None = None
+        got = 0
         digest = hashlib.sha256()
         limit = self.cfg.max_weights_mb * 1024 * 1024
         for k, msg in enumerate(request_iterator):
@@ -332,30 +341,33 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
                         f"must be in [1, {limit}] ({self.cfg.max_weights_mb} MiB), got {c.total_bytes}")
                 require(c.format in ("safetensors", ""), "chunk.format",
                         f"only 'safetensors' is supported, got {c.format!r}")
+                # received into the buffer of the previous upload when the size matches (no page faults)
+                if self._staging is None or len(self._staging) != c.total_bytes:
+                    self._staging = None
+                    self._staging = bytearray(c.total_bytes)
+                buf = self._staging
             else:
                 require(c.version == first.version, "chunk.version", f"changed mid-stream (message {k})")
                 require(c.sha256 == first.sha256, "chunk.sha256", f"changed mid-stream (message {k})")
                 require(c.total_bytes == first.total_bytes, "chunk.total_bytes", f"changed mid-stream (message {k})")
-            require(c.offset == len(buf), "chunk.offset",
-                    f"message {k} has offset {c.offset}, expected {len(buf)} (chunks must arrive in order)")
-            require(len(buf) + len(c.data) <= first.total_bytes, "chunk.data",
+            require(c.offset == got, "chunk.offset",
+                    f"message {k} has offset {c.offset}, expected {got} (chunks must arrive in order)")
+            require(got + len(c.data) <= first.total_bytes, "chunk.data",
                     f"payload exceeds total_bytes {first.total_bytes}")
-            buf += c.data
+            buf[got:got + len(c.data)] = c.data
+            got += len(c.data)
             digest.update(c.data)
             self.metrics.update_bytes.inc(len(c.data))
         if first is None:
             raise invalid("chunk", "no chunks received")
-        require(len(buf) == first.total_bytes, "chunk.total_bytes",
-                f"received {len(buf)} bytes of the declared {first.total_bytes}")
+        require(got == first.total_bytes, "chunk.total_bytes",
+                f"received {got} bytes of the declared {first.total_bytes}")
         sha = digest.hexdigest()
         require(sha == first.sha256, "chunk.sha256", f"payload hashes to {sha}, not the declared {first.sha256}")
         try:
-            from safetensors.torch import load as st_load
-
-            state = st_load(bytes(buf))
-        except Exception as e:  # noqa: BLE001 — any parse failure is the payload's fault
+            state = unpack_state(buf)  # views of the staging buffer: the engine copies them into a model
+        except WeightsFormatError as e:
             raise invalid("chunk.data", f"not a valid safetensors payload: {e}") from None
-        del buf
         meta = dict(first.metadata)
         slot_meta = {"checkpoint_uri": f"push:{first.version}", "weights_sha256": sha,
                      **{k: v for k, v in meta.items() if k not in ("config_json", "tokenizer_json")}}
