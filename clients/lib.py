@@ -54,8 +54,10 @@ class ClientOptions:
 
 def make_channel(address: str, opts: ClientOptions) -> grpc.Channel:
     mb = opts.max_message_mb * 1024 * 1024
+    # round_robin: a name with several addresses (a Kubernetes headless Service: one per pod) spreads calls
+    # over all of them instead of pinning the channel to the first
     options = [("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
-               ("grpc.enable_http_proxy", 0)]
+               ("grpc.enable_http_proxy", 0), ("grpc.lb_policy_name", "round_robin")]
     if opts.tls_ca or opts.tls_cert:
         def rd(p: str) -> bytes | None:
             return open(p, "rb").read() if p else None
@@ -238,6 +240,111 @@ def serialize_weights(state_dict: dict) -> bytes:
     from services.runtime.weights import pack_state
 
     return bytes(pack_state(state_dict))
+
+
+def replica_addresses(address: str) -> list[str]:
+    """Every replica behind ``host:port``: each address the host resolves to (a Kubernetes headless Service
+    resolves to one per pod), sorted. An IP literal, or a name that does not resolve, is returned as is."""
+    import ipaddress
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return [address]
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return [address]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError:
+        return [address]
+    out = {f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for *_, (ip, *_rest) in infos}
+    return sorted(out) or [address]
+
+
+class ReplicaGroup:
+    """All replicas of one model service, for the calls that must reach every one of them: UpdateWeights
+    (policy-inference) and LoadModel (reward-scoring, reference-model). A load-balanced channel would
+    deliver such a call to one pod only. The name is resolved again before each call, so replicas that
+    joined since (autoscaling) get the model too and replicas that left are dropped.
+
+    ``resolve`` maps the address to replica addresses (default :func:`replica_addresses`)."""
+
+    def __init__(self, client_cls: type, address: str, resolve: Callable[[str], list[str]] | None = None,
+                 **client_kw: Any) -> None:
+        self.client_cls, self.address, self.client_kw = client_cls, address, client_kw
+        self.resolve = resolve or replica_addresses
+        self._clients: dict[str, Any] = {}
+        self._payload: bytearray | None = None  # packed weights, reused between pushes
+
+    def clients(self) -> dict[str, Any]:
+        """address → client of every replica the name resolves to now."""
+        now = self.resolve(self.address)
+        for gone in set(self._clients) - set(now):
+            self._clients.pop(gone).close()
+        for a in now:
+            if a not in self._clients:
+                self._clients[a] = self.client_cls(a, **self.client_kw)
+        return dict(self._clients)
+
+    def _each(self, fn: Callable[[Any], Any]) -> dict[str, Any]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        clients = self.clients()
+        with ThreadPoolExecutor(max_workers=min(16, len(clients))) as ex:
+            futs = {a: ex.submit(fn, c) for a, c in clients.items()}
+        out, failed = {}, {}
+        for a, f in futs.items():
+            try:
+                out[a] = f.result()
+            except grpc.RpcError as e:
+                failed[a] = e
+        if failed:
+            still = set(self.resolve(self.address))
+            lost = {a: e for a, e in failed.items() if a in still}  # a replica that left is not an error
+            if lost:
+                a, e = next(iter(lost.items()))
+                raise ReplicaError(f"{len(lost)} of {len(clients)} replicas of {self.address} failed; {a}: "
+                                   f"{e.code().name}: {e.details()}", lost) from e
+        return out
+
+    def update_weights(self, state_dict: dict, version: int, metadata: dict[str, str] | None = None,
+                       chunk_bytes: int = 1 << 20, timeout: float | None = None) -> dict[str, Any]:
+        """Push ``state_dict`` as ``version`` to every policy-inference replica (packed once)."""
+        from services.runtime.weights import pack_state
+
+        self._payload = pack_state(state_dict, self._payload)
+        payload = self._payload
+        return self._each(lambda c: c.update_weights_bytes(payload, version, chunk_bytes, metadata, timeout))
+
+    def load_model(self, checkpoint: str, version: int = 0, sha256: str = "") -> dict[str, Any]:
+        """LoadModel on every reward-scoring / reference-model replica."""
+        return self._each(lambda c: c.load_model(checkpoint, version, sha256))
+
+    def model_versions(self) -> dict[str, int]:
+        return self._each(lambda c: c.model_info().model_version)
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        self._each(lambda c: c.wait_serving(timeout))
+
+    def wait_health_known(self, timeout: float = 60.0) -> dict[str, str]:
+        return self._each(lambda c: c.wait_health_known(timeout))
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+
+
+class ReplicaError(RuntimeError):
+    """A fan-out call failed on replicas that are still there (``failures``: address → grpc.RpcError)."""
+
+    def __init__(self, message: str, failures: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.failures = failures
 
 
 class RewardClient(_Client):

@@ -500,6 +500,19 @@ def _mounted(container: dict, path: str) -> bool:
                for m in container.get("volumeMounts") or [])
 
 
+def _headless(docs: list[dict], ns: str, where: str, host: str, all_pods: bool) -> list[str]:
+    """A Service whose DNS name lists its pods (clusterIP None); ``all_pods``: ready or not."""
+    spec = _names(docs, "Service")[(ns, host.split(".")[0])].get("spec", {})
+    out = []
+    if spec.get("clusterIP") != "None":
+        out.append(f"{where}: Service is not headless (clusterIP: None), so its name is one virtual IP and "
+                   "each gRPC connection reaches one pod")
+    if all_pods and not spec.get("publishNotReadyAddresses"):
+        out.append(f"{where}: Service must set publishNotReadyAddresses: true (replicas are not ready until "
+                   "the trainer loads a model into them)")
+    return out
+
+
 def _service_port(docs: list[dict], ns: str, host: str, port: int) -> str | None:
     """None when host:port is a Service in ns (short or FQDN name) with that port; else the problem."""
     name = host.split(".")[0]
@@ -632,6 +645,23 @@ def _check_run_config(docs, ns, where, text, services_raw, by_component, config_
         err = _service_port(docs, ns, host, int(port))
         if err:
             problems.append(f"{where}: {name} address {err}")
+            continue
+        if name != "feedback":  # rollouts balance over the ready replicas: the name must list each pod
+            problems += _headless(docs, ns, f"{where}: {name} address {host}", host, all_pods=False)
+            rh = pc.replica_hosts.get(name)
+            if not rh:
+                problems.append(f"{where}: pipeline.replica_hosts.{name} is unset: weight pushes / LoadModel "
+                                f"would reach one replica of {host}")
+                continue
+            err = _service_port(docs, ns, rh, int(port))
+            if err:
+                problems.append(f"{where}: pipeline.replica_hosts.{name} {err}")
+                continue
+            problems += _headless(docs, ns, f"{where}: pipeline.replica_hosts.{name} {rh}", rh, all_pods=True)
+            sel = [_names(docs, "Service")[(ns, h.split(".")[0])]["spec"].get("selector") for h in (host, rh)]
+            if sel[0] != sel[1]:
+                problems.append(f"{where}: pipeline.replica_hosts.{name} {rh} selects {sel[1]}, "
+                                f"{host} selects {sel[0]}")
     for comp in ("trainer",):
         pod = by_component.get(comp)
         if pod is not None:

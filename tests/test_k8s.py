@@ -189,6 +189,13 @@ def _services_yaml(docs, fn):
     cm["data"]["services.yaml"] = yaml.safe_dump(cfg)
 
 
+def _run_yaml(docs, fn):
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "run.yaml" in d.get("data", {}))
+    cfg = yaml.safe_load(cm["data"]["run.yaml"])
+    fn(cfg)
+    cm["data"]["run.yaml"] = yaml.safe_dump(cfg)
+
+
 BROKEN_XREF = {
     "deployment selector ≠ pod labels": (
         lambda d: _obj(d, "Deployment", "policy-inference")["spec"]["selector"]["matchLabels"].update(
@@ -259,6 +266,15 @@ BROKEN_XREF = {
     "feedback dials a missing service": (
         lambda d: _services_yaml(d, lambda c: c["feedback"].update({"policy_address": "policy:50051"})),
         "feedback.policy_address policy: no Service 'policy'"),
+    "rollouts through a virtual IP": (
+        lambda d: _obj(d, "Service", "reward-scoring")["spec"].pop("clusterIP"),
+        "reward address reward-scoring: Service is not headless"),
+    "replica host hides unready pods": (
+        lambda d: _obj(d, "Service", "policy-inference-pods")["spec"].pop("publishNotReadyAddresses"),
+        "pipeline.replica_hosts.policy policy-inference-pods: Service must set publishNotReadyAddresses"),
+    "replica host missing": (
+        lambda d: _run_yaml(d, lambda c: c["pipeline"]["replica_hosts"].pop("reference")),
+        "pipeline.replica_hosts.reference is unset"),
     "trainer's ray address": (
         lambda d: _container(d, "Deployment", "trainer")["env"][1].update({"value": "ray://chatrl-rays-head-svc:10001"}),
         "no RayCluster 'chatrl-rays'"),

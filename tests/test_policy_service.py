@@ -501,3 +501,44 @@ def test_bad_config_is_refused():
         PolicyConfig(dtype="int4")
     with pytest.raises(ValueError, match="max_batch_size"):
         replace(PolicyConfig(), max_batch_size=0)
+
+
+def test_replica_group_reaches_every_replica_as_they_come_and_go(make_server, ckpt, model0, model1, tok):
+    """UpdateWeights through a ReplicaGroup lands on every replica the name resolves to — including one that
+    joined with no model (the push carries config and tokenizer) — and a replica that left is no error,
+    while one that is still listed but failing is. (DNS is the one thing substituted: the resolver.)"""
+    from clients.lib import ReplicaError, ReplicaGroup, replica_addresses
+
+    assert "127.0.0.1:50051" in replica_addresses("localhost:50051")
+    assert replica_addresses("10.1.2.3:7") == ["10.1.2.3:7"]
+    assert replica_addresses("no-such-host.invalid:7") == ["no-such-host.invalid:7"]
+
+    a, b = make_server(checkpoint=str(ckpt)), make_server(checkpoint=str(ckpt))
+    pods = [a.address, b.address]
+    group = ReplicaGroup(PolicyClient, "policy-pods:50051", resolve=lambda _addr: list(pods), token=TOKEN,
+                         retries=1, timeout=WAIT)
+    meta = {"config_json": json.dumps(model1.cfg.to_dict()), "tokenizer_json": tok.to_str()}
+    try:
+        out = group.update_weights(model1.state_dict(), 2, metadata=meta)
+        assert {k: r.model_version for k, r in out.items()} == {a.address: 2, b.address: 2}
+        c = make_server()  # scaled up: a fresh replica with no model
+        pods.append(c.address)
+        assert group.model_versions() == {a.address: 2, b.address: 2, c.address: 0}
+        group.update_weights(model0.state_dict(), 3, metadata=meta)
+        assert set(group.model_versions().values()) == {3}
+        for s in (a, b, c):
+            wait_for(lambda s=s: s.engine.active_version == 3, what="version 3 active")
+            got = s.client.generate([[5, 6]], max_new_tokens=6, seed=4)
+            check_completions(got.results[0].completions, reference(model0, tok, [5, 6], 6, 4), tok)
+        # b is scaled down: gone from DNS and stopped — not an error
+        pods.remove(b.address)
+        b.srv.stop(0)
+        assert set(group.update_weights(model1.state_dict(), 4, metadata=meta)) == {a.address, c.address}
+        # a replica that is still listed but refuses (stale version) is an error naming it
+        a.client.update_weights(model1.state_dict(), 9)
+        with pytest.raises(ReplicaError, match=a.address) as err:
+            group.update_weights(model0.state_dict(), 5, metadata=meta)
+        assert set(err.value.failures) == {a.address}
+        assert c.engine.version == 5  # the healthy replica still got it
+    finally:
+        group.close()

@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import threading
+import time
 
 import grpc
 import pytest
@@ -63,6 +64,25 @@ def test_tls_and_mutual_tls(pki, micro_run):
         with RewardClient(srv.address, ClientOptions(tls_ca=str(pki / "ca.pem"), retries=1, timeout=5)) as anon:
             with pytest.raises(grpc.RpcError):  # no client certificate: the handshake is refused
                 anon.score(["p"], ["r"])
+    finally:
+        srv.stop(0)
+        svc.batcher.close()
+
+
+def test_max_connection_age_makes_clients_reconnect(micro_run):
+    """With max_connection_age_s the server ends each connection after that age (clients re-resolve the
+    name and reach replicas that joined since); calls carry on over the new connection."""
+    srv, svc = build_reward(ServerConfig(port=0, max_connection_age_s=0.3), RewardConfig(checkpoint=str(micro_run[1]["reward"])))
+    states: list = []
+    try:
+        with RewardClient(srv.address, ClientOptions(retries=3, timeout=5)) as c:
+            c.channel.subscribe(states.append, try_to_connect=False)
+            assert len(c.score(["p"], ["r"]).rewards) == 1
+            deadline = time.monotonic() + 10
+            while grpc.ChannelConnectivity.CONNECTING not in states[states.index(grpc.ChannelConnectivity.READY):]:
+                assert time.monotonic() < deadline, f"the connection was never aged out: {states}"
+                time.sleep(0.05)
+            assert len(c.score(["p"], ["r"]).rewards) == 1  # a new connection
     finally:
         srv.stop(0)
         svc.batcher.close()

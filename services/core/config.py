@@ -124,6 +124,10 @@ class PipelineConfig:
     reuse_from: str = ""  # another run dir whose pre-training, SFT and round-0 labels/RM this run starts from
     labelers: int = 2  # simulated labelers labelling through the feedback service; 0 = wait for people
     service_overrides: list[str] = field(default_factory=list)  # e.g. ["policy.max_batch_size=64"]
+    # per model service (policy / reward / reference), a DNS name that lists every replica, ready or not
+    # (a Kubernetes headless Service with publishNotReadyAddresses): weight pushes and LoadModel go to each.
+    # Unset: the service's own host. Rollouts use the service's host (ready replicas, round-robin).
+    replica_hosts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +166,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         (arg, *_) = typing.get_args(tp) or (Any,)
         return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_convert(kt, k, f"{where} key"): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -54,6 +54,9 @@ class ServerConfig:
     tls_key: str = ""  # PEM private key
     tls_client_ca: str = ""  # PEM CA bundle: when set, clients must present a certificate (mTLS)
     grace_seconds: float = 10.0  # drain time on shutdown
+    # > 0: connections are closed (gracefully) after this long, so clients resolve the name again and
+    # spread over replicas that joined since (Kubernetes scale-up); 0 = connections live forever
+    max_connection_age_s: float = 0.0
     log_json: bool = False  # structured JSON log lines
 
     @classmethod
@@ -163,10 +166,13 @@ class ServiceServer:
         self._in_flight = Gauge(f"{p}_rpc_in_flight", "RPCs in progress", ["method"], registry=self.registry)
         self._up = Gauge(f"{p}_up", "1 while the service is SERVING", registry=self.registry)
         mb = cfg.max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
+                   ("grpc.so_reuseport", 0)]
+        if cfg.max_connection_age_s > 0:  # in-flight calls (long generations, weight pushes) get 10 min to end
+            options += [("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", 600_000)]
         self.server = grpc.server(
-            _thread_pool(cfg.max_workers), interceptors=[_AuthAndMetrics(self)],
-            options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
-                     ("grpc.so_reuseport", 0)],
+            _thread_pool(cfg.max_workers), interceptors=[_AuthAndMetrics(self)], options=options,
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -42,7 +42,8 @@ def free_port() -> int:
 
 @dataclass
 class Services:
-    """Clients of the services the pipeline talks to (and the local processes, if it started them)."""
+    """Clients of the services the pipeline talks to (and the local processes, if it started them). The
+    model services are :class:`~clients.lib.ReplicaGroup` s: weights and models go to every replica."""
 
     policy: object
     reward: object
@@ -59,7 +60,7 @@ class Services:
 
 
 def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Services:
-    from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient
+    from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, ReplicaGroup, RewardClient
     from clients.up import LocalCluster
 
     pc = cfg.pipeline
@@ -88,28 +89,42 @@ def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Servic
         addrs = {n: f"{secs[n].get('host', '127.0.0.1')}:{secs[n]['port']}" for n in names}
         cluster = None
     kw = {"timeout": 600.0, "retries": 8}
-    svc = Services(PolicyClient(addrs["policy"], **kw), RewardClient(addrs["reward"], **kw),
-                   ReferenceClient(addrs["reference"], **kw), FeedbackClient(addrs["feedback"], **kw), addrs,
-                   cluster)
+
+    def replicas(name: str, cls: type) -> ReplicaGroup:
+        host = pc.replica_hosts.get(name)
+        return ReplicaGroup(cls, f"{host}:{addrs[name].rpartition(':')[2]}" if host else addrs[name], **kw)
+
+    unknown = set(pc.replica_hosts) - {"policy", "reward", "reference"}
+    if unknown:
+        raise ValueError(f"pipeline.replica_hosts: unknown service(s) {sorted(unknown)} (policy, reward, reference)")
+    svc = Services(replicas("policy", PolicyClient), replicas("reward", RewardClient),
+                   replicas("reference", ReferenceClient), FeedbackClient(addrs["feedback"], **kw), addrs, cluster)
     if not pc.start_services:  # services deployed elsewhere (k8s): give empty ones their SFT model
         seed_models(svc, sft_ckpt, reporter)
     return svc
 
 
+def policy_metadata(ckpt: Path) -> dict[str, str]:
+    """What a policy-inference replica with no model needs besides the weights (sent with every push, so a
+    replica that joined mid-training can start from any push)."""
+    ck = load_checkpoint(ckpt)
+    return {"config_json": json.dumps(ck.manifest["model_config"]),
+            "tokenizer_json": (Path(ck.path) / "tokenizer.json").read_text()}
+
+
 def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> None:
-    """Load the SFT checkpoint into a reference-model that has none (the path must be visible to it, e.g. a
-    shared volume) and push the SFT weights to a policy-inference that has none."""
+    """Load the SFT checkpoint into reference-model replicas that have none (the path must be visible to them,
+    e.g. a shared volume) and push the SFT weights to policy-inference replicas that have none."""
     svc.reference.wait_health_known(120)
-    if svc.reference.model_info().model_version == 0:
+    if 0 in svc.reference.model_versions().values():
         svc.reference.load_model(str(sft_ckpt))
         reporter.log(f"reference-model: loaded {sft_ckpt}")
     svc.policy.wait_health_known(120)
-    if svc.policy.model_info().model_version == 0:
-        ck = load_checkpoint(sft_ckpt)
-        svc.policy.update_weights(ck.model_state(), 1, metadata={
-            "config_json": json.dumps(ck.manifest["model_config"]),
-            "tokenizer_json": (Path(ck.path) / "tokenizer.json").read_text()})
-        reporter.log("policy-inference: pushed the SFT weights as version 1")
+    versions = svc.policy.model_versions()
+    if 0 in versions.values():
+        ver = max(versions.values()) + 1  # every replica must be able to take it
+        svc.policy.update_weights(load_checkpoint(sft_ckpt).model_state(), ver, metadata=policy_metadata(sft_ckpt))
+        reporter.log(f"policy-inference: pushed the SFT weights as version {ver} to {len(versions)} replica(s)")
 
 
 def collect_rankings(cfg: RunConfig, svc: Services, round_: int, prompts: list[str], gold, reporter: Reporter
@@ -223,7 +238,8 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
                            cfg.ppo.num_workers, cfg.ppo.worker_num_cpus, cfg.ppo.worker_num_gpus)
         reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
         policy_ckpt = sft_res.checkpoint
-        version = svc.policy.model_info().model_version
+        version = max(svc.policy.model_versions().values())
+        push_meta = policy_metadata(sft_res.checkpoint)
         pc = cfg.ppo
         current = {"round": 0}
         pushed = False  # whether this invocation has put a PPO policy on policy-inference yet
@@ -233,7 +249,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
                                expected_version=0 if pc.max_staleness else ver).result
 
         def push(state_dict: dict, ver: int) -> None:
-            svc.policy.update_weights(state_dict, ver, metadata={"round": str(current["round"])})
+            svc.policy.update_weights(state_dict, ver, metadata={**push_meta, "round": str(current["round"])})
 
         def observe(exps: list) -> dict[str, float]:
             if gold is None:
