@@ -60,7 +60,7 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 class RowSampler:
     """One row's sampling parameters and RNG (a seeded row draws the same tokens in any batch)."""
 
-    def __init__(self, params: SamplingParams, device: str = "cpu") -> None:
+    def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = random.Random(params.seed)  # seed None: fresh entropy
         self.truncates = bool(params.top_k) or params.top_p < 1.0
@@ -143,7 +143,7 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list
         if len(pr) + p.max_new_tokens > max_len:
             raise ValueError(f"prompt length {len(pr)} + max_new_tokens {p.max_new_tokens} exceeds "
                              f"max_seq_len {max_len}")
-    samplers = [RowSampler(p, device) for p in plist]
+    samplers = [RowSampler(p) for p in plist]
     model.eval()
     out = [Sample() for _ in prompts]
     logits, cache = prefill(model, prompts, pad_id, dtype, device)

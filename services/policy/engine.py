@@ -6,8 +6,8 @@ handle (a future, or a token stream). Between decode steps the thread
 1. applies a pending weight swap if the running batch has drained,
 2. admits queued requests (up to ``max_batch_size`` rows): their prompts are prefilled together and
    the resulting cache is joined to the running one with :meth:`KVCache.merge`,
-3. samples one token for every active row (each row has its own :class:`RowSampler` and RNG, so a
-   seeded sample is the same whether it runs alone or batched with others),
+3. samples one token for every active row in one batched call (:func:`sample_rows`; each row keeps
+   its own :class:`RowSampler` RNG, so a seeded sample is the same alone or batched with others),
 4. lets finished rows leave (:meth:`KVCache.select`) and runs one decode step for the rest.
 
 A request (one or more prompts × ``n`` samples) is served entirely by one model version: its rows are
@@ -740,7 +740,7 @@ class GenerationEngine:
             logits, cache = prefill(model, [r.prompt for r in admit_live], pad, self.dtype, self.device)
             passes += 1
             for r in admit_live:
-                r.sampler = RowSampler(r.params, "cpu")
+                r.sampler = RowSampler(r.params)
             if self._cache is None:
                 self._cache, self._logits = cache, logits
             else:
