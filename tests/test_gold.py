@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -182,11 +180,11 @@ def test_save_load_round_trip_is_exact(gold, tmp_path):
         GoldLabeler.load(tmp_path / "missing.npz")
 
 
-def test_scoring_is_fast(gold):
+def test_batch_scoring_matches_one_at_a_time(gold):
     rng = np.random.default_rng(0)
     words = " ".join(POSITIVE + NEGATIVE + CHAT).split()
-    responses = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(1000)]
-    t0 = time.perf_counter()
-    s = gold.score_batch([PROMPT] * 1000, responses, [True] * 1000)
-    assert time.perf_counter() - t0 < 1.0
-    assert s.shape == (1000,) and np.isfinite(s).all()
+    responses = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(200)]
+    s = gold.score_batch([PROMPT] * 200, responses, [True] * 200)
+    assert s.shape == (200,) and np.isfinite(s).all()
+    one = [gold.score(PROMPT, r, True) for r in responses[:20]]
+    assert np.allclose(s[:20], one, atol=1e-6)

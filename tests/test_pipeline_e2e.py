@@ -68,14 +68,16 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     cfg_file = tmp_path / "b.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.Popen([sys.executable, "-m", "clients.cli", "pipeline", "run", "-c", str(cfg_file)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    err_file = tmp_path / "run.err"  # a file, not a pipe nobody reads while polling (it could fill and block)
+    with open(err_file, "wb") as err:
+        p = subprocess.Popen([sys.executable, "-m", "clients.cli", "pipeline", "run", "-c", str(cfg_file)],
+                             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
     marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "iter-00002" / "manifest.json"
     final = tmp_path / "b" / "checkpoints" / "ppo_r0" / "final"
     deadline = time.monotonic() + 300
     while not marker.exists():
-        assert p.poll() is None, p.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "PPO never reached iteration 2"
+        assert p.poll() is None, err_file.read_text()[-3000:]
+        assert time.monotonic() < deadline, "PPO never reached iteration 2: " + err_file.read_text()[-3000:]
         time.sleep(POLL_S)  # polling the condition above
     os.killpg(p.pid, signal.SIGKILL)  # the trainer and its Ray processes die at once
     p.wait()

@@ -319,11 +319,14 @@ def test_cancel_and_deadline_free_the_engine(server):
     # deadline: a queued request whose deadline passes leaves the queue
     eng.pause()
     try:
-        code, _ = rpc_error(server.client.stub.Generate, _gen(max_new_tokens=4), timeout=0.2)
-        assert code == CODE.DEADLINE_EXCEEDED
-        wait_for(lambda: eng.stats.queue_depth == 0, what="the expired request to leave the queue")
+        fut = server.client.stub.Generate.future(_gen(max_new_tokens=4), timeout=3)
+        wait_for(lambda: eng.stats.queue_depth == 1, what="the request to be queued")
+        assert fut.exception(WAIT).code() == CODE.DEADLINE_EXCEEDED
+        wait_for(lambda: eng.stats.queue_depth == 0 and eng.stats.requests_cancelled == cancelled + 1,
+                 what="the expired request to leave the queue")
     finally:
         eng.resume()
+    cancelled = eng.stats.requests_cancelled
     # a client cancelling a stream mid-way: its row leaves the batch
     go, hook = threading.Event(), eng.on_step
 
@@ -337,7 +340,7 @@ def test_cancel_and_deadline_free_the_engine(server):
             prompt=_ids(5, 6), sampling=common_pb2.SamplingParams(max_new_tokens=32, seed=1)), timeout=WAIT)
         next(call)
         call.cancel()
-        wait_for(lambda: eng.stats.requests_cancelled >= cancelled + 2, what="the server to see the cancel")
+        wait_for(lambda: eng.stats.requests_cancelled >= cancelled + 1, what="the server to see the cancel")
     finally:
         go.set()
         eng.on_step = hook

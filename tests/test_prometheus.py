@@ -294,9 +294,6 @@ def _drive_traffic(servers, tiny_data) -> int:
     with PolicyClient(addr["policy-inference"], token="tok", timeout=60) as pol:
         pol.generate(["How was the film?"], n=2, max_new_tokens=6, seed=3)
         list(pol.generate_stream("Tell me about the story.", max_new_tokens=6, seed=4))
-        with pytest.raises(grpc.RpcError) as e:
-            pol.generate(["a", "b"], n=64, max_new_tokens=4)  # 128 samples > max_request_samples 64
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError):
             pol.generate([], max_new_tokens=4)  # INVALID_ARGUMENT
     with RewardClient(addr["reward-scoring"], token="tok", timeout=60) as rw:
@@ -314,8 +311,12 @@ def _drive_traffic(servers, tiny_data) -> int:
             final = [e.state_change.new_state for e in events if e.WhichOneof("payload") == "state_change"]
             assert final and final[-1] == trainer_pb2.RUN_STATE_SUCCEEDED, \
                 [e.log_line for e in events if e.log_line][-5:]
-    # a stale push: policy-inference rejects it (the ChatrlWeightUpdateRejected signal)
+    # a stale push: policy-inference rejects it (the ChatrlWeightUpdateRejected signal); and a rejection,
+    # last, so that the alert on new rejection series sees it within its 5-minute window on a slow machine
     with PolicyClient(addr["policy-inference"], token="tok", timeout=60) as pol:
+        with pytest.raises(grpc.RpcError) as e:
+            pol.generate(["a", "b"], n=64, max_new_tokens=4)  # 128 samples > max_request_samples 64
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError) as e:
             pol.update_weights_bytes(b"x" * 8, version=1)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

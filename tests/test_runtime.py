@@ -79,7 +79,8 @@ def test_max_connection_age_makes_clients_reconnect(micro_run):
             c.channel.subscribe(states.append, try_to_connect=False)
             assert len(c.score(["p"], ["r"]).rewards) == 1
             deadline = time.monotonic() + 10
-            while grpc.ChannelConnectivity.CONNECTING not in states[states.index(grpc.ChannelConnectivity.READY):]:
+            ready = grpc.ChannelConnectivity.READY
+            while ready not in states or grpc.ChannelConnectivity.CONNECTING not in states[states.index(ready):]:
                 assert time.monotonic() < deadline, f"the connection was never aged out: {states}"
                 time.sleep(0.05)
             assert len(c.score(["p"], ["r"]).rewards) == 1  # a new connection
@@ -96,10 +97,11 @@ def test_json_log_lines():
 
 
 def test_batcher_backpressure_and_error_isolation():
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def fn(items):
-        gate.wait(5)
+        entered.set()
+        gate.wait(60)
         if "boom" in items:
             raise ValueError("bad batch")
         return [i * 2 for i in items]
@@ -108,13 +110,14 @@ def test_batcher_backpressure_and_error_isolation():
     try:
         t = threading.Thread(target=lambda: b.submit([1]))  # occupies the worker
         t.start()
-        while b.batches == 0 and b.depth() > 0:
-            pass
+        assert entered.wait(10)  # the worker holds [1]
         results = []
         t2 = threading.Thread(target=lambda: results.append(b.submit([2, 3])))  # fills the queue
         t2.start()
+        deadline = time.monotonic() + 10
         while b.depth() < 2:
-            pass
+            assert time.monotonic() < deadline, f"queue depth {b.depth()}"
+            time.sleep(0.005)
         with pytest.raises(ServiceError) as e:
             b.submit([4])
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

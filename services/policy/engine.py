@@ -776,21 +776,23 @@ class GenerationEngine:
         batch = len(self._rows)
         if len(keep) < batch:
             self._select(keep)
-        for row in done:
-            self._row_done(row, slot)
-        if self._rows:
-            self._logits, self._cache = decode_step(slot.model, nxt, self._cache, self.dtype, self.device)
-            passes += 1
-        with self._stats_lock:
+        with self._stats_lock:  # before results are handed out: a caller woken by one sees this step counted
             st = self._stats
             st.forward_passes += passes
             st.prefill_passes += 1 if admit_live else 0
-            st.decode_passes += 1 if self._rows else 0
             st.tokens_generated += batch
             st.rows_admitted += len(admit_live)
             st.batch_size_hist[batch] = st.batch_size_hist.get(batch, 0) + 1
             st.max_batch_size_seen = max(st.max_batch_size_seen, batch)
             st.active_rows = len(self._rows)
+        for row in done:
+            self._row_done(row, slot)
+        if self._rows:
+            self._logits, self._cache = decode_step(slot.model, nxt, self._cache, self.dtype, self.device)
+            passes += 1
+            with self._stats_lock:
+                self._stats.forward_passes += 1
+                self._stats.decode_passes += 1
         self._notify_step(StepInfo(batch, len(admit_live), len(done), passes, depth, slot.version))
 
     def _notify_step(self, info: StepInfo) -> None:
