@@ -118,6 +118,21 @@ def test_word_salad_scores_below_plain_positive_sentence(gold):
     assert c["sentiment_raw"] > 0 and c["sentiment"] < c["sentiment_raw"]
 
 
+def test_non_words_score_below_real_answers(gold):
+    """Runs of words the language model has never seen score as its (frequent) unknown token; a policy
+    trained without a KL penalty once answered one 25-letter non-word and was scored fluent. Non-words
+    now cost fluency, while a short real answer with a name stays where it was."""
+    real = gold.score(PROMPT, "A warm and funny film.", True)
+    for junk in ["Rorvitolyisroarxterenidn discervusrighanpmsseilererua",  # longer than any real word
+                 "Effiepehanvortordencactliszurhriterusricoparicaptoliindh",
+                 "rorvit olyis roarx tereni discer"]:  # short, but all unknown
+        c = gold.components(PROMPT, junk, True)
+        assert c["total"] < 0 < real, (junk, c)
+        assert c["long_unknown_words"] or c["unknown_share_penalty"] > 0
+    name = gold.components(PROMPT, "Johnny Depp", True)  # unknown words, but few and short: no penalty
+    assert name["long_unknown_words"] == 0 and name["unknown_share_penalty"] == 0
+
+
 def test_components_ranges_and_keys(gold):
     texts = ["", "ok", WARM, HOSTILE, "word " * 200, PROMPT, "Great film.<|user|>More?"]
     for t in texts:

@@ -33,7 +33,12 @@ stored with the parameters)::
   short built-in list) −0.5; coordinators ("and", "or", ",") at most two tokens apart — "great and fun
   and great and …", "great, fun, amazing, …" — −0.6 per link beyond the first of a chain; a low
   type/token ratio of content words 2 × (0.7 − ratio); sentiment words making up more than 60% of at
-  least four content words 2 × (share − 0.6). Clipped to [-2, 0.5].
+  least four content words 2 × (share − 0.6); non-words, which the language model can only score as
+  its (common) unknown token: −1.5 per unknown word longer than 18 letters (real unknown words —
+  names, rare words — are shorter: "institutionalized" has 17), and, in answers of four or more words, 3 × (share − 0.4)
+  when more than 40% of the words are unknown (the 99th percentile of real reviews); these two are taken
+  off at most 0.5 (runs of the unknown token score above real text). Clipped to [-2, 0.5]. (Added after a policy trained without a KL penalty learned to answer one 25-letter
+  non-word, which the unknown token had scored as fluent.)
 
 Parameters are saved as ``.npz`` — numpy arrays plus a UTF-8 JSON metadata blob, loaded with
 ``allow_pickle=False``; never pickle. Scoring 1,000 responses takes about 0.1 s.
@@ -54,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 1
+NONWORD_LEN = 18  # unknown words longer than this are not words (real ones: "institutionalized", 17)
 DEFAULT_WEIGHTS = {"format": 1.0, "sentiment": 1.0, "fluency": 1.0}
 RANGES = {"format": (-2.0, 1.0), "sentiment": (-2.0, 2.0), "fluency": (-2.0, 0.5)}
 
@@ -410,10 +416,18 @@ class GoldLabeler:
         n_lex = sum(1 for t in content if t in SENTIMENT_WORDS)
         if n_lex >= 4:
             dens_pen = 2.0 * max(0.0, n_lex / len(content) - 0.6)
+        # non-words: unknown to the language model and longer than real unknown words, or too many unknowns
+        words = [t for t in toks if t not in _PUNCT]
+        unknown = [t for t in words if t not in self.lm.index]
+        long_unknown = sum(1 for t in unknown if len(t) > NONWORD_LEN)
+        unk_pen = 3.0 * max(0.0, len(unknown) / len(words) - 0.4) if len(words) >= 4 else 0.0
         f -= 0.5 * rep_sent + 0.6 * links + ttr_pen + dens_pen
+        if long_unknown or unk_pen:  # from at most the top of the range: runs of the unknown token score
+            f = min(f, RANGES["fluency"][1]) - 1.5 * long_unknown - unk_pen  # above real text, undeservedly
         return _clip(f, *RANGES["fluency"]), {
             "lm_logprob": lp, "repeated_sentiment_words": rep_sent, "coordinator_chain_links": links,
-            "low_variety_penalty": ttr_pen, "sentiment_density_penalty": dens_pen}
+            "low_variety_penalty": ttr_pen, "sentiment_density_penalty": dens_pen,
+            "long_unknown_words": long_unknown, "unknown_share_penalty": unk_pen}
 
     def components(self, prompt: str, response: str, finished: bool) -> dict:
         """Every term and the details behind it (for reports)."""
