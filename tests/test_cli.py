@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.trainer.pipeline import free_ports
 
 
 def chatrl(*args, **kw):
@@ -29,8 +24,8 @@ def test_up_status_generate_chat_and_clean_stop(micro_run, tmp_path):
     _, cks = micro_run
     names = ["policy", "reward", "reference", "trainer", "feedback"]
     cfg = {"common": {"host": "127.0.0.1", "auth_token_env": "CHATRL_TEST_NO_TOKEN"}}
-    for n in names:
-        cfg[n] = {"port": free_port(), "metrics_port": -1}
+    for n, port in zip(names, free_ports(len(names))):
+        cfg[n] = {"port": port, "metrics_port": -1}
     cfg["policy"]["checkpoint"] = str(cks["sft"])
     cfg["reference"]["checkpoint"] = str(cks["sft"])
     cfg["reward"]["checkpoint"] = str(cks["reward"])

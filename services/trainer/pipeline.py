@@ -34,10 +34,19 @@ from services.trainer.stages.data import resolve_data
 log = logging.getLogger("chatrl.pipeline")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (each socket stays bound until all are picked, so no port is
+    handed out twice)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -67,7 +76,7 @@ def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Servic
     names = ["policy", "reward", "reference", "feedback"]
     rd = run_dir(cfg).resolve()
     if pc.start_services:
-        ports = {n: free_port() for n in names}
+        ports = dict(zip(names, free_ports(len(names))))
         over = [f"{n}.port={ports[n]}" for n in names] + [f"{n}.metrics_port=-1" for n in names] + [
             f"policy.checkpoint={sft_ckpt}", f"reference.checkpoint={sft_ckpt}", "reward.checkpoint=''",
             f"feedback.db={rd / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
