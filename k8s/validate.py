@@ -564,7 +564,7 @@ def check_service_config(docs: list[dict], pods: list[Pod]) -> list[str]:
                 problems.append(f"{pod.owner}: {CONFIG_PATH} is not on a mounted volume")
             ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
             if srv.host != "0.0.0.0":
-                problems.append(f"{where}: {section}.host is {srv.host!r}: pods must bind 0.0.0.0")
+                problems.append(f"{where}: {section}.host is {srv.host!r}: pods must listen on all interfaces (host 0.0.0.0)")
             if ports.get("grpc") != srv.port:
                 problems.append(f"{where}: {section}.port {srv.port} != {pod.owner} container port grpc "
                                 f"{ports.get('grpc')}")

@@ -259,7 +259,7 @@ BROKEN_XREF = {
         "policy.port 50061 != Deployment/policy-inference container port grpc 50051"),
     "config binds loopback": (
         lambda d: _services_yaml(d, lambda c: c["common"].update({"host": "127.0.0.1"})),
-        "pods must bind 0.0.0.0"),
+        "pods must listen on all interfaces"),
     "config misspelled field": (
         lambda d: _services_yaml(d, lambda c: c["reward"].update({"max_bach": 8})),
         "unknown config field reward.max_bach"),

