@@ -140,7 +140,10 @@ def test_async_rollout_overlaps_and_bounds_staleness(micro_run, tmp_path):
     # iteration i+1's rollout was issued while the trainer was still at version v (before its push)
     assert [v for v, _ in issued] == [1, 1, 2]
     # ... and consumed after that push: samples one version behind the trainer, kept (staleness 1)
-    assert consumed == [1, 2, 3] and cfg.ppo.old_logprobs == "service"
+    assert consumed == [1, 2, 3]
+    # the ratio used the behaviour logprobs (recorded in the checkpoint); the caller's config is untouched
+    used = load_checkpoint(res.checkpoint).manifest["meta"]["run_config"]["ppo"]
+    assert used["old_logprobs"] == "service" and cfg.ppo.old_logprobs == "recompute"
     assert all(h["dropped_stale"] == 0 for h in res.history) and res.version == 4
     cfg.ppo.max_staleness = 0
     with pytest.raises(ValueError, match="max_staleness"):

@@ -50,7 +50,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from services.core.checkpoint import sha256_file
+from services.core.checkpoint import atomic_write_text, sha256_file
+from services.core.formats import write_jsonl
 from services.core.gold import GoldLabeler
 
 BUILD_VERSION = 1
@@ -402,16 +403,6 @@ def load_raw(raw_dir: Path) -> Raw:
     return Raw([p for p in plays if p.strip()], fortunes, convs, reviews, plots)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def _key(q: str) -> str:
     return " ".join(re.findall(r"[a-z0-9']+", q.lower()))
 
@@ -444,7 +435,7 @@ def build(raw: Raw, out: DataPaths, seed: int = SEED, log: Callable[[str], None]
     docs = list(raw.plays) + list(raw.fortunes) + [r.text for r in train_reviews] + plots
     docs = [d for d in (_sanitize(d).strip("\n") for d in docs) if d.strip()]
     rng.shuffle(docs)
-    _write_text(out.pretrain, f"\n{DOC_SEP}\n".join(docs) + "\n")
+    atomic_write_text(out.pretrain, f"\n{DOC_SEP}\n".join(docs) + "\n")
     log(f"  pretrain.txt: {len(docs)} documents ({len(raw.plays)} plays, {len(raw.fortunes)} fortunes, "
         f"{len(train_reviews)} snippets, {len(plots)} plots), {out.pretrain.stat().st_size / 1e6:.1f} MB")
 
@@ -462,7 +453,7 @@ def build(raw: Raw, out: DataPaths, seed: int = SEED, log: Callable[[str], None]
             q = rng.choice(GENERIC_TEMPLATES)
         demos.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r.text}]})
     rng.shuffle(demos)
-    _write_jsonl(out.sft, demos)
+    write_jsonl(out.sft, demos)
     pos_share = sum(r.label for r in picks) / max(1, len(picks))
     log(f"  sft.jsonl: {len(demos)} demonstrations ({n_chat_demos} chatterbot, {len(picks)} review requests, "
         f"{pos_share:.0%} of those positive)")
@@ -490,11 +481,11 @@ def build(raw: Raw, out: DataPaths, seed: int = SEED, log: Callable[[str], None]
     picked = rng.sample(candidates, min(n_review, len(candidates)))
     train_rows += [{"prompt": q, "kind": "review"} for q in picked]
     rng.shuffle(train_rows)
-    _write_jsonl(out.prompts_train, train_rows)
-    _write_jsonl(out.prompts_eval, eval_rows)
+    write_jsonl(out.prompts_train, train_rows)
+    write_jsonl(out.prompts_eval, eval_rows)
     log(f"  prompts: {len(train_rows)} train, {len(eval_rows)} eval "
         f"({sum(r['kind'] == 'review' for r in eval_rows)} review requests about held-out films)")
-    _write_jsonl(out.reviews_heldout,
+    write_jsonl(out.reviews_heldout,
                  [{"text": r.text, "label": r.label, "movie": r.movie} for r in held_reviews])
 
     # --- the simulated labeler -----------------------------------------------------------------------
@@ -629,7 +620,7 @@ def fetch(cache_dir: Path | None = None, force: bool = False, downloader: Regist
     manifest = {"build_version": BUILD_VERSION, "sources": sources, "fortunes_skipped": fort is None,
                 "fetch_seconds": round(t_fetch, 2), "total_seconds": round(time.time() - t_start, 2), **stats,
                 "paths": {k: str(v) for k, v in asdict(paths).items()}}
-    _write_text(paths.manifest, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(paths.manifest, json.dumps(manifest, indent=2) + "\n")
     log(f"data: done in {time.time() - t_start:.1f}s (fetch {t_fetch:.1f}s) → {paths.pretrain.parent}")
     return paths
 

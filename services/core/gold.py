@@ -49,7 +49,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import re
 from collections import Counter
@@ -57,6 +56,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from services.core.checkpoint import atomic_write_bytes
 
 FORMAT_VERSION = 1
 NONWORD_LEN = 18  # unknown words longer than this are not words (real ones: "institutionalized", 17)
@@ -322,9 +323,7 @@ class GoldLabeler:
             buf, meta=blob(json.dumps(self.meta)), sent_features=blob("\n".join(self.sent_features)),
             sent_w=self.sent_w, sent_b=np.asarray([self.sent_b]), lm_words=blob("\n".join(self.lm.words)),
             lm_c1=self.lm.c1, lm_k2=self.lm.k2, lm_c2=self.lm.c2, lm_k3=self.lm.k3, lm_c3=self.lm.c3)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> GoldLabeler:

@@ -212,7 +212,6 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
 
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
-    times: dict[str, float] = {}
     cfg_file = run_dir(cfg) / "config.yaml"
     if not cfg_file.exists():  # what `chatrl pipeline resume RUN_DIR` restarts from
         import yaml
@@ -305,7 +304,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
             state["evals"][label] = evaluate_stage(cfg, ck, sft_res.checkpoint, last_rm.path if last_rm else None,
                                                    eval_prompts, gold)
             reporter.log(f"eval {label}: gold {state['evals'][label]['gold']:+.3f}")
-    times["total"] = times.get("total_before", 0.0) + time.perf_counter() - t_start
+    times["total"] = times.get("total", 0.0) + time.perf_counter() - t_start  # over every invocation (resumes)
     state["times"] = times
     write_json(state_file, state)
     report = write_report(cfg, state)

@@ -13,6 +13,7 @@ run resumes at the last finished iteration.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.core.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from services.core.checkpoint import Checkpoint, flatten_optimizer, latest_checkpoint, save_checkpoint
 from services.core.config import RunConfig
 from services.core.formats import load_prompts
 from services.core.model import GPT, autocast
@@ -66,13 +67,6 @@ class PPOResult:
 
 def stage_name(round_: int) -> str:
     return f"ppo_r{round_}"
-
-
-def _pad(rows: list[list[float]], t: int, value: float = 0.0) -> torch.Tensor:
-    out = torch.full((len(rows), t), value, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
-    return out
 
 
 @dataclass
@@ -134,9 +128,9 @@ class PPOTrainer:
     """Holds the policy, value model, optimizers and KL controller of one PPO stage (one round)."""
 
     def __init__(self, cfg: RunConfig, policy_init: Checkpoint, value_init: Checkpoint, round_: int,
-                 reporter: Reporter, ptx_tokens: torch.Tensor | None = None) -> None:
+                 reporter: Reporter) -> None:
         pc = cfg.ppo
-        self.cfg, self.pc, self.round, self.rep = cfg, pc, round_, reporter
+        self.cfg, self.pc, self.round = cfg, pc, round_
         self.tok: ChatTokenizer = tokenizer_from_checkpoint(policy_init)
         self.policy = model_from_checkpoint(policy_init, device=cfg.device)
         self.critic = model_from_checkpoint(value_init, scalar_head=True, device=cfg.device)
@@ -146,22 +140,29 @@ class PPOTrainer:
                        else algos.FixedKLController(pc.init_kl_coef))
         self.iteration = 0
         self.version = 0
-        self.ptx_tokens = ptx_tokens
+        self.ptx_tokens = None  # PPO-ptx: the pre-training corpus, tokenised (cached in the run dir)
+        if pc.ptx_coef > 0:
+            from services.trainer.stages.pretrain import corpus_tokens
+
+            self.ptx_tokens = torch.from_numpy(corpus_tokens(cfg, self.tok).astype(np.int64))
         self.root = stage_dir(cfg, stage_name(round_))
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, final: bool = False, metrics: dict | None = None) -> Checkpoint:
         name = "final" if final else f"iter-{self.iteration:05d}"
         opt = None if final else self.opt_p.state_dict()
-        ck = save_checkpoint(
+        extra, vmeta = {"value": self.critic.state_dict()}, None
+        if not final:  # the value optimizer too, flattened into tensors + metadata
+            vtensors, vmeta = flatten_optimizer(self.opt_v.state_dict())
+            if vtensors:
+                extra["value_optimizer"] = vtensors
+        return save_checkpoint(
             self.root, name, stage="ppo", step=self.iteration, model_state=self.policy.state_dict(),
             model_config=self.policy.cfg.to_dict(), tokenizer_json=self.tok.to_str(), optimizer_state=opt,
-            extra_tensors={"value": self.critic.state_dict(),
-                           **({} if final else _flat_opt("value_optimizer", self.opt_v))},
+            extra_tensors=extra,
             meta={"round": self.round, "iteration": self.iteration, "policy_version": self.version,
                   "kl_controller": self.kl_ctl.state_dict(), "final": final, "metrics": metrics or {},
-                  "value_optimizer": None if final else _opt_meta(self.opt_v), "run_config": self.cfg.to_dict()})
-        return ck
+                  "value_optimizer": vmeta, "run_config": self.cfg.to_dict()})
 
     def restore(self, ck: Checkpoint) -> None:
         self.policy.load_state_dict(ck.model_state(self.cfg.device))
@@ -191,8 +192,7 @@ class PPOTrainer:
         self.critic.eval()
         with torch.no_grad():
             if pc.old_logprobs == "recompute":
-                old_lp, _ = policy_forward(self.policy, b, cfg, pc.temperature)
-                old_lp = old_lp * b.mask
+                old_lp, _ = policy_forward(self.policy, b, cfg, pc.temperature)  # 0 off the response
             else:
                 old_lp = b.old_logprobs
             old_values = value_forward(self.critic, b, cfg) * b.mask
@@ -218,7 +218,7 @@ class PPOTrainer:
                 loss = pl
                 if pc.entropy_coef:
                     loss = loss - pc.entropy_coef * algos.masked_mean(ent, mb.mask)
-                if pc.ptx_coef > 0 and self.ptx_tokens is not None:
+                if self.ptx_tokens is not None:
                     from services.trainer.stages.pretrain import batch_at
 
                     xb = batch_at(self.ptx_tokens, self.iteration * 1000 + s, cfg.seed, pc.minibatch_size,
@@ -252,22 +252,8 @@ class PPOTrainer:
         return out
 
 
-def _flat_opt(name: str, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    from services.core.checkpoint import flatten_optimizer
-
-    tensors, _ = flatten_optimizer(opt.state_dict())
-    return {name: tensors} if tensors else {}
-
-
-def _opt_meta(opt: torch.optim.Optimizer) -> dict:
-    from services.core.checkpoint import flatten_optimizer
-
-    return flatten_optimizer(opt.state_dict())[1]
-
-
 def run(cfg: RunConfig, reporter: Reporter, *, round_: int, policy_init: Checkpoint, value_init: Checkpoint,
         collect: Collect | None = None, push: Push, start_version: int, prompts_file: Path,
-        ptx_tokens: torch.Tensor | None = None,
         observe: Callable[[list[Experience]], dict[str, float]] | None = None,
         submit: Submit | None = None) -> PPOResult:
     """Run (or resume) the PPO iterations of one round. ``start_version`` is the policy-inference
@@ -285,10 +271,11 @@ def run(cfg: RunConfig, reporter: Reporter, *, round_: int, policy_init: Checkpo
     overlap = pc.async_rollout
     if overlap and pc.max_staleness < 1:
         raise ValueError("ppo.async_rollout needs ppo.max_staleness >= 1 (its samples are one version old)")
-    if overlap and pc.old_logprobs != "service":
+    if overlap and pc.old_logprobs != "service":  # on a copy: the caller's config (and later rounds) keep theirs
         reporter.log("ppo: async_rollout uses the behaviour policy's logprobs (ppo.old_logprobs=service)")
-        pc.old_logprobs = "service"
-    tr = PPOTrainer(cfg, policy_init, value_init, round_, reporter, ptx_tokens)
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(pc, old_logprobs="service"))
+        pc = cfg.ppo
+    tr = PPOTrainer(cfg, policy_init, value_init, round_, reporter)
     name = stage_name(round_)
     done = latest_checkpoint(tr.root)
     if done is not None and done.manifest["meta"].get("final"):
