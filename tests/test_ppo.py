@@ -149,3 +149,37 @@ def test_async_rollout_overlaps_and_bounds_staleness(micro_run, tmp_path):
     with pytest.raises(ValueError, match="max_staleness"):
         ppo.run(cfg, Reporter(quiet=True), round_=1, policy_init=sft_ck, value_init=load_checkpoint(cks["reward"]),
                 submit=submit, push=push, start_version=1, prompts_file=prompts)
+
+
+def test_ptx_mixes_the_pretraining_loss_into_the_update(micro_run, tmp_path):
+    """ppo.ptx_coef > 0 (InstructGPT's PPO-ptx): every minibatch also takes the LM loss on the run's
+    pre-training corpus, and the iteration reports it; with 0 it is absent."""
+    import dataclasses
+
+    cfg, cks = micro_run
+    sft_ck = load_checkpoint(cks["sft"])
+    ref_model = model_from_checkpoint(sft_ck).eval()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How was the film?\nTell me about the story.\n")
+    holder = []
+    orig_init = ppo.PPOTrainer.__init__
+
+    def capture(self, *a, **k):
+        orig_init(self, *a, **k)
+        holder[:] = [self]
+
+    ppo.PPOTrainer.__init__ = capture
+    try:
+        for coef in (0.5, 0.0):
+            run = dataclasses.replace(cfg, run_dir=str(tmp_path / f"ptx{coef}"), ppo=dataclasses.replace(
+                cfg.ppo, iterations=1, prompts_per_iteration=2, ptx_coef=coef))
+            res = ppo.run(run, Reporter(quiet=True), round_=0, policy_init=sft_ck,
+                          value_init=load_checkpoint(cks["reward"]), collect=in_process_collect(run, holder, ref_model, 5),
+                          push=lambda sd, v: None, start_version=1, prompts_file=prompts)
+            h = res.history[0]
+            if coef:
+                assert np.isfinite(h["ptx_loss"]) and h["ptx_loss"] > 0
+            else:
+                assert "ptx_loss" not in h
+    finally:
+        ppo.PPOTrainer.__init__ = orig_init
