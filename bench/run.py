@@ -42,6 +42,14 @@ def run_one(name: str, size, wd: Workdir) -> dict:
     return out
 
 
+def _ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    ray_before = _ray_running()
     date = time.strftime("%Y-%m-%d")
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "size": size_name, "reps": size.reps,
                "train_threads": int(os.environ.get("CHATRL_BENCH_THREADS", "1")),
@@ -83,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== {name} ({size_name}) ===")
             results["benchmarks"][name] = run_one(name, size, wd)
             log(f"=== {name} done in {results['benchmarks'][name]['seconds']:.0f} s ===")
-    finally:
-        try:
+    finally:  # leave the caller's process as it was (the smoke test runs this inside pytest)
+        torch.set_num_threads(threads_before)
+        if _ray_running() and not ray_before:
             import ray
 
-            if ray.is_initialized():
-                ray.shutdown()
-        except ImportError:
-            pass
+            ray.shutdown()
         if args.keep:
             log(f"work directory kept: {wd.path}")
         wd.close()

@@ -62,9 +62,6 @@ def start(size: Size, wd: Workdir, policy_fields: dict | None = None) -> Stack:
 
 
 def init_ray() -> None:
-    import ray
+    from services.trainer.rollout import init_ray as start  # loopback-only, or $RAY_ADDRESS
 
-    if ray.is_initialized():
-        return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    start(num_cpus=2)

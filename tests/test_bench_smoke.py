@@ -101,11 +101,15 @@ def test_rl_iteration_micro(wd, ray_bench):
     assert rows[0].peer_name.startswith("TRL")
 
 
-def test_runner_writes_markdown_and_json(tmp_path, monkeypatch):
+def test_runner_writes_markdown_and_json(tmp_path):
+    import torch
+
     from bench import run as runner
 
+    threads = torch.get_num_threads()
     rc = runner.main(["--size", "micro", "--only", "overhead", "--out", str(tmp_path)])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # the runner leaves the test process as it found it
     (md,) = tmp_path.glob("*-micro.md")
     (js,) = tmp_path.glob("*-micro.json")
     data = json.loads(js.read_text())

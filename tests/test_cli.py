@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -72,7 +71,6 @@ def test_up_status_generate_chat_and_clean_stop(micro_run, tmp_path):
     assert st.returncode == 1 and st.stdout.count("UNAVAILABLE") == 5
 
 
-def test_serve_reports_config_errors(tmp_path):
+def test_serve_reports_config_errors():
     r = chatrl("serve", "reward", "--set", "bogus=1")
     assert r.returncode == 2 and "reward.bogus" in r.stdout + r.stderr
-    assert Path(tmp_path).exists()

@@ -27,6 +27,8 @@ from services.core.checkpoint import save_checkpoint
 from services.core.model import GPT, GPTConfig
 from services.core.tokenizer import ChatTokenizer
 from services.feedback.server import FeedbackConfig, build
+from services.policy.server import PolicyConfig
+from services.policy.server import build as build_policy
 from services.proto.chatrl.v1 import common_pb2, feedback_pb2
 from services.runtime.server import ServerConfig
 
@@ -53,81 +55,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return root
 
 
-def _start_policy_server(ckpt: Path):
-    """The real policy-inference server (services/policy/server.py) over the tiny GPT; a minimal in-test
-    servicer over the same model only if that module is missing."""
-    srv_cfg = ServerConfig(port=0, auth_token_env="")
-    try:
-        from services.policy.server import PolicyConfig
-        from services.policy.server import build as build_policy
-    except ImportError:
-        return (*_in_test_policy(srv_cfg, ckpt), "in-test servicer")
-    srv, svc = build_policy(srv_cfg, PolicyConfig(checkpoint=str(ckpt), max_new_tokens=32))
-    return srv, svc, "services.policy.server"
-
-
-def _in_test_policy(srv_cfg: ServerConfig, ckpt: Path):
-    from services.core.checkpoint import load_checkpoint
-    from services.core.generate import SamplingParams, generate
-    from services.proto.chatrl.v1 import policy_pb2, policy_pb2_grpc
-    from services.runtime.errors import invalid
-    from services.runtime.server import ServiceServer
-    from services.runtime.tensors import to_proto
-
-    ck = load_checkpoint(ckpt)
-    model = GPT(GPTConfig.from_dict(ck.manifest["model_config"]))
-    model.load_state_dict(ck.model_state(), strict=False)
-    model.eval()
-    tok = ChatTokenizer.load(ck.path / "tokenizer.json")
-    roles = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
-
-    class Policy(policy_pb2_grpc.PolicyInferenceServiceServicer):
-        def Generate(self, request, context):
-            sp, n = request.sampling, max(1, request.sampling.n)
-            prompts, params = [], []
-            for p in request.prompts:
-                ids = tok.render_chat([{"role": roles[m.role], "content": m.content} for m in p.chat.messages],
-                                      add_generation_prompt=True)[0]
-                for j in range(n):
-                    sps = SamplingParams(max_new_tokens=sp.max_new_tokens or 16,
-                                         temperature=sp.temperature if sp.HasField("temperature") else 1.0,
-                                         top_k=sp.top_k, top_p=sp.top_p if sp.HasField("top_p") else 1.0,
-                                         seed=sp.seed + j if sp.HasField("seed") else None,
-                                         stop_token_ids=(tok.end_id,))
-                    try:
-                        sps.validate(model.cfg.max_seq_len)
-                    except ValueError as e:
-                        raise invalid("sampling", str(e)) from None
-                    prompts.append(ids)
-                    params.append(sps)
-            samples = generate(model, prompts, params, pad_id=tok.pad_id)
-            results = []
-            for i in range(len(request.prompts)):
-                comps = []
-                for s in samples[i * n:(i + 1) * n]:
-                    text, _ = tok.response_text(s.tokens)
-                    comps.append(policy_pb2.Completion(
-                        token_ids=s.tokens, text=text, logprobs=to_proto(torch.tensor(s.logprobs)),
-                        finish_reason=common_pb2.FINISH_REASON_STOP if s.finish_reason == "stop"
-                        else common_pb2.FINISH_REASON_LENGTH))
-                results.append(policy_pb2.GenerateResult(prompt_token_ids=prompts[i * n], completions=comps))
-            return policy_pb2.GenerateResponse(results=results, model_version=1)
-
-    srv = ServiceServer("policy", srv_cfg)
-    srv.add_service(policy_pb2_grpc.add_PolicyInferenceServiceServicer_to_server, Policy(),
-                    policy_pb2.DESCRIPTOR.services_by_name["PolicyInferenceService"].full_name)
-    srv.start()
-    srv.set_serving(True)
-    return srv, None
-
-
 @pytest.fixture(scope="module")
 def policy(tiny_checkpoint):
-    srv, svc, kind = _start_policy_server(tiny_checkpoint)
-    yield srv.address, kind
+    """The real policy-inference server over the tiny GPT: (address, servicer)."""
+    srv, svc = build_policy(ServerConfig(port=0, auth_token_env=""),
+                            PolicyConfig(checkpoint=str(tiny_checkpoint), max_new_tokens=32))
+    yield srv.address, svc
     srv.stop(0)
-    if svc is not None and hasattr(svc, "close"):
-        svc.close()
+    svc.close()
 
 
 # -- the feedback server ---------------------------------------------------------------------------

@@ -154,9 +154,14 @@ def test_grafana_dashboard_is_well_formed():
     for want in ("rpc_requests_total", "rpc_latency_seconds_bucket", "tokens_generated_total", "queue_depth",
                  "model_version", '"reward"', '"kl"', '"beta"', '"entropy"', "policy_loss", "clipfrac"):
         assert want in exprs, want
-    for p in panels:  # no overlapping panels
-        g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+    boxes = [(p["title"], p["gridPos"]) for p in panels]
+    for t, g in boxes:  # inside the 24-column grid, and no two panels overlap
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["w"] > 0 and g["h"] > 0, t
+    for i, (ta, a) in enumerate(boxes):
+        for tb, b in boxes[i + 1:]:
+            apart = (a["x"] + a["w"] <= b["x"] or b["x"] + b["w"] <= a["x"] or
+                     a["y"] + a["h"] <= b["y"] or b["y"] + b["h"] <= a["y"])
+            assert apart, f"panels {ta!r} and {tb!r} overlap"
 
 
 def test_dockerfile_is_multi_stage_non_root_and_lints_clean():

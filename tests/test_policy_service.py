@@ -189,8 +189,8 @@ def test_generate_token_text_and_chat_prompts(server, model0, tok):
     # the default max_new_tokens (0) is the server limit, capped by the room the prompt leaves
     long = server.client.generate([[5] * 60], seed=0)
     assert len(long.results[0].completions[0].token_ids) <= 4
-    assert server.client.generate([[5]], seed=0, temperature=0).results[0].completions[0].finish_reason in (
-        common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+    greedy = server.client.generate([[5]], max_new_tokens=6, seed=0, temperature=0).results[0].completions
+    check_completions(greedy, reference(model0, tok, [5], 6, 0, temperature=0.0), tok)
 
 
 def test_generate_stream(server, model0, tok):
