@@ -200,7 +200,7 @@ def test_next_task_and_submit_ranking(fb, client, anon):
     r = client.next_task("alice")
     assert r.task.task_id == t1 and r.remaining == 1 and len(r.task.responses) == 3
     assert r.task.lease_expires_at.seconds > r.task.created_at.seconds and r.task.policy_model_version == 5
-    assert anon.next_task("alice").task.task_id == t1  # NextTask needs no token; same lease again
+    assert client.next_task("alice").task.task_id == t1  # the same lease again
     assert client.next_task("bob").task.task_id == t2
     assert not client.next_task("carol").HasField("task")
     s = client.submit_ranking("sub-a", t1, "alice", [2, 0, 1])
@@ -262,6 +262,7 @@ def test_auth_on_mutating_rpcs(fb, anon):
     calls = [
         lambda c: c.add_prompts(["needs a token"]),
         lambda c: c.create_comparison_tasks(["needs a token"], 2),
+        lambda c: c.next_task("eve"),  # leases a task: a write
         lambda c: c.submit_ranking("auth-1", task, "eve", [0, 1]),
         lambda c: c.submit_demonstration("auth-2", "eve", [{"role": "user", "content": "q"},
                                                            {"role": "assistant", "content": "a"}]),
@@ -351,6 +352,7 @@ def test_labeling_page(tmp_path):
 
         status, page = req("/")
         assert status == 200 and "Rank the responses" in page and "/api/rankings" in page
+        assert req("/api/next?labeler_id=web-alice", token="")[0] == 401  # leasing needs the token too
         status, body = req("/api/next?labeler_id=web-alice")
         task = json.loads(body)["task"]
         assert status == 200 and task["task_id"] == tid and task["responses"] == ["one", "two", "three"]

@@ -31,7 +31,8 @@ from services.runtime.server import ServerConfig, ServiceServer
 
 log = logging.getLogger("chatrl.feedback")
 
-MUTATING = {"AddPrompts", "CreateComparisonTasks", "SubmitRanking", "SubmitDemonstration"}
+# NextTask writes too: it leases a task to the labeler (without a token anyone could lease every open task)
+MUTATING = {"AddPrompts", "CreateComparisonTasks", "NextTask", "SubmitRanking", "SubmitDemonstration"}
 _STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "not_found": grpc.StatusCode.NOT_FOUND,
            "conflict": grpc.StatusCode.ALREADY_EXISTS, "unavailable": grpc.StatusCode.UNAVAILABLE}
 _ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user",

@@ -6,7 +6,7 @@ responses into order (best on top) and submits. Each shown task gets one client-
 a retried submit never stores the ranking twice.
 
 API (JSON):
-- ``GET  /api/next?labeler_id=ID`` → ``{"task": {...} | null, "remaining": n}``
+- ``GET  /api/next?labeler_id=ID`` → ``{"task": {...} | null, "remaining": n}`` (leases the task; needs the token)
 - ``POST /api/rankings`` ``{"submission_id","task_id","labeler_id","ranking"}`` →
   ``{"ranking_id","duplicate","pairs"}``; needs ``Authorization: Bearer <token>`` when the service has one
 - ``GET  /api/stats`` → the store's counts
@@ -185,7 +185,9 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.web.store
         if url.path in ("/", "/index.html"):
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif url.path == "/api/next":
+        elif url.path == "/api/next":  # leases a task: a write, so it needs the token like submitting
+            if not self._authorized():
+                return
             labeler = parse_qs(url.query).get("labeler_id", [""])[0]
             task, remaining = store.next_task(labeler)
             self._json(200, {"task": task_json(task) if task else None, "remaining": remaining})
@@ -196,15 +198,22 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": f"no such page {url.path}"})
 
+    def _authorized(self) -> bool:
+        """True, or answers 401 and returns False, when the service has a token and the request lacks it."""
+        tok = self.web.token
+        if tok and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                           f"Bearer {tok}".encode()):
+            self._json(401, {"error": "leasing and submitting tasks need 'Authorization: Bearer <token>' "
+                                      "(enter the token)"})
+            return False
+        return True
+
     def _post(self) -> None:
         url = urlparse(self.path)
         if url.path != "/api/rankings":
             self._json(404, {"error": f"no such endpoint {url.path}"})
             return
-        tok = self.web.token
-        if tok and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                           f"Bearer {tok}".encode()):
-            self._json(401, {"error": "submitting needs 'Authorization: Bearer <token>' (enter the token)"})
+        if not self._authorized():
             return
         try:
             n = int(self.headers.get("Content-Length", "0"))
