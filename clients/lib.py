@@ -179,6 +179,7 @@ class PolicyClient(_Client):
     def __init__(self, address: str, options: ClientOptions | None = None, **kw: Any) -> None:
         super().__init__(address, options, **kw)
         self.stub = policy_pb2_grpc.PolicyInferenceServiceStub(self.channel)
+        self._weights_buf: bytearray | None = None  # packed weights, reused by the next push of the same model
 
     def generate(self, prompts: Sequence[str | Sequence[int] | Sequence[dict]], *, n: int = 1,
                  max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
@@ -205,7 +206,7 @@ class PolicyClient(_Client):
         The bytes are packed into a buffer this client keeps for the next push of the same model."""
         from services.runtime.weights import pack_state
 
-        self._weights_buf = pack_state(state_dict, getattr(self, "_weights_buf", None))
+        self._weights_buf = pack_state(state_dict, self._weights_buf)
         return self.update_weights_bytes(self._weights_buf, version, chunk_bytes, metadata, timeout)
 
     def update_weights_bytes(self, payload: bytes | bytearray, version: int, chunk_bytes: int = 1 << 20,
@@ -218,7 +219,8 @@ class PolicyClient(_Client):
             for off in range(0, max(1, len(payload)), chunk_bytes):
                 yield policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
                     version=version, sha256=digest, total_bytes=len(payload), offset=off,
-                    data=bytes(view[off: off + chunk_bytes]), format="safetensors", metadata=metadata or {}))
+                    data=bytes(view[off: off + chunk_bytes]), format="safetensors",
+                    metadata=(metadata or {}) if off == 0 else {}))  # the server reads it from the first chunk
 
         delay = self.opts.backoff_s
         for attempt in range(self.opts.retries):

@@ -46,12 +46,14 @@ class LocalCluster:
                 raise ValueError(f"{name}.port must be set (non-zero) in the service config for chatrl up")
             cmd = [sys.executable, "-m", f"services.{name}"] + (["--config", self.yaml] if self.yaml else [])
             cmd += sum((["--set", o.split(".", 1)[1]] for o in self.overrides if o.startswith(name + ".")), [])
-            out = subprocess.DEVNULL
             if self.log_dir:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{name}.log", "ab")
-            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+                with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
+                    self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                        start_new_session=True)
+            else:
+                self.procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.wait_healthy(timeout, wait_for)
         except BaseException:
@@ -62,19 +64,21 @@ class LocalCluster:
     def wait_healthy(self, timeout: float, names: list[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
         pending = set(names or self.names)
-        while pending:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    hint = f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
-                    raise RuntimeError(f"{name} exited with code {p.returncode} during start-up{hint}")
-            for name in sorted(pending):
-                with CLIENTS[name](self.address(name), retries=1, timeout=2) as c:
-                    if c.health() == "SERVING":
-                        pending.discard(name)
-            if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"not healthy after {timeout:.0f}s: {sorted(pending)}")
-            if pending:
-                time.sleep(0.2)
+        clients = {n: CLIENTS[n](self.address(n), retries=1, timeout=2) for n in pending}  # one channel each
+        try:
+            while pending:
+                for name, p in self.procs.items():
+                    if p.poll() is not None:
+                        hint = f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
+                        raise RuntimeError(f"{name} exited with code {p.returncode} during start-up{hint}")
+                pending = {n for n in pending if clients[n].health() != "SERVING"}
+                if pending and time.monotonic() > deadline:
+                    raise TimeoutError(f"not healthy after {timeout:.0f}s: {sorted(pending)}")
+                if pending:
+                    time.sleep(0.2)
+        finally:
+            for c in clients.values():
+                c.close()
 
     def stop(self, grace: float = 15.0) -> dict[str, int]:
         for p in self.procs.values():

@@ -89,7 +89,7 @@ def test_score_validation_names_the_field(reward_server, items, field):
         assert c.health() == "SERVING"
 
 
-def test_load_model_needs_token_and_bumps_version(reward_server, micro_run):
+def test_load_model_needs_token_and_bumps_version(reward_server, micro_run, tmp_path):
     srv, _ = reward_server
     with RewardClient(srv.address, token="") as anon, pytest.raises(grpc.RpcError) as e:
         anon.load_model(str(micro_run[1]["reward"]))
@@ -108,6 +108,15 @@ def test_load_model_needs_token_and_bumps_version(reward_server, micro_run):
         with pytest.raises(grpc.RpcError) as e:
             c.load_model(str(micro_run[1]["reward"]), version=1)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_version" in e.value.details()
+        # a Hugging Face directory that cannot load (config only, no weights): the request's fault, named
+        broken = tmp_path / "hf-broken"
+        broken.mkdir()
+        (broken / "config.json").write_text('{"model_type": "gpt2"}')
+        (broken / "scalar_head.safetensors").write_bytes(b"")
+        with pytest.raises(grpc.RpcError) as e:
+            c.load_model(str(broken))
+        assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+        assert e.value.details().startswith("checkpoint_uri")
         assert c.model_info().model_version == 2
 
 

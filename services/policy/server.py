@@ -405,7 +405,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
                 raise invalid("chunk.metadata.tokenizer_json", str(e)) from None
             require(tok.vocab_size <= cfg.vocab_size, "chunk.metadata.tokenizer_json",
                     f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
-        model = load_state_into(GPT(cfg), state, self.cfg.device)
+        fresh = GPT(cfg)
+        model = load_state_into(fresh, state, self.cfg.device, into=fresh)  # no second copy of the template
         for p in model.parameters():
             p.requires_grad_(False)
         return model, tok

@@ -92,7 +92,13 @@ class ModelHost:
 
         if self.scalar_head and not (path / "scalar_head.safetensors").is_file():
             raise invalid("checkpoint_uri", f"{path} has no scalar_head.safetensors (not a reward model)")
-        model, tok = load_hf(path, scalar_head=self.scalar_head, device=self.device)
+        try:
+            model, tok = load_hf(path, scalar_head=self.scalar_head, device=self.device)
+        except ImportError as e:  # transformers is an optional extra
+            raise precondition(f"checkpoint_uri: {path} is a Hugging Face model directory, which needs the "
+                               f"transformers extra (pip install 'chatrl[hf]'): {e}") from None
+        except (OSError, ValueError, KeyError) as e:  # a corrupt or incomplete directory is the request's fault
+            raise invalid("checkpoint_uri", f"{path} is not a loadable Hugging Face model: {e}") from None
         digest = hashlib.sha256(b"".join(sha256_file(f).encode() for f in sorted(path.glob("*.safetensors"))))
         return model, tok, str(path), digest.hexdigest(), {}
 
