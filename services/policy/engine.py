@@ -168,7 +168,7 @@ class ModelSlot:
 
 class _Row:
     __slots__ = ("req", "p", "j", "prompt", "params", "sampler", "tokens", "logprobs", "max_new",
-                 "stop_ids", "finish", "text", "stop_checked")
+                 "stop_ids", "finish", "text")
 
     def __init__(self, req: _Request, p: int, j: int, prompt: list[int], params: SamplingParams,
                  max_new: int, stop_ids: frozenset[int]) -> None:
@@ -180,7 +180,6 @@ class _Row:
         self.stop_ids = stop_ids
         self.finish = ""
         self.text: str | None = None
-        self.stop_checked = 0  # chars of decoded text already searched for stop strings
 
 
 class _Request:
@@ -811,22 +810,19 @@ class GenerationEngine:
         self._logits = self._logits[torch.as_tensor(keep, device=self._logits.device)]
 
     def _hit_stop_string(self, row: _Row, slot: ModelSlot) -> bool:
+        stops = row.req.stop
+        # Decode only the newest tokens each step (this runs in the decode thread for every row): a stop
+        # string completed by this step lies within them — every token is at least one byte, a character
+        # at most four — and any earlier one was caught at its own step. The whole text is decoded on a hit.
+        tail = slot.tokenizer.decode(row.tokens[-(4 * max(len(s) for s in stops) + 4):])
+        if not any(s in tail for s in stops):
+            return False
         text = slot.tokenizer.decode(row.tokens)
-        longest = max(len(s) for s in row.req.stop)
-        start = max(0, row.stop_checked - longest + 1)
-        best = -1
-        for s in row.req.stop:
-            k = text.find(s, start)
-            if k >= 0 and (best < 0 or k < best):
-                best = k
-        stable = len(text)
-        while stable and text[stable - 1] == "\ufffd":  # an incomplete character may still change
-            stable -= 1
-        row.stop_checked = stable
-        if best >= 0:
-            row.text = text[:best]
-            return True
-        return False
+        hits = [k for k in (text.find(s) for s in stops) if k >= 0]
+        if not hits:
+            return False
+        row.text = text[:min(hits)]
+        return True
 
     def _row_done(self, row: _Row, slot: ModelSlot) -> None:
         req = row.req
