@@ -19,7 +19,8 @@ from datetime import timezone
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from clients.lib import PolicyClient
 from services.feedback.store import FeedbackStore, StoreError
@@ -84,14 +85,34 @@ class Metrics:
                                   "time to sample K responses for one CreateComparisonTasks call",
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
                                   registry=registry)
-        self.open = Gauge("chatrl_feedback_open_tasks", "comparison tasks not yet ranked", registry=registry)
-        self.open.set_function(lambda: store.stats()["open_tasks"])
-        self.stored = Gauge("chatrl_feedback_records", "records stored, by kind", ["kind"], registry=registry)
-        for kind in ("prompts", "tasks", "rankings", "demonstrations"):
-            self.stored.labels(kind).set_function(lambda k=kind: store.stats()[k])
+        registry.register(_StoreCounts(store))
 
     def submitted(self, kind: str, duplicate: bool) -> None:
         (self.duplicates if duplicate else self.labels).labels(kind).inc()
+
+
+class _StoreCounts:
+    """Open tasks and records by kind, from one ``store.stats()`` per scrape (not one per sample)."""
+
+    KINDS = ("prompts", "tasks", "rankings", "demonstrations")
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.store = store
+
+    def _families(self, st: dict | None):
+        fams = GaugeMetricFamily("chatrl_feedback_open_tasks", "comparison tasks not yet ranked"), \
+            GaugeMetricFamily("chatrl_feedback_records", "records stored, by kind", labels=["kind"])
+        if st is not None:
+            fams[0].add_metric([], st["open_tasks"])
+            for kind in self.KINDS:
+                fams[1].add_metric([kind], st[kind])
+        return fams
+
+    def describe(self):  # names only: registering must not query the database
+        return self._families(None)
+
+    def collect(self):
+        return self._families(self.store.stats())
 
 
 class PolicySampler:
