@@ -102,3 +102,49 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), (k, float((wa[k] - wb[k]).abs().max()))
     assert json.loads((tmp_path / "b" / "pipeline.json").read_text())["evals"].keys() == ref["evals"].keys()
+
+
+def test_rollout_reissues_the_shard_of_a_worker_that_died(micro_run, ray_session):
+    """A Ray rollout worker killed (SIGKILL) while its Generate is in flight: its shard goes to another
+    worker and the rollout returns every sample. The policy engine is paused so that both shards are
+    provably in flight when the kill lands."""
+    import os
+    import signal
+
+    from services.policy.server import PolicyConfig
+    from services.policy.server import build as build_policy
+    from services.reference.server import ReferenceConfig
+    from services.reference.server import build as build_reference
+    from services.reward.server import RewardConfig
+    from services.reward.server import build as build_reward
+    from services.runtime.server import ServerConfig
+    from services.trainer.rollout import Endpoints, RolloutPool
+
+    cks = micro_run[1]
+    open_cfg = ServerConfig(port=0, auth_token_env="")
+    built = [build_policy(open_cfg, PolicyConfig(checkpoint=str(cks["sft"]), max_new_tokens=16)),
+             build_reward(open_cfg, RewardConfig(checkpoint=str(cks["reward"]))),
+             build_reference(open_cfg, ReferenceConfig(checkpoint=str(cks["sft"])))]
+    (pol, pol_svc), (rw, _), (ref, _) = built
+    pool = RolloutPool(Endpoints(pol.address, rw.address, ref.address), num_workers=2, num_cpus=0.5)
+    eng = pol_svc.engine
+    try:
+        victim = ray_session.get(pool.actors[0].pid.remote(), timeout=120)
+        eng.pause()
+        pending = pool.submit(["How was the film?", "Tell me about the story.", "Did you like it?",
+                               "What did you think?"], n=2, max_new_tokens=6, temperature=1.0, seed=5)
+        with eng._cv:  # notified on every enqueue: wait until both shards' Generate calls are queued
+            assert eng._cv.wait_for(lambda: eng.stats.queue_depth >= 2, timeout=120), eng.stats
+        os.kill(victim, signal.SIGKILL)
+        eng.resume()
+        exps = pending.result()
+        assert pool.reissued == 1
+        assert sorted(e.prompt for e in exps) == sorted(["How was the film?", "Tell me about the story.",
+                                                         "Did you like it?", "What did you think?"] * 2)
+        assert all(e.response_ids and len(e.ref_logprobs) == len(e.response_ids) for e in exps)
+    finally:
+        eng.resume()
+        pool.close()
+        for srv, svc in built:
+            srv.stop(0)
+            getattr(svc, "close", lambda: None)()
