@@ -3,7 +3,7 @@
 #
 #   docker build -t chatrl:0.1.0 .                                         # CPU (default)
 #   docker build -t chatrl:0.1.0-cuda --build-arg VARIANT=cuda .           # CUDA (PyPI's CUDA torch wheels)
-#   docker run --rm chatrl:0.1.0 python -m services.policy --config /app/configs/services.yaml
+#   docker run --rm chatrl:0.1.0 python -m chatrl.services.policy --config /app/configs/services.yaml
 #   docker run --rm chatrl:0.1.0 chatrl serve trainer --config /etc/chatrl/services.yaml
 #
 # The CUDA variant needs only the NVIDIA driver on the node (the torch wheels bundle the CUDA runtime).
@@ -40,7 +40,7 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY clients ./clients
 COPY protos ./protos
-RUN pip install . && python -c "import services.proto.chatrl.v1.policy_pb2, clients.cli"
+RUN pip install . && python -c "import chatrl.services.proto.chatrl.v1.policy_pb2, chatrl.clients.cli"
 
 # ---------------------------------------------------------------------------------------------- data
 FROM builder AS data

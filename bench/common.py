@@ -101,7 +101,7 @@ SIZES = {
 
 
 def gpt_config(size: Size, **kw):
-    from services.core.model import GPTConfig
+    from chatrl.services.core.model import GPTConfig
 
     d = {"vocab_size": size.vocab, "n_layer": size.n_layer, "n_head": size.n_head, "d_model": size.d_model,
          "max_seq_len": size.max_seq_len}
@@ -263,7 +263,7 @@ def build_tokenizer(vocab_size: int):
     Python standard-library source (plenty of distinct tokens to fill the vocabulary)."""
     import random
 
-    from services.core.tokenizer import ChatTokenizer
+    from chatrl.services.core.tokenizer import ChatTokenizer
 
     rng = random.Random(0)
     texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 20))) + "." for _ in range(3000)]
@@ -282,7 +282,7 @@ def build_tokenizer(vocab_size: int):
 def random_gpt(cfg, seed: int = 0, scalar_head: bool = False):
     import torch
 
-    from services.core.model import GPT
+    from chatrl.services.core.model import GPT
 
     torch.manual_seed(seed)
     return GPT(cfg, scalar_head=scalar_head).eval()
@@ -290,7 +290,7 @@ def random_gpt(cfg, seed: int = 0, scalar_head: bool = False):
 
 def write_checkpoint(root: Path, cfg, tok, *, scalar_head: bool = False, seed: int = 0) -> Path:
     """A chatrl checkpoint with random weights (``reward_bias`` 0 for a scalar-head model)."""
-    from services.core.checkpoint import save_checkpoint
+    from chatrl.services.core.checkpoint import save_checkpoint
 
     m = random_gpt(cfg, seed, scalar_head)
     ck = save_checkpoint(root, "init", stage="reward_model" if scalar_head else "sft", step=0,
@@ -323,7 +323,7 @@ class ServiceProc:
         self.metrics_port = free_port() if metrics else -1
         sets = {"host": "127.0.0.1", "port": self.port, "metrics_port": self.metrics_port, "threads": threads,
                 **fields}
-        cmd = [sys.executable, "-m", f"services.{name}"]
+        cmd = [sys.executable, "-m", f"chatrl.services.{name}"]
         for k, v in sets.items():
             cmd += ["--set", f"{k}={v}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -345,7 +345,7 @@ class ServiceProc:
 
     def wait(self, serving: bool = True, timeout: float = 120.0) -> None:
         """Until reachable (and SERVING, if asked)."""
-        from clients.lib import PolicyClient
+        from chatrl.clients.lib import PolicyClient
 
         deadline = time.monotonic() + timeout
         with PolicyClient(self.address, retries=1, timeout=2) as c:  # health is the same RPC for every service

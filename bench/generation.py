@@ -58,7 +58,7 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, sampled: bool, se
 def run(size: Size, wd: Workdir) -> list[Row]:
     import torch
 
-    from clients.lib import PolicyClient
+    from chatrl.clients.lib import PolicyClient
 
     cfg = gpt_config(size)
     model = random_gpt(cfg)

@@ -1,6 +1,6 @@
 """4. Overhead: latency of a 1-token Generate (greedy, one prompt) over gRPC on 127.0.0.1 vs the same call
 in-process — submitted to a :class:`GenerationEngine` in this process (the engine the service wraps), and
-as a bare ``services.core.generate.generate()`` call (no engine, no threads). p50 / p99 per repeat; the
+as a bare ``chatrl.services.core.generate.generate()`` call (no engine, no threads). p50 / p99 per repeat; the
 calls alternate in blocks so both sides see the same background load."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ NAME = "overhead"
 def run(size: Size, wd: Workdir) -> list[Row]:
     import torch
 
-    from clients.lib import PolicyClient
-    from services.core.generate import SamplingParams, generate
-    from services.policy.engine import GenerationEngine
+    from chatrl.clients.lib import PolicyClient
+    from chatrl.services.core.generate import SamplingParams, generate
+    from chatrl.services.policy.engine import GenerationEngine
 
     cfg = gpt_config(size)
     model = random_gpt(cfg)

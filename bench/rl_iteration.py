@@ -36,12 +36,12 @@ NAME = "rl_iteration"
 
 
 def chatrl_runner(size: Size, wd: Workdir, stack):
-    from clients.lib import PolicyClient
-    from services.core.checkpoint import load_checkpoint
-    from services.core.config import load_config
-    from services.trainer.rollout import RolloutPool
-    from services.trainer.stages.common import Reporter
-    from services.trainer.stages.ppo import PPOTrainer
+    from chatrl.clients.lib import PolicyClient
+    from chatrl.services.core.checkpoint import load_checkpoint
+    from chatrl.services.core.config import load_config
+    from chatrl.services.trainer.rollout import RolloutPool
+    from chatrl.services.trainer.stages.common import Reporter
+    from chatrl.services.trainer.stages.ppo import PPOTrainer
 
     m = stack.cfg
     cfg = load_config(None, [

@@ -15,7 +15,7 @@ NAME = "scaling"
 
 def run(size: Size, wd: Workdir) -> tuple[list[Row], list[str]]:
     from bench import stack as stk
-    from services.trainer.rollout import RolloutPool
+    from chatrl.services.trainer.rollout import RolloutPool
 
     stk.init_ray()
     stack = stk.start(size, wd)

@@ -20,7 +20,7 @@ class Stack:
 
     @property
     def endpoints(self):
-        from services.trainer.rollout import Endpoints
+        from chatrl.services.trainer.rollout import Endpoints
 
         return Endpoints(self.procs["policy"].address, self.procs["reward"].address, self.procs["reference"].address,
                          token="")
@@ -62,6 +62,6 @@ def start(size: Size, wd: Workdir, policy_fields: dict | None = None) -> Stack:
 
 
 def init_ray() -> None:
-    from services.trainer.rollout import init_ray as start  # loopback-only, or $RAY_ADDRESS
+    from chatrl.services.trainer.rollout import init_ray as start  # loopback-only, or $RAY_ADDRESS
 
     start(num_cpus=2)

@@ -88,9 +88,9 @@ def _one_dtype(size: Size, cfg, tokens, dtype: str) -> dict[str, list[float]]:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from services.core.model import autocast
-    from services.trainer import algos
-    from services.trainer.stages.common import make_optimizer
+    from chatrl.services.core.model import autocast
+    from chatrl.services.trainer import algos
+    from chatrl.services.trainer.stages.common import make_optimizer
 
     bsz, seq = size.train_batch, size.train_seq
     ours = random_gpt(cfg).train()

@@ -48,7 +48,7 @@ def run(size: Size, wd: Workdir) -> list[Row]:
 def _one_model(size: Size, wd: Workdir, label: str, d: int, n_layer: int, n_head: int, vocab: int) -> list[Row]:
     from safetensors.torch import load_file, save_file
 
-    from clients.lib import PolicyClient
+    from chatrl.clients.lib import PolicyClient
 
     cfg = gpt_config(size, d_model=d, n_layer=n_layer, n_head=n_head, vocab_size=vocab)
     src = random_gpt(cfg, 1)

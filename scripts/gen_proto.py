@@ -2,8 +2,8 @@
 """Generate the Python gRPC code for protos/chatrl/v1/*.proto into services/proto/.
 
 Runs grpc_tools.protoc (--python_out, --pyi_out, --grpc_python_out), then rewrites the generated
-`from chatrl.v1 import x_pb2` imports to `from services.proto.chatrl.v1 import x_pb2`, so the code
-imports as `from services.proto.chatrl.v1 import policy_pb2, policy_pb2_grpc` with no sys.path hack.
+`from chatrl.v1 import x_pb2` imports to `from chatrl.services.proto.chatrl.v1 import x_pb2`, so the code
+imports as `from chatrl.services.proto.chatrl.v1 import policy_pb2, policy_pb2_grpc` with no sys.path hack.
 
     python scripts/gen_proto.py               # regenerate services/proto/ (what `make proto` runs)
     python scripts/gen_proto.py --out DIR     # generate elsewhere (tests compare DIR with services/proto/)
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PROTO_PACKAGE_DIR = Path("chatrl") / "v1"
 DEFAULT_OUT = ROOT / "services" / "proto"
-IMPORT_PREFIX = "services.proto"
+IMPORT_PREFIX = "chatrl.services.proto"
 
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 INIT_TEXT = (
@@ -35,7 +35,7 @@ _IMPORT_RE = re.compile(r"^(\s*)import chatrl(\.v1\.\w+)", re.MULTILINE)
 
 
 def rewrite_imports(text: str) -> str:
-    """Point the generated cross-file imports at the services.proto package."""
+    """Point the generated cross-file imports at the chatrl.services.proto package."""
     text = _FROM_RE.sub(rf"\1from {IMPORT_PREFIX}.chatrl\2 import ", text)
     return _IMPORT_RE.sub(rf"\1import {IMPORT_PREFIX}.chatrl\2", text)
 

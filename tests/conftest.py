@@ -66,9 +66,9 @@ def micro_overrides(tiny_data, tmp_path) -> list[str]:
 @pytest.fixture(scope="session")
 def micro_run(tiny_data, tmp_path_factory):
     """pretrain → SFT → reward model on the micro config, once per test session: (cfg, {stage: ckpt dir})."""
-    from services.core.config import load_config
-    from services.trainer.stages import pretrain, reward_model, sft
-    from services.trainer.stages.common import Reporter
+    from chatrl.services.core.config import load_config
+    from chatrl.services.trainer.stages import pretrain, reward_model, sft
+    from chatrl.services.trainer.stages.common import Reporter
 
     run = tmp_path_factory.mktemp("micro_run")
     over = [f"run_dir={run}", f"data.pretrain_files=[{tiny_data['corpus']}]", f"data.sft_file={tiny_data['sft']}",
@@ -84,7 +84,7 @@ def micro_run(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gold(tmp_path_factory) -> Path:
     """A simulated labeler fitted on the synthetic sentences (warm = 1, hostile = 0)."""
-    from services.core.gold import GoldLabeler
+    from chatrl.services.core.gold import GoldLabeler
 
     rng = random.Random(1)
     labeled = [(f"{rng.choice(SUBJECTS).capitalize()} {g}.", 1) for g in GOOD for _ in range(6)] + [
@@ -101,7 +101,7 @@ def ray_session():
     os.environ.pop("RAY_ADDRESS", None)
     import ray
 
-    from services.trainer.rollout import init_ray
+    from chatrl.services.trainer.rollout import init_ray
 
     init_ray(num_cpus=2)
     assert ray.util.get_node_ip_address() == "127.0.0.1"

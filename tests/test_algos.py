@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from services.trainer import algos
-from services.trainer.algos import (
+from chatrl.services.trainer import algos
+from chatrl.services.trainer.algos import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,

@@ -11,11 +11,11 @@ import sys
 import pytest
 import yaml
 
-from services.trainer.pipeline import free_ports
+from chatrl.services.trainer.pipeline import free_ports
 
 
 def chatrl(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "chatrl.clients.cli", *args], capture_output=True, text=True,
                           timeout=120, **kw)
 
 
@@ -34,7 +34,7 @@ def test_up_status_generate_chat_and_clean_stop(micro_run, tmp_path):
     svc = tmp_path / "services.yaml"
     svc.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    up = subprocess.Popen([sys.executable, "-m", "clients.cli", "up", "--services", str(svc)], stdout=subprocess.PIPE,
+    up = subprocess.Popen([sys.executable, "-m", "chatrl.clients.cli", "up", "--services", str(svc)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
         lines = []

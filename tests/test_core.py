@@ -12,18 +12,31 @@ import textwrap
 import pytest
 import torch
 
-from services.core.checkpoint import (
+from chatrl.services.core.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from services.core.config import ConfigError, config_from_yaml_text
-from services.core.formats import FormatError, load_pairs, load_prompts, load_rankings, load_sft, read_corpus
-from services.core.generate import SamplingParams, generate, left_pad, sequence_logprobs, truncate_logits
-from services.core.model import GPT, GPTConfig, KVCache, autocast
-from services.core.tokenizer import ChatTokenizer
+from chatrl.services.core.config import ConfigError, config_from_yaml_text
+from chatrl.services.core.formats import (
+    FormatError,
+    load_pairs,
+    load_prompts,
+    load_rankings,
+    load_sft,
+    read_corpus,
+)
+from chatrl.services.core.generate import (
+    SamplingParams,
+    generate,
+    left_pad,
+    sequence_logprobs,
+    truncate_logits,
+)
+from chatrl.services.core.model import GPT, GPTConfig, KVCache, autocast
+from chatrl.services.core.tokenizer import ChatTokenizer
 
 CFG = GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=48)
 
@@ -218,7 +231,7 @@ def test_checkpoint_survives_kill_9_during_save(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
         import safetensors.torch as st
-        from services.core import checkpoint
+        from chatrl.services.core import checkpoint
         real = st.save_file
         def save_then_die(t, path, *a, **k):
             real(t, path, *a, **k)
@@ -292,7 +305,7 @@ def test_config_overrides_and_errors():
 
 
 def test_config_inherits_a_base_file(tmp_path):
-    from services.core.config import load_config
+    from chatrl.services.core.config import load_config
 
     (tmp_path / "a.yaml").write_text("name: a\nppo: {lr: 1.0e-5, iterations: 7}\nmodel: {d_model: 64}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nppo: {lr: 5e-5}\n")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.core import datasets
-from services.core.datasets import (
+from chatrl.services.core import datasets
+from chatrl.services.core.datasets import (
     DataFetchError,
     DataPaths,
     RegistryDownloader,
@@ -28,8 +28,8 @@ from services.core.datasets import (
     parse_rotten_tomatoes,
     strip_gutenberg,
 )
-from services.core.formats import DOC_SEP, load_prompts, load_sft, read_corpus
-from services.core.gold import GoldLabeler
+from chatrl.services.core.formats import DOC_SEP, load_prompts, load_sft, read_corpus
+from chatrl.services.core.gold import GoldLabeler
 
 GUTENBERG = """The Project Gutenberg EBook of Hamlet, by William Shakespeare
 

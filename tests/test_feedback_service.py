@@ -1,5 +1,5 @@
 """The feedback service through real gRPC on 127.0.0.1: every RPC, every error status, auth, metrics,
-the labeling page, ``python -m services.feedback``, and CreateComparisonTasks against a real
+the labeling page, ``python -m chatrl.services.feedback``, and CreateComparisonTasks against a real
 policy-inference server over a tiny GPT."""
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import pytest
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from clients.lib import FeedbackClient, PolicyClient, chat_message
-from services.core import formats
-from services.core.checkpoint import save_checkpoint
-from services.core.model import GPT, GPTConfig
-from services.core.tokenizer import ChatTokenizer
-from services.feedback.server import FeedbackConfig, build
-from services.policy.server import PolicyConfig
-from services.policy.server import build as build_policy
-from services.proto.chatrl.v1 import common_pb2, feedback_pb2
-from services.runtime.server import ServerConfig
+from chatrl.clients.lib import FeedbackClient, PolicyClient, chat_message
+from chatrl.services.core import formats
+from chatrl.services.core.checkpoint import save_checkpoint
+from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.feedback.server import FeedbackConfig, build
+from chatrl.services.policy.server import PolicyConfig
+from chatrl.services.policy.server import build as build_policy
+from chatrl.services.proto.chatrl.v1 import common_pb2, feedback_pb2
+from chatrl.services.runtime.server import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "feedback-test-token"
@@ -383,7 +383,7 @@ def test_labeling_page(tmp_path):
 def test_python_m_serves_until_sigterm(tmp_path):
     db = tmp_path / "cli.db"
     env = dict(os.environ, PYTHONPATH=str(ROOT), CHATRL_AUTH_TOKEN=TOKEN)
-    p = subprocess.Popen([sys.executable, "-m", "services.feedback", "--db", str(db), "--port", "0",
+    p = subprocess.Popen([sys.executable, "-m", "chatrl.services.feedback", "--db", str(db), "--port", "0",
                           "--set", "host=127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
@@ -401,7 +401,7 @@ def test_python_m_serves_until_sigterm(tmp_path):
             p.wait()
         p.stdout.close()
         p.stderr.close()
-    from services.feedback.store import FeedbackStore
+    from chatrl.services.feedback.store import FeedbackStore
 
     with FeedbackStore(db) as s:
         assert [r["text"] for r in s.export("prompts")] == ["from the CLI"]

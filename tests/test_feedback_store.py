@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.core import formats
-from services.feedback.store import SCHEMA_VERSION, FeedbackStore, StoreError
+from chatrl.services.core import formats
+from chatrl.services.feedback.store import SCHEMA_VERSION, FeedbackStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,7 +315,7 @@ def test_export_since_and_limit(store, clock):
 
 
 def test_export_pages_past_page_size(store, monkeypatch):
-    import services.feedback.store as st
+    import chatrl.services.feedback.store as st
     monkeypatch.setattr(st, "_PAGE", 3)
     store.add_prompts([f"p{i}" for i in range(10)])  # same timestamp: ties broken by insertion order
     assert [r["text"] for r in store.export("prompts")] == [f"p{i}" for i in range(10)]
@@ -347,7 +347,7 @@ def test_concurrent_submissions_from_threads(store):
 
 _CHILD = """
 import sys
-from services.feedback.store import FeedbackStore
+from chatrl.services.feedback.store import FeedbackStore
 s = FeedbackStore(sys.argv[1])
 rid, dup, _ = s.submit_ranking("durable-1", sys.argv[2], "alice", [1, 0, 2])
 d, _ = s.submit_demonstration("durable-2", "alice", [{"role": "user", "content": "q"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.core.gold import RANGES, GoldLabeler, tokenize
+from chatrl.services.core.gold import RANGES, GoldLabeler, tokenize
 
 POSITIVE = [
     "A warm and funny film with a big heart.",

@@ -12,11 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from services.core.generate import SamplingParams, generate, left_pad, sequence_logprobs  # noqa: E402
-from services.core.hf import HFCausalLM, HFChatTokenizer, is_hf_dir, load_hf  # noqa: E402
-from services.core.model import KVCache  # noqa: E402
-from services.core.scoring import last_token_scalar  # noqa: E402
-from services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer  # noqa: E402
+from chatrl.services.core.generate import SamplingParams, generate, left_pad, sequence_logprobs  # noqa: E402
+from chatrl.services.core.hf import HFCausalLM, HFChatTokenizer, is_hf_dir, load_hf  # noqa: E402
+from chatrl.services.core.model import KVCache  # noqa: E402
+from chatrl.services.core.scoring import last_token_scalar  # noqa: E402
+from chatrl.services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -227,7 +227,7 @@ def test_render_chat_mask(loaded, bpe):
 
 
 def test_scalar_head_and_state_dict_roundtrip(dirs):
-    from services.policy.engine import load_state_into
+    from chatrl.services.policy.engine import load_state_into
 
     model, tok = load_hf(dirs["gpt2"], scalar_head=True)
     assert model.scalar_head is not None and model.scalar_head.in_features == model.cfg.d_model
@@ -245,7 +245,7 @@ def test_scalar_head_and_state_dict_roundtrip(dirs):
 
 
 def test_generation_engine_serves_hf_model(loaded):
-    from services.policy.engine import GenerationEngine
+    from chatrl.services.policy.engine import GenerationEngine
 
     model, tok = loaded["llama"]
     prompt = tok.prompt_ids("hello there")
@@ -271,12 +271,12 @@ def test_eager_attention_matches_sdpa(dirs, loaded):
 
 def test_services_serve_a_local_hf_directory(dirs, loaded):
     """policy-inference and reference-model load an HF directory like a chatrl checkpoint."""
-    from clients.lib import PolicyClient, ReferenceClient
-    from services.policy.server import PolicyConfig
-    from services.policy.server import build as build_policy
-    from services.reference.server import ReferenceConfig
-    from services.reference.server import build as build_reference
-    from services.runtime.server import ServerConfig
+    from chatrl.clients.lib import PolicyClient, ReferenceClient
+    from chatrl.services.policy.server import PolicyConfig
+    from chatrl.services.policy.server import build as build_policy
+    from chatrl.services.reference.server import ReferenceConfig
+    from chatrl.services.reference.server import build as build_reference
+    from chatrl.services.runtime.server import ServerConfig
 
     psrv, psvc = build_policy(ServerConfig(port=0), PolicyConfig(checkpoint=dirs["llama"]))
     rsrv, rsvc = build_reference(ServerConfig(port=0), ReferenceConfig(checkpoint=dirs["llama"]))
@@ -288,7 +288,7 @@ def test_services_serve_a_local_hf_directory(dirs, loaded):
             comp = res.results[0].completions[0]
             assert 1 <= len(comp.token_ids) <= 4
             lps, _ = r.logprobs([[5, 6, 7] + list(comp.token_ids)], [3])
-            from services.runtime.tensors import from_proto
+            from chatrl.services.runtime.tensors import from_proto
 
             assert torch.allclose(lps[0], from_proto(comp.logprobs), atol=1e-4)
     finally:

@@ -10,16 +10,16 @@ import grpc
 import pytest
 import torch
 
-from clients.lib import ReferenceClient, RewardClient
-from services.core.checkpoint import load_checkpoint
-from services.core.scoring import score_pairs
-from services.proto.chatrl.v1 import reference_pb2, reward_pb2
-from services.reference.server import ReferenceConfig
-from services.reference.server import build as build_reference
-from services.reward.server import RewardConfig
-from services.reward.server import build as build_reward
-from services.runtime.server import ServerConfig
-from services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
+from chatrl.clients.lib import ReferenceClient, RewardClient
+from chatrl.services.core.checkpoint import load_checkpoint
+from chatrl.services.core.scoring import score_pairs
+from chatrl.services.proto.chatrl.v1 import reference_pb2, reward_pb2
+from chatrl.services.reference.server import ReferenceConfig
+from chatrl.services.reference.server import build as build_reference
+from chatrl.services.reward.server import RewardConfig
+from chatrl.services.reward.server import build as build_reward
+from chatrl.services.runtime.server import ServerConfig
+from chatrl.services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
 
 TOKEN = "s3cret"
 

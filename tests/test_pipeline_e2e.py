@@ -8,11 +8,11 @@ import json
 import re
 from pathlib import Path
 
-from services.core.checkpoint import load_checkpoint
-from services.core.config import load_config
-from services.core.formats import load_rankings
-from services.trainer.pipeline import run_pipeline
-from services.trainer.stages.common import Reporter
+from chatrl.services.core.checkpoint import load_checkpoint
+from chatrl.services.core.config import load_config
+from chatrl.services.core.formats import load_rankings
+from chatrl.services.trainer.pipeline import run_pipeline
+from chatrl.services.trainer.stages.common import Reporter
 
 MICRO = Path(__file__).parents[1] / "configs" / "micro.yaml"
 POLL_S = 0.02
@@ -70,7 +70,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     err_file = tmp_path / "run.err"  # a file, not a pipe nobody reads while polling (it could fill and block)
     with open(err_file, "wb") as err:
-        p = subprocess.Popen([sys.executable, "-m", "clients.cli", "pipeline", "run", "-c", str(cfg_file)],
+        p = subprocess.Popen([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "run", "-c", str(cfg_file)],
                              stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
     marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "iter-00002" / "manifest.json"
     final = tmp_path / "b" / "checkpoints" / "ppo_r0" / "final"
@@ -89,7 +89,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
                   for n in ("policy", "reward", "reference", "feedback")):
         assert time.monotonic() < deadline, "services outlived the killed pipeline"
         time.sleep(POLL_S)
-    r = subprocess.run([sys.executable, "-m", "clients.cli", "pipeline", "resume", str(tmp_path / "b")],
+    r = subprocess.run([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "resume", str(tmp_path / "b")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pretrain: already finished" in r.stderr
@@ -111,14 +111,14 @@ def test_rollout_reissues_the_shard_of_a_worker_that_died(micro_run, ray_session
     import os
     import signal
 
-    from services.policy.server import PolicyConfig
-    from services.policy.server import build as build_policy
-    from services.reference.server import ReferenceConfig
-    from services.reference.server import build as build_reference
-    from services.reward.server import RewardConfig
-    from services.reward.server import build as build_reward
-    from services.runtime.server import ServerConfig
-    from services.trainer.rollout import Endpoints, RolloutPool
+    from chatrl.services.policy.server import PolicyConfig
+    from chatrl.services.policy.server import build as build_policy
+    from chatrl.services.reference.server import ReferenceConfig
+    from chatrl.services.reference.server import build as build_reference
+    from chatrl.services.reward.server import RewardConfig
+    from chatrl.services.reward.server import build as build_reward
+    from chatrl.services.runtime.server import ServerConfig
+    from chatrl.services.trainer.rollout import Endpoints, RolloutPool
 
     cks = micro_run[1]
     open_cfg = ServerConfig(port=0, auth_token_env="")

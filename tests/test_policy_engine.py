@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from services.core.generate import SamplingParams, generate
-from services.core.model import GPT, GPTConfig
-from services.core.tokenizer import ChatTokenizer
-from services.policy.engine import (
+from chatrl.services.core.generate import SamplingParams, generate
+from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.policy.engine import (
     EngineClosed,
     GenerationEngine,
     InvalidRequest,
@@ -61,7 +61,7 @@ def engine(model, tok):
 
 
 def reference(model, tok, prompt, params: SamplingParams, n: int = 1, ends: bool = True):
-    """What services.core.generate gives for sample j (seed + j), each alone."""
+    """What chatrl.services.core.generate gives for sample j (seed + j), each alone."""
     out = []
     for j in range(n):
         p = replace(params, seed=None if params.seed is None else params.seed + j,

@@ -1,6 +1,6 @@
 """policy-inference through real gRPC on 127.0.0.1: every RPC, validation errors with their status codes,
 auth, streaming, dynamic batching, UpdateWeights (chunks, sha256, atomic swap with requests in flight),
-health, metrics, and ``python -m services.policy``."""
+health, metrics, and ``python -m chatrl.services.policy``."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import grpc
 import pytest
 import torch
 
-from clients.lib import PolicyClient, sampling_params, serialize_weights
-from services.core.checkpoint import load_checkpoint, save_checkpoint
-from services.core.generate import SamplingParams, generate
-from services.core.model import GPT, GPTConfig
-from services.core.tokenizer import ChatTokenizer
-from services.policy.server import PolicyConfig, build
-from services.proto.chatrl.v1 import common_pb2, policy_pb2
-from services.runtime.server import ServerConfig
-from services.runtime.tensors import from_proto
+from chatrl.clients.lib import PolicyClient, sampling_params, serialize_weights
+from chatrl.services.core.checkpoint import load_checkpoint, save_checkpoint
+from chatrl.services.core.generate import SamplingParams, generate
+from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.policy.server import PolicyConfig, build
+from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2
+from chatrl.services.runtime.server import ServerConfig
+from chatrl.services.runtime.tensors import from_proto
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "policy-test-token"
@@ -483,7 +483,7 @@ def test_python_dash_m_serves_until_sigterm(ckpt, tmp_path):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "policy.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "services.policy", "--checkpoint", str(ckpt), "--port", str(port),
+    p = subprocess.Popen([sys.executable, "-m", "chatrl.services.policy", "--checkpoint", str(ckpt), "--port", str(port),
                           "--set", "max_new_tokens=16"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with PolicyClient(f"127.0.0.1:{port}", token="", retries=1, timeout=WAIT) as c:
@@ -510,7 +510,7 @@ def test_replica_group_reaches_every_replica_as_they_come_and_go(make_server, ck
     """UpdateWeights through a ReplicaGroup lands on every replica the name resolves to — including one that
     joined with no model (the push carries config and tokenizer) — and a replica that left is no error,
     while one that is still listed but failing is. (DNS is the one thing substituted: the resolver.)"""
-    from clients.lib import ReplicaError, ReplicaGroup, replica_addresses
+    from chatrl.clients.lib import ReplicaError, ReplicaGroup, replica_addresses
 
     assert "127.0.0.1:50051" in replica_addresses("localhost:50051")
     assert replica_addresses("10.1.2.3:7") == ["10.1.2.3:7"]

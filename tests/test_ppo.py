@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.core.checkpoint import latest_checkpoint, load_checkpoint
-from services.core.config import load_config
-from services.core.generate import SamplingParams, generate, sequence_logprobs
-from services.trainer.stages import ppo
-from services.trainer.stages.common import Reporter, model_from_checkpoint, tokenizer_from_checkpoint
-from services.trainer.stages.ppo import Experience, make_batch
+from chatrl.services.core.checkpoint import latest_checkpoint, load_checkpoint
+from chatrl.services.core.config import load_config
+from chatrl.services.core.generate import SamplingParams, generate, sequence_logprobs
+from chatrl.services.trainer.stages import ppo
+from chatrl.services.trainer.stages.common import Reporter, model_from_checkpoint, tokenizer_from_checkpoint
+from chatrl.services.trainer.stages.ppo import Experience, make_batch
 
 
 def test_make_batch_aligns_response_tokens_with_targets():

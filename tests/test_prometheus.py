@@ -153,16 +153,16 @@ def prometheus_bin() -> str:
 @pytest.fixture()
 def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin):
     """The five services in-process with /metrics on, and Prometheus scraping them every second."""
-    from services.feedback.server import FeedbackConfig
-    from services.feedback.server import build as build_feedback
-    from services.policy.server import PolicyConfig
-    from services.policy.server import build as build_policy
-    from services.reference.server import ReferenceConfig
-    from services.reference.server import build as build_reference
-    from services.reward.server import RewardConfig
-    from services.reward.server import build as build_reward
-    from services.runtime.server import ServerConfig
-    from services.trainer import server as trainer_server
+    from chatrl.services.feedback.server import FeedbackConfig
+    from chatrl.services.feedback.server import build as build_feedback
+    from chatrl.services.policy.server import PolicyConfig
+    from chatrl.services.policy.server import build as build_policy
+    from chatrl.services.reference.server import ReferenceConfig
+    from chatrl.services.reference.server import build as build_reference
+    from chatrl.services.reward.server import RewardConfig
+    from chatrl.services.reward.server import build as build_reward
+    from chatrl.services.runtime.server import ServerConfig
+    from chatrl.services.trainer import server as trainer_server
 
     monkeypatch.setenv(TOKEN_ENV, "tok")
     _, cks = micro_run
@@ -234,12 +234,12 @@ def _trainer_runner(real_run_stage, policy_addr, reward_addr, reference_addr, ck
             return real_run_stage(stage, cfg, reporter)
         import numpy as np
 
-        from clients.lib import PolicyClient
-        from services.core.checkpoint import load_checkpoint
-        from services.core.gold import GoldLabeler
-        from services.trainer.rollout import Endpoints, RolloutWorker
-        from services.trainer.stages import ppo
-        from services.trainer.stages.common import setup_runtime
+        from chatrl.clients.lib import PolicyClient
+        from chatrl.services.core.checkpoint import load_checkpoint
+        from chatrl.services.core.gold import GoldLabeler
+        from chatrl.services.trainer.rollout import Endpoints, RolloutWorker
+        from chatrl.services.trainer.stages import ppo
+        from chatrl.services.trainer.stages.common import setup_runtime
 
         setup_runtime(cfg)
         pc = cfg.ppo
@@ -276,8 +276,8 @@ def _micro_yaml(tiny_data) -> str:
 def _drive_traffic(servers, tiny_data) -> int:
     """RPCs on every service (successes, client errors, a rejection), two trainer runs. Returns the
     number of accepted weight updates."""
-    from clients.lib import FeedbackClient, PolicyClient, RewardClient, TrainerClient
-    from services.proto.chatrl.v1 import trainer_pb2
+    from chatrl.clients.lib import FeedbackClient, PolicyClient, RewardClient, TrainerClient
+    from chatrl.services.proto.chatrl.v1 import trainer_pb2
 
     addr = {job: srv.address for job, (srv, _) in servers.items()}
     with FeedbackClient(addr["feedback"], token="tok", timeout=60) as fb:

@@ -94,8 +94,8 @@ def test_generated_imports_are_rewritten():
 
 @pytest.mark.parametrize("module", sorted(EXPECTED))
 def test_service_modules_have_rpcs(module):
-    pb2 = importlib.import_module(f"services.proto.chatrl.v1.{module}_pb2")
-    pb2_grpc = importlib.import_module(f"services.proto.chatrl.v1.{module}_pb2_grpc")
+    pb2 = importlib.import_module(f"chatrl.services.proto.chatrl.v1.{module}_pb2")
+    pb2_grpc = importlib.import_module(f"chatrl.services.proto.chatrl.v1.{module}_pb2_grpc")
     for service, rpcs in EXPECTED[module].items():
         desc = pb2.DESCRIPTOR.services_by_name[service]
         got = {m.name: (m.client_streaming, m.server_streaming) for m in desc.methods}
@@ -108,7 +108,7 @@ def test_service_modules_have_rpcs(module):
 
 
 def test_tensor_round_trip():
-    from services.proto.chatrl.v1 import common_pb2
+    from chatrl.services.proto.chatrl.v1 import common_pb2
 
     arr = np.arange(6, dtype="<f4").reshape(2, 3) / 7
     t = common_pb2.Tensor(data=arr.tobytes(), dtype=common_pb2.DTYPE_FLOAT32, shape=arr.shape)
@@ -120,7 +120,7 @@ def test_tensor_round_trip():
 
 def test_loopback_generate_and_stream():
     """A stub servicer on loopback: request/response wiring, oneofs and streams work end to end."""
-    from services.proto.chatrl.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+    from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
     class Fake(policy_pb2_grpc.PolicyInferenceServiceServicer):
         def Generate(self, request, context):
@@ -180,7 +180,7 @@ def test_loopback_generate_and_stream():
 
 
 def test_optional_sampling_fields_have_presence():
-    from services.proto.chatrl.v1 import common_pb2
+    from chatrl.services.proto.chatrl.v1 import common_pb2
 
     sp = common_pb2.SamplingParams()
     assert not sp.HasField("temperature") and not sp.HasField("seed")

@@ -11,14 +11,14 @@ import grpc
 import pytest
 import torch
 
-from clients.lib import ClientOptions, RewardClient
-from services.reward.server import RewardConfig
-from services.reward.server import build as build_reward
-from services.runtime.batcher import MicroBatcher
-from services.runtime.errors import ServiceError
-from services.runtime.logs import JsonFormatter
-from services.runtime.server import ServerConfig
-from services.runtime.tensors import TensorDecodeError, from_proto, to_proto
+from chatrl.clients.lib import ClientOptions, RewardClient
+from chatrl.services.reward.server import RewardConfig
+from chatrl.services.reward.server import build as build_reward
+from chatrl.services.runtime.batcher import MicroBatcher
+from chatrl.services.runtime.errors import ServiceError
+from chatrl.services.runtime.logs import JsonFormatter
+from chatrl.services.runtime.server import ServerConfig
+from chatrl.services.runtime.tensors import TensorDecodeError, from_proto, to_proto
 
 
 def openssl(*args, cwd):
@@ -158,7 +158,7 @@ def _weights_state():
 def test_packed_weights_are_safetensors_both_ways_and_reuse_the_buffer():
     from safetensors.torch import load, save
 
-    from services.runtime.weights import pack_state, unpack_state
+    from chatrl.services.runtime.weights import pack_state, unpack_state
 
     sd = _weights_state()
     buf = pack_state(sd, metadata={"stage": "ppo"})
@@ -184,7 +184,7 @@ def test_packed_weights_are_safetensors_both_ways_and_reuse_the_buffer():
     (lambda b: b + b"\0" * 8, "cover"),
 ])
 def test_malformed_weight_payloads_name_the_problem(mutate, match):
-    from services.runtime.weights import WeightsFormatError, pack_state, unpack_state
+    from chatrl.services.runtime.weights import WeightsFormatError, pack_state, unpack_state
 
     buf = bytes(pack_state({"w": torch.ones(2, 2), "v": torch.ones(3)}))
     with pytest.raises(WeightsFormatError, match=match):
@@ -195,7 +195,7 @@ def test_weight_payload_with_overlapping_tensors_is_refused():
     import json
     import struct
 
-    from services.runtime.weights import WeightsFormatError, unpack_state
+    from chatrl.services.runtime.weights import WeightsFormatError, unpack_state
 
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()

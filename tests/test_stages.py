@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import main
-from services.core.checkpoint import latest_checkpoint, load_checkpoint
-from services.core.config import load_config
-from services.trainer.stages import pretrain, reward_model, sft
-from services.trainer.stages.common import Cancelled, Reporter, stage_dir
+from chatrl.clients.cli import main
+from chatrl.services.core.checkpoint import latest_checkpoint, load_checkpoint
+from chatrl.services.core.config import load_config
+from chatrl.services.trainer.stages import pretrain, reward_model, sft
+from chatrl.services.trainer.stages.common import Cancelled, Reporter, stage_dir
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
 

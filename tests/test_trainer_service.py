@@ -9,11 +9,11 @@ import grpc
 import pytest
 import yaml
 
-from clients.lib import TrainerClient
-from services.proto.chatrl.v1 import trainer_pb2
-from services.runtime.server import ServerConfig
-from services.trainer.runs import RunManager
-from services.trainer.server import TrainerConfig, build
+from chatrl.clients.lib import TrainerClient
+from chatrl.services.proto.chatrl.v1 import trainer_pb2
+from chatrl.services.runtime.server import ServerConfig
+from chatrl.services.trainer.runs import RunManager
+from chatrl.services.trainer.server import TrainerConfig, build
 
 MICRO = Path(__file__).parents[1] / "configs" / "micro.yaml"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from services.core.model import GPTConfig
+from chatrl.services.core.model import GPTConfig
 
 
 @dataclass

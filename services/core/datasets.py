@@ -22,7 +22,7 @@ Sources (each verified to exist after extraction):
   two sets are disjoint and eval prompts never appear in SFT;
 * ``reviews_heldout.jsonl`` — ``{"text", "label"}`` snippets of the held-out films, used nowhere else
   (the simulated labeler's classifier accuracy is measured on them);
-* ``gold.npz`` — the fitted simulated labeler (:mod:`services.core.gold`);
+* ``gold.npz`` — the fitted simulated labeler (:mod:`chatrl.services.core.gold`);
 * ``manifest.json`` — sources with sha256, counts, sizes, classifier accuracy, timings.
 
 Everything is cached: a second ``fetch`` with the outputs present touches no network and builds nothing.
@@ -50,9 +50,9 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from services.core.checkpoint import atomic_write_text, sha256_file
-from services.core.formats import write_jsonl
-from services.core.gold import GoldLabeler
+from chatrl.services.core.checkpoint import atomic_write_text, sha256_file
+from chatrl.services.core.formats import write_jsonl
+from chatrl.services.core.gold import GoldLabeler
 
 BUILD_VERSION = 1
 DOC_SEP = "<|endoftext|>"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.core.checkpoint import atomic_write_text
+from chatrl.services.core.checkpoint import atomic_write_text
 
 DOC_SEP = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.core.model import GPT, KVCache, autocast
+from chatrl.services.core.model import GPT, KVCache, autocast
 
 
 @dataclass

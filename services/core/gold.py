@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.core.checkpoint import atomic_write_bytes
+from chatrl.services.core.checkpoint import atomic_write_bytes
 
 FORMAT_VERSION = 1
 NONWORD_LEN = 18  # unknown words longer than this are not words (real ones: "institutionalized", 17)

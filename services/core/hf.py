@@ -1,5 +1,5 @@
 """Optional backend: a Hugging Face ``AutoModelForCausalLM`` + tokenizer from a *local* directory, behind
-the interface of :class:`services.core.model.GPT` and :class:`services.core.tokenizer.ChatTokenizer`.
+the interface of :class:`chatrl.services.core.model.GPT` and :class:`chatrl.services.core.tokenizer.ChatTokenizer`.
 
 Nothing here touches the hub: every ``from_pretrained`` call gets a local directory and
 ``local_files_only=True``. ``transformers`` is imported lazily, so the rest of chatrl never needs it.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from services.core.model import KVCache, ModelOutput
+from chatrl.services.core.model import KVCache, ModelOutput
 
 _ATTN_IMPLS = ("sdpa", "eager")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from services.core.model import GPT, autocast
-from services.core.tokenizer import ChatTokenizer
+from chatrl.services.core.model import GPT, autocast
+from chatrl.services.core.tokenizer import ChatTokenizer
 
 
 def pair_ids(tok: ChatTokenizer, prompt: str, response: str, finished: bool, max_len: int) -> list[int]:

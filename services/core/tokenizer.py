@@ -61,7 +61,7 @@ class ChatTokenizer:
         return cls(Tokenizer.from_str(data))
 
     def save(self, path: str | Path) -> None:
-        from services.core.checkpoint import atomic_write_text
+        from chatrl.services.core.checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), self.tok.to_str())
 

@@ -1,3 +1,3 @@
-from services.feedback.server import main
+from chatrl.services.feedback.server import main
 
 raise SystemExit(main())

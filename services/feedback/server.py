@@ -1,11 +1,11 @@
-"""feedback service: thin gRPC glue over :class:`services.feedback.store.FeedbackStore`.
+"""feedback service: thin gRPC glue over :class:`chatrl.services.feedback.store.FeedbackStore`.
 
 Every ``FeedbackService`` RPC of ``protos/chatrl/v1/feedback.proto``. ``CreateComparisonTasks`` asks
 policy-inference (``policy_address``) for K samples per prompt through the client library's
 :class:`PolicyClient`, then stores one ranking task per prompt. Submissions are on disk before the RPC
 returns (SQLite WAL, ``synchronous=FULL``). Optionally serves the labeling page (``web_port``).
 
-Run it: ``python -m services.feedback --db runs/feedback.db --port 50055`` (or ``chatrl serve feedback``).
+Run it: ``python -m chatrl.services.feedback --db runs/feedback.db --port 50055`` (or ``chatrl serve feedback``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from clients.lib import PolicyClient
-from services.feedback.store import FeedbackStore, StoreError
-from services.proto.chatrl.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
-from services.runtime.errors import ServiceError, invalid, require
-from services.runtime.logs import event
-from services.runtime.main import run_service
-from services.runtime.server import ServerConfig, ServiceServer
+from chatrl.clients.lib import PolicyClient
+from chatrl.services.feedback.store import FeedbackStore, StoreError
+from chatrl.services.proto.chatrl.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
+from chatrl.services.runtime.errors import ServiceError, invalid, require
+from chatrl.services.runtime.logs import event
+from chatrl.services.runtime.main import run_service
+from chatrl.services.runtime.server import ServerConfig, ServiceServer
 
 log = logging.getLogger("chatrl.feedback")
 
@@ -317,7 +317,7 @@ def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer,
                     feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name)
     srv.start()
     if cfg.web_port >= 0:
-        from services.feedback.web import LabelingWeb
+        from chatrl.services.feedback.web import LabelingWeb
 
         svc.web = LabelingWeb(svc.store, cfg.web_host, cfg.web_port, token=srv.token, metrics=svc.metrics)
         svc.web.start()

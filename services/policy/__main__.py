@@ -1,5 +1,5 @@
-"""``python -m services.policy --checkpoint DIR --port P`` (same flags as ``chatrl serve policy``)."""
+"""``python -m chatrl.services.policy --checkpoint DIR --port P`` (same flags as ``chatrl serve policy``)."""
 
-from services.policy.server import main
+from chatrl.services.policy.server import main
 
 raise SystemExit(main())

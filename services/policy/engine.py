@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from services.core.generate import RowSampler, SamplingParams, decode_step, prefill, sample_rows
-from services.core.model import KVCache, autocast
+from chatrl.services.core.generate import RowSampler, SamplingParams, decode_step, prefill, sample_rows
+from chatrl.services.core.model import KVCache, autocast
 
 log = logging.getLogger("chatrl.policy.engine")
 

@@ -1,4 +1,4 @@
-"""policy-inference service: thin gRPC glue over :class:`services.policy.engine.GenerationEngine`.
+"""policy-inference service: thin gRPC glue over :class:`chatrl.services.policy.engine.GenerationEngine`.
 
 ``Generate`` / ``GenerateStream`` validate every field (``INVALID_ARGUMENT`` naming it), turn prompts
 (text, token ids or a chat rendered with the chat template) into token ids and hand them to the
@@ -6,7 +6,7 @@ continuously batching engine; ``UpdateWeights`` receives a safetensors payload i
 offsets, size and SHA-256, parses it without pickle and stages it in the engine (requests already
 running finish on the old version); ``GetModelInfo`` describes the latest model.
 
-Run it: ``python -m services.policy --checkpoint runs/tiny/checkpoints/sft --port 50051`` (or
+Run it: ``python -m chatrl.services.policy --checkpoint runs/tiny/checkpoints/sft --port 50051`` (or
 ``chatrl serve policy``). Without a checkpoint the service starts NOT_SERVING and takes its first model
 from ``UpdateWeights`` (metadata ``config_json`` — the GPT config — and ``tokenizer_json``).
 """
@@ -28,10 +28,10 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.core.generate import SamplingParams
-from services.core.model import GPT, GPTConfig
-from services.core.tokenizer import ChatTokenizer
-from services.policy.engine import (
+from chatrl.services.core.generate import SamplingParams
+from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.policy.engine import (
     FINISH_STOP,
     Completion,
     EngineClosed,
@@ -48,14 +48,21 @@ from services.policy.engine import (
     VersionMismatch,
     load_state_into,
 )
-from services.proto.chatrl.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-from services.runtime.errors import ServiceError, check_token_ids, exhausted, invalid, precondition, require
-from services.runtime.logs import event
-from services.runtime.main import run_service
-from services.runtime.model_host import ModelHost, model_info
-from services.runtime.server import ServerConfig, ServiceServer
-from services.runtime.tensors import to_proto
-from services.runtime.weights import WeightsFormatError, unpack_state
+from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from chatrl.services.runtime.errors import (
+    ServiceError,
+    check_token_ids,
+    exhausted,
+    invalid,
+    precondition,
+    require,
+)
+from chatrl.services.runtime.logs import event
+from chatrl.services.runtime.main import run_service
+from chatrl.services.runtime.model_host import ModelHost, model_info
+from chatrl.services.runtime.server import ServerConfig, ServiceServer
+from chatrl.services.runtime.tensors import to_proto
+from chatrl.services.runtime.weights import WeightsFormatError, unpack_state
 
 log = logging.getLogger("chatrl.policy")
 

@@ -1,3 +1,3 @@
-from services.reference.server import main
+from chatrl.services.reference.server import main
 
 raise SystemExit(main())

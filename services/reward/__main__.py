@@ -1,3 +1,3 @@
-from services.reward.server import main
+from chatrl.services.reward.server import main
 
 raise SystemExit(main())

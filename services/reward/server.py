@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.core.scoring import last_token_scalar, pair_ids
-from services.proto.chatrl.v1 import reward_pb2, reward_pb2_grpc
-from services.runtime.batcher import MicroBatcher
-from services.runtime.errors import check_token_ids, invalid, require
-from services.runtime.main import run_service
-from services.runtime.model_host import ModelHost, ServedModel
-from services.runtime.server import ServerConfig, ServiceServer
+from chatrl.services.core.scoring import last_token_scalar, pair_ids
+from chatrl.services.proto.chatrl.v1 import reward_pb2, reward_pb2_grpc
+from chatrl.services.runtime.batcher import MicroBatcher
+from chatrl.services.runtime.errors import check_token_ids, invalid, require
+from chatrl.services.runtime.main import run_service
+from chatrl.services.runtime.model_host import ModelHost, ServedModel
+from chatrl.services.runtime.server import ServerConfig, ServiceServer
 
 MAX_ITEMS = 4096
 

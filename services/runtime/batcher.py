@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from services.runtime.errors import exhausted
+from chatrl.services.runtime.errors import exhausted
 
 
 class MicroBatcher:

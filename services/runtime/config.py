@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from services.core.config import ConfigError, apply_overrides, from_dict
-from services.runtime.server import ServerConfig, server_fields
+from chatrl.services.core.config import ConfigError, apply_overrides, from_dict
+from chatrl.services.runtime.server import ServerConfig, server_fields
 
 SERVICES = ("policy", "reward", "reference", "trainer", "feedback")
 

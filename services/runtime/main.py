@@ -7,9 +7,9 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from services.core.config import ConfigError
-from services.runtime.config import load_services_config, split_config
-from services.runtime.logs import setup_logging
+from chatrl.services.core.config import ConfigError
+from chatrl.services.runtime.config import load_services_config, split_config
+from chatrl.services.runtime.logs import setup_logging
 
 log = logging.getLogger("chatrl.main")
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.core.checkpoint import CheckpointError, load_checkpoint
-from services.core.hf import is_hf_dir
-from services.core.model import GPT, GPTConfig
-from services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer
-from services.proto.chatrl.v1 import common_pb2
-from services.runtime.errors import invalid, not_found, precondition
+from chatrl.services.core.checkpoint import CheckpointError, load_checkpoint
+from chatrl.services.core.hf import is_hf_dir
+from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer
+from chatrl.services.proto.chatrl.v1 import common_pb2
+from chatrl.services.runtime.errors import invalid, not_found, precondition
 
 
 @dataclass(frozen=True)
 class Loaded:
-    model: torch.nn.Module  # a GPT, or an HF model behind the same interface (services.core.hf)
+    model: torch.nn.Module  # a GPT, or an HF model behind the same interface (chatrl.services.core.hf)
     tok: ChatTokenizer
     version: int
     uri: str
@@ -87,8 +87,8 @@ class ModelHost:
         """A local Hugging Face model directory (AutoModelForCausalLM + tokenizer), no hub access."""
         import hashlib
 
-        from services.core.checkpoint import sha256_file
-        from services.core.hf import load_hf
+        from chatrl.services.core.checkpoint import sha256_file
+        from chatrl.services.core.hf import load_hf
 
         if self.scalar_head and not (path / "scalar_head.safetensors").is_file():
             raise invalid("checkpoint_uri", f"{path} has no scalar_head.safetensors (not a reward model)")

@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from services.runtime.errors import ServiceError
+from chatrl.services.runtime.errors import ServiceError
 
 log = logging.getLogger("chatrl.server")
 

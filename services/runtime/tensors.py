@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from services.proto.chatrl.v1 import common_pb2
+from chatrl.services.proto.chatrl.v1 import common_pb2
 
 _TORCH = {
     common_pb2.DTYPE_FLOAT32: torch.float32, common_pb2.DTYPE_BFLOAT16: torch.bfloat16,

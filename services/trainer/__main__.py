@@ -1,3 +1,3 @@
-from services.trainer.server import main
+from chatrl.services.trainer.server import main
 
 raise SystemExit(main())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from services.core.config import RunConfig
-from services.trainer.pipeline import run_pipeline
-from services.trainer.report import eval_table
-from services.trainer.stages.common import Reporter, setup_runtime
+from chatrl.services.core.config import RunConfig
+from chatrl.services.trainer.pipeline import run_pipeline
+from chatrl.services.trainer.report import eval_table
+from chatrl.services.trainer.stages.common import Reporter, setup_runtime
 
 
 def run_demo(cfg: RunConfig) -> int:

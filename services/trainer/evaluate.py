@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from services.core.config import RunConfig
+from chatrl.services.core.config import RunConfig
 
 
 def evaluate_stage(cfg: RunConfig, ck, ref_ckpt, rm_ckpt, prompts: list[str], gold, temperature: float = 1.0,
@@ -15,17 +15,17 @@ def evaluate_stage(cfg: RunConfig, ck, ref_ckpt, rm_ckpt, prompts: list[str], go
     the reference (SFT) model per response, response length and finished-turn rate."""
     import torch
 
-    from services.core.checkpoint import load_checkpoint
-    from services.core.generate import sequence_logprobs
-    from services.core.scoring import score_pairs
-    from services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
+    from chatrl.services.core.checkpoint import load_checkpoint
+    from chatrl.services.core.generate import sequence_logprobs
+    from chatrl.services.core.scoring import score_pairs
+    from chatrl.services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
 
     tok = tokenizer_from_checkpoint(ck)
     policy = model_from_checkpoint(ck, device=cfg.device).eval()
     ref = model_from_checkpoint(load_checkpoint(ref_ckpt), device=cfg.device).eval()
     max_new = cfg.ppo.max_new_tokens
     out: list[tuple[str, list[int], list[int], str, bool]] = []
-    from services.core.generate import SamplingParams, generate
+    from chatrl.services.core.generate import SamplingParams, generate
 
     for i in range(0, len(prompts), 32):
         chunk = prompts[i: i + 32]

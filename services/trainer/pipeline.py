@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.core.checkpoint import atomic_write_text, load_checkpoint
-from services.core.config import RunConfig
-from services.core.formats import load_prompts, load_rankings, write_jsonl
-from services.trainer.stages import ppo, pretrain, reward_model, sft
-from services.trainer.stages.common import Reporter, run_dir, stage_dir, stage_done, write_json
-from services.trainer.stages.data import resolve_data
+from chatrl.services.core.checkpoint import atomic_write_text, load_checkpoint
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.formats import load_prompts, load_rankings, write_jsonl
+from chatrl.services.trainer.stages import ppo, pretrain, reward_model, sft
+from chatrl.services.trainer.stages.common import Reporter, run_dir, stage_dir, stage_done, write_json
+from chatrl.services.trainer.stages.data import resolve_data
 
 log = logging.getLogger("chatrl.pipeline")
 
@@ -52,7 +52,7 @@ def free_ports(n: int) -> list[int]:
 @dataclass
 class Services:
     """Clients of the services the pipeline talks to (and the local processes, if it started them). The
-    model services are :class:`~clients.lib.ReplicaGroup` s: weights and models go to every replica."""
+    model services are :class:`~chatrl.clients.lib.ReplicaGroup` s: weights and models go to every replica."""
 
     policy: object
     reward: object
@@ -69,8 +69,8 @@ class Services:
 
 
 def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Services:
-    from clients.lib import FeedbackClient, PolicyClient, ReferenceClient, ReplicaGroup, RewardClient
-    from clients.up import LocalCluster
+    from chatrl.clients.lib import FeedbackClient, PolicyClient, ReferenceClient, ReplicaGroup, RewardClient
+    from chatrl.clients.up import LocalCluster
 
     pc = cfg.pipeline
     names = ["policy", "reward", "reference", "feedback"]
@@ -92,7 +92,7 @@ def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Servic
                      + ", ".join(f"{n} {cluster.address(n)}" for n in names))
         addrs = {n: cluster.address(n) for n in names}
     else:
-        from services.runtime.config import load_services_config
+        from chatrl.services.runtime.config import load_services_config
 
         secs = load_services_config(pc.services, list(pc.service_overrides))
         addrs = {n: f"{secs[n].get('host', '127.0.0.1')}:{secs[n]['port']}" for n in names}
@@ -206,9 +206,9 @@ def reuse(src: Path, dst: Path, reporter: Reporter) -> None:
 
 
 def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
-    from services.core.gold import GoldLabeler
-    from services.trainer.evaluate import evaluate_stage
-    from services.trainer.report import write_report
+    from chatrl.services.core.gold import GoldLabeler
+    from chatrl.services.trainer.evaluate import evaluate_stage
+    from chatrl.services.trainer.report import write_report
 
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
@@ -239,7 +239,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     pool = None
     svc = start_services(cfg, sft_res.checkpoint, reporter)
     try:
-        from services.trainer.rollout import Endpoints, RolloutPool
+        from chatrl.services.trainer.rollout import Endpoints, RolloutPool
 
         t = time.perf_counter()
         pool = RolloutPool(Endpoints(svc.addresses["policy"], svc.addresses["reward"], svc.addresses["reference"]),

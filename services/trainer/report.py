@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.core.checkpoint import atomic_write_text
-from services.core.config import RunConfig
-from services.trainer.stages.common import run_dir
+from chatrl.services.core.checkpoint import atomic_write_text
+from chatrl.services.core.config import RunConfig
+from chatrl.services.trainer.stages.common import run_dir
 
 PLOTS = [("reward", "RM score (train samples)"), ("gold_train", "gold score (train samples)"),
          ("kl", "KL to SFT per response (nats)"), ("beta", "KL coefficient β"),

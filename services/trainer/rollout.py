@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
 
-from services.trainer.stages.ppo import Experience
+from chatrl.services.trainer.stages.ppo import Experience
 
 log = logging.getLogger("chatrl.rollout")
 
@@ -42,7 +42,7 @@ class RolloutWorker:
     def __init__(self, endpoints: Endpoints, worker_id: int = 0) -> None:
         import torch
 
-        from clients.lib import PolicyClient, ReferenceClient, RewardClient
+        from chatrl.clients.lib import PolicyClient, ReferenceClient, RewardClient
 
         torch.set_num_threads(1)
         self.id = worker_id
@@ -62,8 +62,8 @@ class RolloutWorker:
         if not prompts:
             return []
         t0 = time.perf_counter()
-        from services.proto.chatrl.v1 import common_pb2
-        from services.runtime.tensors import from_proto
+        from chatrl.services.proto.chatrl.v1 import common_pb2
+        from chatrl.services.runtime.tensors import from_proto
 
         res = self.policy.generate(list(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                    seed=seed, expected_model_version=expected_version)

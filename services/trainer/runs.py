@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from services.core.checkpoint import atomic_write_text
-from services.core.config import RunConfig, config_from_yaml_text
-from services.trainer.stages.common import Cancelled, Reporter
+from chatrl.services.core.checkpoint import atomic_write_text
+from chatrl.services.core.config import RunConfig, config_from_yaml_text
+from chatrl.services.trainer.stages.common import Cancelled, Reporter
 
 log = logging.getLogger("chatrl.trainer")
 
@@ -214,7 +214,7 @@ class RunManager:
         return rec
 
     def parse_config(self, config_yaml: str, overrides: dict[str, str], run_id: str) -> RunConfig:
-        from services.core.config import ConfigError
+        from chatrl.services.core.config import ConfigError
 
         try:
             d = yaml.safe_load(config_yaml) if config_yaml.strip() else {}

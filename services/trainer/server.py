@@ -13,14 +13,14 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Gauge
 
-from services.core.checkpoint import list_checkpoints
-from services.core.config import RunConfig
-from services.proto.chatrl.v1 import trainer_pb2, trainer_pb2_grpc
-from services.runtime.errors import ServiceError, already_exists, invalid, not_found
-from services.runtime.main import run_service
-from services.runtime.server import ServerConfig, ServiceServer
-from services.trainer.runs import Event, RunError, RunManager, RunRecord
-from services.trainer.stages.common import Reporter
+from chatrl.services.core.checkpoint import list_checkpoints
+from chatrl.services.core.config import RunConfig
+from chatrl.services.proto.chatrl.v1 import trainer_pb2, trainer_pb2_grpc
+from chatrl.services.runtime.errors import ServiceError, already_exists, invalid, not_found
+from chatrl.services.runtime.main import run_service
+from chatrl.services.runtime.server import ServerConfig, ServiceServer
+from chatrl.services.trainer.runs import Event, RunError, RunManager, RunRecord
+from chatrl.services.trainer.stages.common import Reporter
 
 STAGE_TO_PROTO = {"pretrain": trainer_pb2.STAGE_PRETRAIN, "sft": trainer_pb2.STAGE_SFT,
                   "reward": trainer_pb2.STAGE_REWARD_MODEL, "ppo": trainer_pb2.STAGE_PPO,
@@ -36,12 +36,12 @@ class TrainerConfig:
 
 def run_stage(stage: str, cfg: RunConfig, reporter: Reporter) -> None:
     """Execute one stage, or the pipeline, with the same code `chatrl train` uses."""
-    from services.trainer.stages import STAGES
-    from services.trainer.stages.common import setup_runtime
+    from chatrl.services.trainer.stages import STAGES
+    from chatrl.services.trainer.stages.common import setup_runtime
 
     setup_runtime(cfg)
     if stage == "pipeline":
-        from services.trainer.pipeline import run_pipeline
+        from chatrl.services.trainer.pipeline import run_pipeline
 
         run_pipeline(cfg, reporter)
         return

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from services.core.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from services.core.config import RunConfig
-from services.core.model import GPT, GPTConfig
-from services.core.tokenizer import ChatTokenizer
+from chatrl.services.core.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.tokenizer import ChatTokenizer
 
 
 class Cancelled(Exception):
@@ -173,6 +173,6 @@ class Throughput:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    from services.core.checkpoint import atomic_write_text
+    from chatrl.services.core.checkpoint import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.core.config import RunConfig
+from chatrl.services.core.config import RunConfig
 
 
 @dataclass
@@ -23,7 +23,7 @@ def resolve_data(cfg: RunConfig) -> RunData:
     explicit = bool(d.pretrain_files and d.sft_file and d.prompts_file and d.eval_prompts_file)
     built = None
     if not explicit:
-        from services.core import datasets
+        from chatrl.services.core import datasets
 
         built = datasets.fetch(Path(d.cache_dir))
     return RunData(

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.core.checkpoint import Checkpoint, flatten_optimizer, latest_checkpoint, save_checkpoint
-from services.core.config import RunConfig
-from services.core.formats import load_prompts
-from services.core.model import GPT, autocast
-from services.core.tokenizer import ChatTokenizer
-from services.trainer import algos
-from services.trainer.stages.common import (
+from chatrl.services.core.checkpoint import Checkpoint, flatten_optimizer, latest_checkpoint, save_checkpoint
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.formats import load_prompts
+from chatrl.services.core.model import GPT, autocast
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.trainer import algos
+from chatrl.services.trainer.stages.common import (
     Reporter,
     make_optimizer,
     model_from_checkpoint,
@@ -142,7 +142,7 @@ class PPOTrainer:
         self.version = 0
         self.ptx_tokens = None  # PPO-ptx: the pre-training corpus, tokenised (cached in the run dir)
         if pc.ptx_coef > 0:
-            from services.trainer.stages.pretrain import corpus_tokens
+            from chatrl.services.trainer.stages.pretrain import corpus_tokens
 
             self.ptx_tokens = torch.from_numpy(corpus_tokens(cfg, self.tok).astype(np.int64))
         self.root = stage_dir(cfg, stage_name(round_))
@@ -171,7 +171,7 @@ class PPOTrainer:
             self.opt_p.load_state_dict(st)
         meta = ck.manifest["meta"]
         if meta.get("value_optimizer") and ck.has("value_optimizer"):
-            from services.core.checkpoint import unflatten_optimizer
+            from chatrl.services.core.checkpoint import unflatten_optimizer
 
             self.opt_v.load_state_dict(unflatten_optimizer(ck.tensors("value_optimizer"), meta["value_optimizer"]))
         self.kl_ctl.load_state_dict(meta["kl_controller"])
@@ -219,7 +219,7 @@ class PPOTrainer:
                 if pc.entropy_coef:
                     loss = loss - pc.entropy_coef * algos.masked_mean(ent, mb.mask)
                 if self.ptx_tokens is not None:
-                    from services.trainer.stages.pretrain import batch_at
+                    from chatrl.services.trainer.stages.pretrain import batch_at
 
                     xb = batch_at(self.ptx_tokens, self.iteration * 1000 + s, cfg.seed, pc.minibatch_size,
                                   min(cfg.pretrain.seq_len, self.policy.cfg.max_seq_len - 1)).to(cfg.device)

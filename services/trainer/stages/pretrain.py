@@ -12,13 +12,13 @@ import time
 import numpy as np
 import torch
 
-from services.core.checkpoint import atomic_write_bytes
-from services.core.config import RunConfig
-from services.core.formats import read_corpus
-from services.core.model import GPT, GPTConfig, autocast
-from services.core.tokenizer import ChatTokenizer
-from services.trainer import algos
-from services.trainer.stages.common import (
+from chatrl.services.core.checkpoint import atomic_write_bytes
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.formats import read_corpus
+from chatrl.services.core.model import GPT, GPTConfig, autocast
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.trainer import algos
+from chatrl.services.trainer.stages.common import (
     Reporter,
     StageResult,
     Throughput,
@@ -30,7 +30,7 @@ from services.trainer.stages.common import (
     stage_dir,
     stage_done,
 )
-from services.trainer.stages.data import resolve_data
+from chatrl.services.trainer.stages.data import resolve_data
 
 STAGE = "pretrain"
 
@@ -44,7 +44,7 @@ def build_tokenizer(cfg: RunConfig, reporter: Reporter) -> ChatTokenizer:
         return ChatTokenizer.load(path)
     paths = resolve_data(cfg)
     docs = read_corpus(paths.pretrain)
-    from services.core.formats import load_sft
+    from chatrl.services.core.formats import load_sft
 
     chats = [" ".join(m["content"] for m in conv) for conv in load_sft(paths.sft)]
     t0 = time.perf_counter()

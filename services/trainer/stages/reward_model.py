@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.core.config import RunConfig
-from services.core.formats import Ranking, load_pairs, load_prompts, load_rankings, write_jsonl
-from services.core.generate import SamplingParams, generate
-from services.core.model import GPT
-from services.core.scoring import last_token_scalar, pair_ids
-from services.core.tokenizer import ChatTokenizer
-from services.trainer import algos
-from services.trainer.stages.common import (
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.formats import Ranking, load_pairs, load_prompts, load_rankings, write_jsonl
+from chatrl.services.core.generate import SamplingParams, generate
+from chatrl.services.core.model import GPT
+from chatrl.services.core.scoring import last_token_scalar, pair_ids
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.trainer import algos
+from chatrl.services.trainer.stages.common import (
     Reporter,
     StageResult,
     lr_at,
@@ -37,7 +37,7 @@ from services.trainer.stages.common import (
     stage_done,
     tokenizer_from_checkpoint,
 )
-from services.trainer.stages.data import resolve_data
+from chatrl.services.trainer.stages.data import resolve_data
 
 STAGE = "reward"
 
@@ -66,7 +66,7 @@ def sample_responses(model: GPT, tok: ChatTokenizer, prompts: list[str], k: int,
 def simulate_rankings(model: GPT, tok: ChatTokenizer, prompts: list[str], gold_path: Path, cfg: RunConfig,
                       reporter: Reporter) -> list[Ranking]:
     """The simulated labelers (stand-ins for people) rank K samples of the current policy per prompt."""
-    from services.core.gold import GoldLabeler
+    from chatrl.services.core.gold import GoldLabeler
 
     rc = cfg.reward
     gold = GoldLabeler.load(gold_path)

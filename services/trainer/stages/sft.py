@@ -10,12 +10,12 @@ import time
 
 import torch
 
-from services.core.config import RunConfig
-from services.core.formats import load_sft
-from services.core.model import GPT, autocast
-from services.core.tokenizer import ChatTokenizer
-from services.trainer import algos
-from services.trainer.stages.common import (
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.formats import load_sft
+from chatrl.services.core.model import GPT, autocast
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.trainer import algos
+from chatrl.services.trainer.stages.common import (
     Reporter,
     StageResult,
     Throughput,
@@ -29,7 +29,7 @@ from services.trainer.stages.common import (
     stage_done,
     tokenizer_from_checkpoint,
 )
-from services.trainer.stages.data import resolve_data
+from chatrl.services.trainer.stages.data import resolve_data
 
 STAGE = "sft"
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from services.proto.chatrl.v1 import feedback_pb2 as chatrl_dot_v1_dot_feedback__pb2
+from chatrl.services.proto.chatrl.v1 import feedback_pb2 as chatrl_dot_v1_dot_feedback__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

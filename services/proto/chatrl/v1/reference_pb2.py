@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from services.proto.chatrl.v1 import common_pb2 as chatrl_dot_v1_dot_common__pb2
+from chatrl.services.proto.chatrl.v1 import common_pb2 as chatrl_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hatrl/v1/reference.proto\x12\tchatrl.v1\x1a\x16\x63hatrl/v1/common.proto\"=\n\x10LogProbsSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eresponse_start\x18\x02 \x01(\x05\"k\n\x0fLogProbsRequest\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.chatrl.v1.LogProbsSequence\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"N\n\x10LogProbsResponse\x12#\n\x08logprobs\x18\x01 \x03(\x0b\x32\x11.chatrl.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"f\n%ReferenceModelServiceLoadModelRequest\x12\x16\n\x0e\x63heckpoint_uri\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"L\n&ReferenceModelServiceLoadModelResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.chatrl.v1.ModelInfo\"*\n(ReferenceModelServiceGetModelInfoRequest\"O\n)ReferenceModelServiceGetModelInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.chatrl.v1.ModelInfo2\xc9\x02\n\x15ReferenceModelService\x12\x43\n\x08LogProbs\x12\x1a.chatrl.v1.LogProbsRequest\x1a\x1b.chatrl.v1.LogProbsResponse\x12p\n\tLoadModel\x12\x30.chatrl.v1.ReferenceModelServiceLoadModelRequest\x1a\x31.chatrl.v1.ReferenceModelServiceLoadModelResponse\x12y\n\x0cGetModelInfo\x12\x33.chatrl.v1.ReferenceModelServiceGetModelInfoRequest\x1a\x34.chatrl.v1.ReferenceModelServiceGetModelInfoResponseb\x06proto3')

@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from services.proto.chatrl.v1 import common_pb2 as chatrl_dot_v1_dot_common__pb2
+from chatrl.services.proto.chatrl.v1 import common_pb2 as chatrl_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hatrl/v1/reward.proto\x12\tchatrl.v1\x1a\x16\x63hatrl/v1/common.proto\"c\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x04 \x03(\x05\"3\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.chatrl.v1.ScoreItem\"7\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"e\n$RewardScoringServiceLoadModelRequest\x12\x16\n\x0e\x63heckpoint_uri\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"K\n%RewardScoringServiceLoadModelResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.chatrl.v1.ModelInfo\")\n\'RewardScoringServiceGetModelInfoRequest\"N\n(RewardScoringServiceGetModelInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.chatrl.v1.ModelInfo2\xbb\x02\n\x14RewardScoringService\x12:\n\x05Score\x12\x17.chatrl.v1.ScoreRequest\x1a\x18.chatrl.v1.ScoreResponse\x12n\n\tLoadModel\x12/.chatrl.v1.RewardScoringServiceLoadModelRequest\x1a\x30.chatrl.v1.RewardScoringServiceLoadModelResponse\x12w\n\x0cGetModelInfo\x12\x32.chatrl.v1.RewardScoringServiceGetModelInfoRequest\x1a\x33.chatrl.v1.RewardScoringServiceGetModelInfoResponseb\x06proto3')
