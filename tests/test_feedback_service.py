@@ -5,12 +5,7 @@ policy-inference server over a tiny GPT."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,96 +13,64 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-import torch
 from google.protobuf.timestamp_pb2 import Timestamp
+from kit import Process, env_var, free_port, rpc_error, tiny_checkpoint, wait_for
 
 from chatrl.clients.lib import FeedbackClient, PolicyClient, chat_message
 from chatrl.services.core import formats
-from chatrl.services.core.checkpoint import save_checkpoint
-from chatrl.services.core.model import GPT, GPTConfig
-from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.feedback.server import FeedbackConfig, build
 from chatrl.services.policy.server import PolicyConfig
 from chatrl.services.policy.server import build as build_policy
 from chatrl.services.proto.chatrl.v1 import common_pb2, feedback_pb2
 from chatrl.services.runtime.server import ServerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "feedback-test-token"
 TOKEN_ENV = "CHATRL_FEEDBACK_TEST_TOKEN"
 CODE = grpc.StatusCode
 
 
-# -- a real policy-inference server over a tiny GPT ------------------------------------------------
+# -- a real policy-inference server over a tiny GPT (read-only: sampling does not change it) --------
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    words = "the film movie story cast was is warm funny dull a delight mess long charming honest".split()
-    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
-    tok = ChatTokenizer.train(texts, vocab_size=300)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=128)
-    model = GPT(cfg)
-    root = tmp_path_factory.mktemp("policy-ckpt")
-    save_checkpoint(root, "final", stage="sft", step=1, model_state=model.state_dict(), model_config=cfg.to_dict(),
-                    tokenizer_json=tok.to_str(), save_rng=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_checkpoint):
+def policy(tmp_path_factory):
     """The real policy-inference server over the tiny GPT: (address, servicer)."""
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("policy-ckpt"))
     srv, svc = build_policy(ServerConfig(port=0, auth_token_env=""),
-                            PolicyConfig(checkpoint=str(tiny_checkpoint), max_new_tokens=32))
+                            PolicyConfig(checkpoint=str(ckpt), max_new_tokens=32))
     yield srv.address, svc
     srv.stop(0)
     svc.close()
 
 
-# -- the feedback server ---------------------------------------------------------------------------
+# -- the feedback server: a fresh one (own database, own metrics) for every test -------------------
 
 def _feedback(tmp: Path, policy_address: str, metrics_port: int = -1, **kw):
-    os.environ[TOKEN_ENV] = TOKEN
-    try:
+    with env_var(TOKEN_ENV, TOKEN):
         cfg = FeedbackConfig(db=str(tmp / "feedback.db"), policy_address=policy_address, **kw)
         return build(ServerConfig(port=0, metrics_port=metrics_port, auth_token_env=TOKEN_ENV, grace_seconds=1), cfg)
-    finally:
-        del os.environ[TOKEN_ENV]
 
 
-@pytest.fixture(scope="module")
-def fb(tmp_path_factory, policy):
-    srv, svc = _feedback(tmp_path_factory.mktemp("fb"), policy[0], metrics_port=0, export_batch_lines=2)
+@pytest.fixture()
+def fb(tmp_path, policy):
+    srv, svc = _feedback(tmp_path, policy[0], metrics_port=0, export_batch_lines=2)
     yield SimpleNamespace(address=srv.address, metrics_port=srv.metrics_port, store=svc.store)
     srv.stop(0)
     svc.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def client(fb):
     with FeedbackClient(fb.address, token=TOKEN, retries=1, timeout=60) as c:
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def anon(fb):
     with FeedbackClient(fb.address, token="", retries=1, timeout=10) as c:
         yield c
 
 
-def _code(fn, *a, **kw) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*a, **kw)
-    return ei.value.code(), ei.value.details()
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+_code = rpc_error
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -176,7 +139,8 @@ def test_create_comparison_tasks_errors(client, tmp_path):
     code, msg = _code(create, prompts=["hi"], k=2, sampling=common_pb2.SamplingParams(top_p=5.0))
     assert code == CODE.INVALID_ARGUMENT and "sampling" in msg and "policy-inference" in msg
     # policy-inference down → UNAVAILABLE, nothing stored
-    srv, svc = _feedback(tmp_path, f"127.0.0.1:{_free_port()}", policy_timeout_s=5)
+    (tmp_path / "down").mkdir()
+    srv, svc = _feedback(tmp_path / "down", f"127.0.0.1:{free_port()}", policy_timeout_s=5)
     try:
         with FeedbackClient(srv.address, token=TOKEN, retries=1) as c:
             code, msg = _code(c.create_comparison_tasks, ["hi"], 2)
@@ -187,15 +151,19 @@ def test_create_comparison_tasks_errors(client, tmp_path):
         svc.close()
 
 
+_made_prompts: dict[str, str] = {}
+
+
 def _make_task(fb, k=3) -> str:
     """A task with ready responses, straight through the server's store (no policy needed)."""
-    return fb.store.create_tasks([{"prompt": f"prompt {random.random()}", "responses": [f"r{i}" for i in range(k)]}],
-                                  policy_model_version=5)[0]
+    prompt = f"prompt {random.random()}"
+    tid = fb.store.create_tasks([{"prompt": prompt, "responses": [f"r{i}" for i in range(k)]}],
+                                policy_model_version=5)[0]
+    _made_prompts[tid] = prompt
+    return tid
 
 
 def test_next_task_and_submit_ranking(fb, client, anon):
-    drain(client, "alice")
-    drain(client, "bob")
     t1, t2 = _make_task(fb), _make_task(fb, k=2)
     r = client.next_task("alice")
     assert r.task.task_id == t1 and r.remaining == 1 and len(r.task.responses) == 3
@@ -225,15 +193,6 @@ def test_next_task_and_submit_ranking(fb, client, anon):
     code, msg = _code(client.next_task, "")
     assert code == CODE.INVALID_ARGUMENT and msg.startswith("labeler_id")
     assert client.submit_ranking("sub-c", t2, "bob", [1, 0]).pairs == 1
-
-
-def drain(client, labeler):
-    while True:
-        t = client.next_task(labeler)
-        if not t.HasField("task"):
-            return
-        client.submit_ranking(f"drain-{t.task.task_id}-{labeler}", t.task.task_id, labeler,
-                              list(range(len(t.task.responses))))
 
 
 def test_submit_demonstration(client):
@@ -272,14 +231,25 @@ def test_auth_on_mutating_rpcs(fb, anon):
             for c in (anon, wrong):
                 code, msg = _code(call, c)
                 assert code == CODE.UNAUTHENTICATED and "Bearer" in msg
-    # reads need no token
-    assert anon.stats().tasks >= 1
-    assert isinstance(anon.export("prompts"), list)
+    # reads need no token; none of the refused writes left a trace
+    st = anon.stats()
+    # (the one prompt is the task's own)
+    assert (st.tasks, st.open_tasks, st.prompts, st.rankings, st.demonstrations) == (1, 1, 1, 0, 0)
+    assert [json.loads(x)["text"] for x in anon.export("prompts")] == [_made_prompts[task]]
 
 
 def test_export_and_stats(fb, client, tmp_path):
+    # this test's own records: 3 prompts, 2 ranked tasks (+1 open), 1 demonstration
+    client.add_prompts(["How was the film?", "Was the cast good?", "Tell me about the story."])
+    t1, t2, _open = _make_task(fb, k=3), _make_task(fb, k=2), _make_task(fb, k=2)
+    client.next_task("alice"), client.next_task("bob")
+    client.submit_ranking("s1", t1, "alice", [2, 0, 1])
+    client.submit_ranking("s2", t2, "bob", [1, 0])
+    client.submit_demonstration("d1", "alice", [{"role": "user", "content": "Hi?"},
+                                                {"role": "assistant", "content": "Hello."}])
     st = client.stats()
-    assert st.rankings >= 2 and st.demonstrations >= 1 and st.tasks >= st.open_tasks and st.prompts >= 3
+    # _make_task's prompts are prompts too: 3 added + 3 from the tasks
+    assert (st.prompts, st.tasks, st.open_tasks, st.rankings, st.demonstrations) == (6, 3, 1, 2, 1)
     for kind, loader in (("rankings", formats.load_rankings), ("demonstrations", formats.load_sft),
                          ("prompts", formats.load_prompts)):
         lines = client.export(kind)
@@ -287,12 +257,13 @@ def test_export_and_stats(fb, client, tmp_path):
         path.write_text("\n".join(lines) + "\n")
         assert len(loader(path)) == len(lines) == getattr(st, kind)
     rows = [json.loads(x) for x in client.export("rankings")]
-    assert all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in rows)
+    assert [(r["task_id"], r["ranking"], r["labeler_id"]) for r in rows] == [(t1, [2, 0, 1], "alice"),
+                                                                               (t2, [1, 0], "bob")]
     assert {"ranking_id", "task_id", "prompt_id", "labeler_id", "submission_id", "policy_model_version",
             "created_at", "finished"} <= set(rows[0])
     # batching (export_batch_lines=2), limit, since
     msgs = list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_PROMPTS)))
-    assert len(msgs) >= 2 and all(len(m.lines) <= 2 for m in msgs)
+    assert [len(m.lines) for m in msgs] == [2, 2, 2]
     assert len(client.export("prompts", limit=2)) == 2
     future = Timestamp(seconds=4_000_000_000)
     assert list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_RANKINGS,
@@ -316,19 +287,19 @@ def test_export_and_stats(fb, client, tmp_path):
 
 
 def test_metrics(fb, client):
-    drain(client, "metrics")
     task = _make_task(fb, k=2)
+    client.next_task("metrics")
     client.submit_ranking("metric-1", task, "metrics", [1, 0])
-    client.submit_ranking("metric-1", task, "metrics", [1, 0])
+    client.submit_ranking("metric-1", task, "metrics", [1, 0])  # a retry: a duplicate, not a second label
+    _make_task(fb, k=2)  # one task left open
     body = urllib.request.urlopen(f"http://127.0.0.1:{fb.metrics_port}/metrics", timeout=10).read().decode()
     val = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
            if ln and not ln.startswith("#")}
-    st = client.stats()
-    assert val['chatrl_feedback_labels_submitted_total{kind="ranking"}'] >= 1
-    assert val['chatrl_feedback_duplicate_submissions_total{kind="ranking"}'] >= 1
-    assert val["chatrl_feedback_open_tasks"] == st.open_tasks
-    assert val['chatrl_feedback_records{kind="rankings"}'] == st.rankings
-    assert val['chatrl_feedback_rpc_requests_total{code="OK",method="SubmitRanking"}'] >= 2
+    assert val['chatrl_feedback_labels_submitted_total{kind="ranking"}'] == 1
+    assert val['chatrl_feedback_duplicate_submissions_total{kind="ranking"}'] == 1
+    assert val["chatrl_feedback_open_tasks"] == 1
+    assert val['chatrl_feedback_records{kind="rankings"}'] == 1
+    assert val['chatrl_feedback_rpc_requests_total{code="OK",method="SubmitRanking"}'] == 2
 
 
 def test_labeling_page(tmp_path):
@@ -382,25 +353,16 @@ def test_labeling_page(tmp_path):
 
 def test_python_m_serves_until_sigterm(tmp_path):
     db = tmp_path / "cli.db"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CHATRL_AUTH_TOKEN=TOKEN)
-    p = subprocess.Popen([sys.executable, "-m", "chatrl.services.feedback", "--db", str(db), "--port", "0",
-                          "--set", "host=127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        line = p.stdout.readline()
-        assert "feedback serving on 127.0.0.1:" in line, p.stderr.read() if p.poll() is not None else line
+    with Process.module("chatrl.services.feedback", "--db", str(db), "--port", "0", "--set", "host=127.0.0.1",
+                        log=tmp_path / "feedback.log", env={"CHATRL_AUTH_TOKEN": TOKEN}) as p:
+        line = wait_for(lambda: next((ln for ln in p.output().splitlines() if "feedback serving on" in ln), None)
+                        or (not p.alive() and "exited: " + p.output()), what="the serving line")
+        assert "feedback serving on 127.0.0.1:" in line, line
         addr = line.split("serving on ")[1].split()[0]
         with FeedbackClient(addr, token=TOKEN) as c:
             c.wait_serving(30)
             assert c.add_prompts(["from the CLI"]).added == 1
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=60) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        p.stdout.close()
-        p.stderr.close()
+        assert p.stop() == 0, p.output()
     from chatrl.services.feedback.store import FeedbackStore
 
     with FeedbackStore(db) as s:
