@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -19,63 +14,49 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from kit import (
+    WAIT,
+    Process,
+    env_var,
+    free_port,
+    rpc_error,
+    save_tiny_checkpoint,
+    tiny_gpt,
+    tiny_tokenizer,
+    wait_for,
+)
 
 from chatrl.clients.lib import PolicyClient, sampling_params, serialize_weights
-from chatrl.services.core.checkpoint import load_checkpoint, save_checkpoint
+from chatrl.services.core.checkpoint import load_checkpoint
 from chatrl.services.core.generate import SamplingParams, generate
-from chatrl.services.core.model import GPT, GPTConfig
-from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.policy.server import PolicyConfig, build
 from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2
 from chatrl.services.runtime.server import ServerConfig
 from chatrl.services.runtime.tensors import from_proto
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "policy-test-token"
 TOKEN_ENV = "CHATRL_POLICY_TEST_TOKEN"
 CODE = grpc.StatusCode
-WAIT = 60.0
-POLL_S = 0.005  # how often wait_for re-checks its condition
-
-
-def wait_for(cond, timeout: float = WAIT, what: str = "condition") -> None:
-    """Poll ``cond`` until true (a condition wait, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(POLL_S)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = ["the film was warm and funny", "what did you think of the movie?", "hello there, how are you?",
-             "the story is a delight", "the cast felt honest and moving"] * 10
-    return ChatTokenizer.train(texts, vocab_size=300, min_frequency=1)
-
-
-def tiny_model(tok, seed: int) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=64)).eval()
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def ckpt(tok, tmp_path_factory) -> Path:
-    m = tiny_model(tok, 0)
-    root = tmp_path_factory.mktemp("policy-ckpt")
-    save_checkpoint(root, "final", stage="sft", step=1, model_state=m.state_dict(), model_config=m.cfg.to_dict(),
-                    tokenizer_json=tok.to_str(), save_rng=False)
-    return root
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("policy-ckpt"), tiny_gpt(tok.vocab_size, 0), tok)
 
 
 @pytest.fixture(scope="module")
 def model0(tok):
-    return tiny_model(tok, 0)
+    return tiny_gpt(tok.vocab_size, 0)
 
 
 @pytest.fixture(scope="module")
 def model1(tok):
-    return tiny_model(tok, 1)
+    return tiny_gpt(tok.vocab_size, 1)
 
 
 class Server:
@@ -101,12 +82,9 @@ def make_server():
     made = []
 
     def make(**kw) -> Server:
-        os.environ[TOKEN_ENV] = TOKEN
-        try:
+        with env_var(TOKEN_ENV, TOKEN):
             srv, svc = build(ServerConfig(port=0, metrics_port=0, auth_token_env=TOKEN_ENV, grace_seconds=1,
                                           max_workers=32), PolicyConfig(**{"max_new_tokens": 32, **kw}))
-        finally:
-            del os.environ[TOKEN_ENV]
         made.append(Server(srv, svc))
         return made[-1]
 
@@ -115,17 +93,10 @@ def make_server():
         s.close()
 
 
-@pytest.fixture(scope="module")
-def server(ckpt):
-    os.environ[TOKEN_ENV] = TOKEN
-    try:
-        srv, svc = build(ServerConfig(port=0, metrics_port=0, auth_token_env=TOKEN_ENV, grace_seconds=1,
-                                      max_workers=32), PolicyConfig(checkpoint=str(ckpt), max_new_tokens=32))
-    finally:
-        del os.environ[TOKEN_ENV]
-    s = Server(srv, svc)
-    yield s
-    s.close()
+@pytest.fixture()
+def server(make_server, ckpt):
+    """A fresh server per test: tests pause its engine, change its queue bound and read its counters."""
+    return make_server(checkpoint=str(ckpt))
 
 
 def reference(model, tok, prompt, max_new: int, seed: int | None, n: int = 1, **kw):
@@ -145,12 +116,6 @@ def check_completions(comps, refs, tok):
         assert c.finish_reason == (common_pb2.FINISH_REASON_STOP if r.finish_reason == "stop"
                                    else common_pb2.FINISH_REASON_LENGTH)
         assert c.text == tok.decode(r.tokens)
-
-
-def rpc_error(fn, *a, **kw) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*a, **kw)
-    return ei.value.code(), ei.value.details()
 
 
 # --- tests ------------------------------------------------------------------------------------------
@@ -310,7 +275,7 @@ def test_dynamic_batching_metrics_and_backpressure(server, model0, tok):
                  "chatrl_policy_rpc_latency_seconds_bucket", 'chatrl_policy_samples_total{finish_reason='):
         assert name in text, name
     tok_line = next(x for x in text.splitlines() if x.startswith("chatrl_policy_tokens_generated_total "))
-    assert float(tok_line.split()[1]) >= tokens
+    assert float(tok_line.split()[1]) == after.tokens_generated  # this server generated nothing else
 
 
 def test_cancel_and_deadline_free_the_engine(server):
@@ -473,30 +438,14 @@ def test_start_empty_then_first_model_by_upload(make_server, model0, tok):
 
 
 def test_python_dash_m_serves_until_sigterm(ckpt, tmp_path):
-    import socket
-
-    def free_port():
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            return sk.getsockname()[1]
-
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "policy.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "chatrl.services.policy", "--checkpoint", str(ckpt), "--port", str(port),
-                          "--set", "max_new_tokens=16"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with Process.module("chatrl.services.policy", "--checkpoint", str(ckpt), "--port", str(port),
+                        "--set", "max_new_tokens=16", log=tmp_path / "policy.log") as p:
         with PolicyClient(f"127.0.0.1:{port}", token="", retries=1, timeout=WAIT) as c:
             c.wait_serving(timeout=120)
             res = c.generate(["hello"], max_new_tokens=3, seed=1)
             assert res.model_version == 1 and len(res.results[0].completions[0].token_ids) <= 3
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(WAIT) == 0, (tmp_path / "policy.log").read_text()
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        log.close()
+        assert p.stop() == 0, p.output()
 
 
 def test_bad_config_is_refused():
