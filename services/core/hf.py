@@ -61,12 +61,94 @@ class HFConfig:
     source: str = ""  # the directory it was loaded from
     hf_config: dict = field(default_factory=dict)
     tie_embeddings: bool = False  # (state dicts of the wrapper always carry every key)
+    lora: dict | None = None  # the LoRA adapters injected (chatrl.services.core.lora.LoraConfig.to_dict())
 
     def to_dict(self) -> dict:
-        return {"architecture": "hf", "model_type": self.model_type, "vocab_size": self.vocab_size,
-                "max_seq_len": self.max_seq_len, "d_model": self.d_model, "n_layer": self.n_layer,
-                "n_head": self.n_head, "n_kv_head": self.n_kv_head, "source": self.source,
-                "hf_config": self.hf_config}
+        """The checkpoint manifest's ``model_config``: with ``hf_config`` the model is rebuilt with no access
+        to ``source`` (:func:`build_hf_model`)."""
+        d = {"architecture": "hf", "model_type": self.model_type, "vocab_size": self.vocab_size,
+             "max_seq_len": self.max_seq_len, "d_model": self.d_model, "n_layer": self.n_layer,
+             "n_head": self.n_head, "n_kv_head": self.n_kv_head, "source": self.source,
+             "hf_config": self.hf_config}
+        if self.lora:
+            d["lora"] = self.lora
+        return d
+
+
+# keys of a config's JSON that describe where/how it was loaded, not the architecture
+_VOLATILE_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")
+
+
+def _config_dict(config) -> dict:
+    """The architecture as JSON: everything :func:`build_hf_model` needs to rebuild the model offline.
+    A GGUF/quantised load's ``quantization_config`` is dropped: chatrl holds dequantised weights."""
+    d = json.loads(config.to_json_string(use_diff=False))
+    for k in _VOLATILE_CONFIG_KEYS:
+        d.pop(k, None)
+    return d
+
+
+def hf_config_from_dict(d: dict):
+    """A transformers config object from :func:`_config_dict`'s JSON (no hub, no directory)."""
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise ValueError("model_config.hf_config has no model_type")
+    try:
+        cls = type(AutoConfig.for_model(model_type))
+    except ValueError as e:
+        raise ValueError(f"model_config.hf_config.model_type {model_type!r} is not known to this transformers "
+                         f"version: {e}") from None
+    return cls.from_dict(d)
+
+
+def build_hf_model(model_config: dict, scalar_head: bool = False, device: str = "cpu",
+                   dtype: torch.dtype | str | None = torch.float32, attn_implementation: str = "sdpa") -> HFCausalLM:
+    """An :class:`HFCausalLM` shaped by a checkpoint manifest's ``model_config`` (``HFConfig.to_dict()``),
+    with LoRA adapters injected when it names them. Weights are uninitialised: load a state dict next."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config_from_dict(model_config.get("hf_config") or {})
+    cfg._attn_implementation = attn_implementation
+    dtype = _dtype(dtype)
+    try:  # skip the random initialisation (seconds on a 135M model): every weight is loaded next
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        hf = AutoModelForCausalLM.from_config(cfg, **({"dtype": dtype} if _V5 else {"torch_dtype": dtype}))
+    # non-persistent buffers (rotary frequencies) are computed in __init__, so they are real already
+    model = HFCausalLM(hf, scalar_head=scalar_head, max_seq_len=model_config.get("max_seq_len"),
+                       source=model_config.get("source", ""))
+    if model_config.get("lora"):
+        from chatrl.services.core.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig.from_dict(model_config["lora"]))
+    return model.to(device)
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+        return names[dtype]
+    return dtype
+
+
+def _transformers_major() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the installed version without importing transformers (seconds) at chatrl's import
+        return int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
+_V5 = _transformers_major() >= 5
 
 
 def _text_config(c):
@@ -130,10 +212,7 @@ class HFCausalLM(nn.Module):
             raise ValueError(f"attention implementation {impl!r} is not supported (use one of {_ATTN_IMPLS})")
         hidden = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0) or getattr(c, "d_model", 0))
         n_head = int(getattr(c, "num_attention_heads", 0) or getattr(c, "n_head", 0) or 0)
-        try:
-            hf_dict = json.loads(hf_model.config.to_json_string(use_diff=False))
-        except Exception:  # noqa: BLE001 — informational only
-            hf_dict = {}
+        hf_dict = _config_dict(hf_model.config)
         emb = hf_model.get_input_embeddings()
         vocab = int(getattr(c, "vocab_size", 0) or emb.num_embeddings)
         msl = max_seq_len or _max_positions(c) or 2048
@@ -157,19 +236,15 @@ class HFCausalLM(nn.Module):
     def from_pretrained(cls, path: str | Path, scalar_head: bool = False, device: str = "cpu",
                         dtype: torch.dtype | str | None = torch.float32, attn_implementation: str = "sdpa",
                         max_seq_len: int | None = None) -> HFCausalLM:
-        import transformers
         from transformers import AutoModelForCausalLM
 
         path = _local(path)
         if not is_hf_dir(path):
             raise ValueError(f"{path} is not a Hugging Face model directory (config.json with model_type)")
-        if isinstance(dtype, str):
-            dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        dtype = _dtype(dtype)
         kw: dict = {"local_files_only": True, "attn_implementation": attn_implementation}
         if dtype is not None:
-            major = int(transformers.__version__.split(".")[0])
-            kw["dtype" if major >= 5 else "torch_dtype"] = dtype
+            kw["dtype" if _V5 else "torch_dtype"] = dtype
         hf = AutoModelForCausalLM.from_pretrained(str(path), **kw)
         model = cls(hf, scalar_head=scalar_head, max_seq_len=max_seq_len, source=str(path))
         head = path / "scalar_head.safetensors"
@@ -301,13 +376,54 @@ class HFChatTokenizer:
         return cls(AutoTokenizer.from_pretrained(str(_local(path)), local_files_only=True), end_token=end_token)
 
     def save(self, path: str | Path) -> None:
+        """A plain HF tokenizer directory (tokenizer.json, tokenizer_config.json, the chat template)."""
+        self.hf.chat_template = self.chat_template
         self.hf.save_pretrained(str(_local(path)))
 
+    FORMAT = "chatrl-hf-tokenizer/1"
+
     def to_str(self) -> str:
+        """The whole tokenizer as one JSON document — what a chatrl checkpoint stores as ``tokenizer.json``
+        (:func:`chatrl.services.core.checkpoint.save_checkpoint` takes one string): the ``tokenizers``
+        model, the special tokens, the chat template and the end-of-turn token. :meth:`from_str` inverts it.
+        Only fast (``tokenizers``-backed) tokenizers can be stored."""
         backend = getattr(self.hf, "backend_tokenizer", None)
-        body = json.loads(backend.to_str()) if backend is not None else sorted(self.hf.get_vocab().items())
-        return json.dumps({"tokenizer": body, "chat_template": self.chat_template, "end_id": self.end_id},
+        if backend is None:
+            raise ValueError(f"tokenizer {type(self.hf).__name__} is not backed by the tokenizers library "
+                             f"(a 'fast' tokenizer with tokenizer.json); chatrl cannot store it in a checkpoint")
+        named = {k: v for k, v in self.hf.special_tokens_map.items() if isinstance(v, str)}
+        extra = [t for t in self.hf.all_special_tokens if t not in named.values()]
+        return json.dumps({"format": self.FORMAT, "tokenizer": json.loads(backend.to_str()),
+                           "special_tokens": named, "additional_special_tokens": extra,
+                           "chat_template": self.chat_template,
+                           "end_token": self.hf.convert_ids_to_tokens(self.end_id), "end_id": self.end_id},
                           sort_keys=True)
+
+    @classmethod
+    def is_serialized(cls, text: str) -> bool:
+        return text.lstrip().startswith("{") and f'"format": "{cls.FORMAT}"' in text
+
+    @classmethod
+    def from_str(cls, text: str) -> HFChatTokenizer:
+        """Rebuild a tokenizer from :meth:`to_str` (no directory, no hub)."""
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"tokenizer: invalid JSON: {e}") from None
+        if not isinstance(d, dict) or d.get("format") != cls.FORMAT:
+            raise ValueError(f"tokenizer: not a {cls.FORMAT} document")
+        ht = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(d["tokenizer"])),
+                                     **d["special_tokens"])
+        if d["additional_special_tokens"]:
+            ht.add_special_tokens({"additional_special_tokens": list(d["additional_special_tokens"])})
+        ht.chat_template = d["chat_template"]
+        tok = cls(ht, end_token=d["end_token"], chat_template=d["chat_template"])
+        if tok.end_id != d["end_id"]:
+            raise ValueError(f"tokenizer: end token {d['end_token']!r} has id {tok.end_id}, stored {d['end_id']}")
+        return tok
 
     @property
     def vocab_size(self) -> int:
@@ -412,6 +528,90 @@ class HFChatTokenizer:
         if cut is not None:
             ids = ids[:cut]
         return self.decode(ids), cut is not None
+
+
+# --- checks before any expensive work ----------------------------------------------------------------------
+
+def check_hf_dir(path: str | Path, field: str = "model.path") -> dict:
+    """The parsed ``config.json`` of a local HF model directory, or a ValueError naming ``field`` and what is
+    missing. Reads two small files; loads no weights. chatrl loads only safetensors weights (no pickle)."""
+    p = _local(path)
+    if not p.exists():
+        raise ValueError(f"{field}: {p} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{field}: {p} is not a directory (a Hugging Face model directory is expected)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{field}: {p} is not a Hugging Face model directory (no config.json)")
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}: {cfg} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not d.get("model_type"):
+        raise ValueError(f"{field}: {cfg} has no model_type (not a transformers model config)")
+    if not any(p.glob("*.safetensors")):
+        found = "pytorch_model.bin (pickle, which chatrl never loads)" if any(p.glob("*.bin")) else "none"
+        raise ValueError(f"{field}: {p} has no *.safetensors weights (found: {found})")
+    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
+        raise ValueError(f"{field}: {p} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return d
+
+
+def has_chat_template(path: str | Path) -> bool:
+    """Whether the tokenizer files in ``path`` carry a chat template (no tokenizer is loaded)."""
+    p = _local(path)
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    try:
+        tc = json.loads((p / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(tc.get("chat_template"))
+
+
+def check_chat_template(path: str | Path, field: str = "model.path") -> None:
+    """SFT masks and prompts come from the tokenizer's own chat template: a run refuses a tokenizer
+    without one (serving falls back to chatrl's template, see :class:`HFChatTokenizer`)."""
+    if not has_chat_template(path):
+        raise ValueError(f"{field}: the tokenizer in {_local(path)} has no chat template (chat_template in "
+                         f"tokenizer_config.json or chat_template.jinja); chatrl needs one to render "
+                         f"conversations and mask assistant turns — use an instruct/chat model or add one")
+
+
+def context_length(hf_config: dict) -> int | None:
+    """The model's context (max positions) from a config.json dict, or None when it sets none."""
+    for d in (hf_config.get("text_config") or {}, hf_config):
+        for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+            v = d.get(name)
+            if isinstance(v, int) and v > 0:
+                return v
+    return None
+
+
+def check_context(context: int | None, lengths: dict[str, int], source: str = "the model") -> None:
+    """Each configured length (field name → tokens, e.g. ``{"sft.max_len": 512}`` or
+    ``{"ppo.prompt_len + ppo.max_new_tokens": 160}``) must fit the model's context; the first that does
+    not is a ValueError naming its field."""
+    if context is None:
+        return
+    for name, n in lengths.items():
+        if n > context:
+            raise ValueError(f"{name} = {n} exceeds the context of {source} ({context} tokens); "
+                             f"lower {name} or use a model with a longer context")
+
+
+def check_hf_model(path: str | Path, lengths: dict[str, int] | None = None, field: str = "model.path",
+                   lora=None, lora_field: str = "lora.target_modules") -> dict:
+    """Every check a run needs before it loads weights: an HF directory, a chat template, the configured
+    lengths within the context, LoRA target modules that exist. Returns the config.json dict."""
+    d = check_hf_dir(path, field)
+    check_chat_template(path, field)
+    check_context(context_length(d), lengths or {}, f"{field} ({_local(path)})")
+    if lora is not None and getattr(lora, "enabled", True):
+        from chatrl.services.core.lora import check_lora_targets
+
+        check_lora_targets(d, lora, lora_field)
+    return d
 
 
 # --- loading ----------------------------------------------------------------------------------------------
