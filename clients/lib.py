@@ -2,8 +2,13 @@
 
 Every client takes an address (``host:port``), an optional bearer token (default: ``$CHATRL_AUTH_TOKEN``),
 optional TLS (CA bundle, and client cert/key for mutual TLS), a default deadline, and retries calls that
-fail with ``UNAVAILABLE`` (a service restarting, a pod rolling) with exponential backoff and jitter.
-Streaming calls are retried only before their first message arrives.
+fail with ``UNAVAILABLE`` (a service restarting, a pod rolling) with exponential backoff and jitter — by
+gRPC's own retry policy, for the idempotent methods only (:mod:`chatrl.services.proto.channel`). Streaming
+calls are retried only before their first message arrives.
+
+The library speaks only the contract: the generated code and the codecs beside it
+(``chatrl.services.proto``), so a client-only install (``pip install chatrl[client]``) needs neither torch
+nor Ray. Tensors come back as numpy arrays.
 
     from chatrl.clients.lib import PolicyClient
     with PolicyClient("127.0.0.1:50051") as policy:
@@ -14,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chatrl.services.proto.channel import make_channel as _make_channel
 from chatrl.services.proto.chatrl.v1 import (
     common_pb2,
     feedback_pb2,
@@ -36,8 +41,8 @@ from chatrl.services.proto.chatrl.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+from chatrl.services.proto.codecs import pack_state, tensor_from_proto
+from chatrl.services.proto.enums import ROLE, STAGE
 
 
 @dataclass
@@ -47,24 +52,14 @@ class ClientOptions:
     tls_cert: str = ""  # PEM client certificate (mutual TLS)
     tls_key: str = ""
     timeout: float = 60.0  # default deadline per call, seconds
-    retries: int = 5  # attempts for UNAVAILABLE, with backoff
+    retries: int = 5  # attempts for UNAVAILABLE, with backoff (idempotent methods; gRPC caps it at 5)
     backoff_s: float = 0.1  # first backoff; doubles each retry, capped at 2 s
     max_message_mb: int = 256
 
 
 def make_channel(address: str, opts: ClientOptions) -> grpc.Channel:
-    mb = opts.max_message_mb * 1024 * 1024
-    # round_robin: a name with several addresses (a Kubernetes headless Service: one per pod) spreads calls
-    # over all of them instead of pinning the channel to the first
-    options = [("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
-               ("grpc.enable_http_proxy", 0), ("grpc.lb_policy_name", "round_robin")]
-    if opts.tls_ca or opts.tls_cert:
-        def rd(p: str) -> bytes | None:
-            return open(p, "rb").read() if p else None
-
-        creds = grpc.ssl_channel_credentials(rd(opts.tls_ca), rd(opts.tls_key), rd(opts.tls_cert))
-        return grpc.secure_channel(address, creds, options=options)
-    return grpc.insecure_channel(address, options=options)
+    return _make_channel(address, tls_ca=opts.tls_ca, tls_cert=opts.tls_cert, tls_key=opts.tls_key,
+                         max_message_mb=opts.max_message_mb, retries=opts.retries, backoff_s=opts.backoff_s)
 
 
 class _Client:
@@ -86,34 +81,11 @@ class _Client:
         self.close()
 
     def _call(self, fn: Callable, request: Any, timeout: float | None = None) -> Any:
-        delay = self.opts.backoff_s
-        for attempt in range(self.opts.retries):
-            try:
-                return fn(request, timeout=timeout or self.opts.timeout, metadata=self._md)
-            except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.opts.retries - 1:
-                    raise
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(2.0, delay * 2)
-        raise AssertionError("unreachable")
+        # UNAVAILABLE is retried by the channel (idempotent methods only), inside this one deadline
+        return fn(request, timeout=timeout or self.opts.timeout, metadata=self._md)
 
     def _stream(self, fn: Callable, request: Any, timeout: float | None = None) -> Iterator[Any]:
-        delay = self.opts.backoff_s
-        for attempt in range(self.opts.retries):
-            it = fn(request, timeout=timeout or self.opts.timeout, metadata=self._md)
-            try:
-                first = next(it)
-            except StopIteration:
-                return
-            except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.opts.retries - 1:
-                    raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(2.0, delay * 2)
-                continue
-            yield first
-            yield from it
-            return
+        return fn(request, timeout=timeout or self.opts.timeout, metadata=self._md)
 
     def health(self, service: str = "", timeout: float = 2.0) -> str:
         """'SERVING', 'NOT_SERVING', or 'UNAVAILABLE' when the server can't be reached."""
@@ -172,7 +144,7 @@ def to_prompt(p: str | Sequence[int] | Sequence[dict]) -> common_pb2.Prompt:
 
 
 def chat_message(role: str, content: str) -> common_pb2.ChatMessage:
-    return common_pb2.ChatMessage(role=common_pb2.Role.Value(f"ROLE_{role.upper()}"), content=content)
+    return common_pb2.ChatMessage(role=ROLE.value(role), content=content)
 
 
 class PolicyClient(_Client):
@@ -203,9 +175,8 @@ class PolicyClient(_Client):
                        metadata: dict[str, str] | None = None, timeout: float | None = None
                        ) -> policy_pb2.UpdateWeightsResponse:
         """Push a full state dict as safetensors bytes in chunks, with its sha256; atomic swap server-side.
-        The bytes are packed into a buffer this client keeps for the next push of the same model."""
-        from chatrl.services.runtime.weights import pack_state
-
+        The bytes are packed into a buffer this client keeps for the next push of the same model.
+        ``state_dict``: name → torch tensor or numpy array."""
         self._weights_buf = pack_state(state_dict, self._weights_buf)
         return self.update_weights_bytes(self._weights_buf, version, chunk_bytes, metadata, timeout)
 
@@ -222,16 +193,10 @@ class PolicyClient(_Client):
                     data=bytes(view[off: off + chunk_bytes]), format="safetensors",
                     metadata=(metadata or {}) if off == 0 else {}))  # the server reads it from the first chunk
 
-        delay = self.opts.backoff_s
-        for attempt in range(self.opts.retries):
-            try:
-                return self.stub.UpdateWeights(chunks(), timeout=timeout or self.opts.timeout, metadata=self._md)
-            except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.opts.retries - 1:
-                    raise
-            time.sleep(delay)
-            delay = min(2.0, delay * 2)
-        raise AssertionError("unreachable")
+        # not retried by the channel (the payload outgrows gRPC's retry buffer), and idempotent by version:
+        # wait_for_ready rides out a restarting server (UNAVAILABLE) until the deadline instead
+        return self.stub.UpdateWeights(chunks(), timeout=timeout or self.opts.timeout, metadata=self._md,
+                                       wait_for_ready=True)
 
     def model_info(self) -> common_pb2.ModelInfo:
         return self._call(self.stub.GetModelInfo, policy_pb2.PolicyInferenceServiceGetModelInfoRequest()).info
@@ -239,8 +204,6 @@ class PolicyClient(_Client):
 
 def serialize_weights(state_dict: dict) -> bytes:
     """The safetensors payload ``update_weights`` sends for ``state_dict``."""
-    from chatrl.services.runtime.weights import pack_state
-
     return bytes(pack_state(state_dict))
 
 
@@ -316,8 +279,6 @@ class ReplicaGroup:
     def update_weights(self, state_dict: dict, version: int, metadata: dict[str, str] | None = None,
                        chunk_bytes: int = 1 << 20, timeout: float | None = None) -> dict[str, Any]:
         """Push ``state_dict`` as ``version`` to every policy-inference replica (packed once)."""
-        from chatrl.services.runtime.weights import pack_state
-
         self._payload = pack_state(state_dict, self._payload)
         payload = self._payload
         return self._each(lambda c: c.update_weights_bytes(payload, version, chunk_bytes, metadata, timeout))
@@ -381,16 +342,14 @@ class ReferenceClient(_Client):
 
     def logprobs(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
                  temperature: float | None = None, timeout: float | None = None) -> tuple[list, int]:
-        """Per-token logprobs of each sequence from response_start on (list of float32 tensors), version."""
-        from chatrl.services.runtime.tensors import from_proto
-
+        """Per-token logprobs of each sequence from response_start on (float32 numpy arrays), version."""
         req = reference_pb2.LogProbsRequest(sequences=[
             reference_pb2.LogProbsSequence(token_ids=list(s), response_start=int(st))
             for s, st in zip(sequences, response_starts, strict=True)])
         if temperature is not None:
             req.temperature = temperature
         res = self._call(self.stub.LogProbs, req, timeout)
-        return [from_proto(t) for t in res.logprobs], res.model_version
+        return [tensor_from_proto(t, f"logprobs[{i}]") for i, t in enumerate(res.logprobs)], res.model_version
 
     def load_model(self, checkpoint: str, version: int = 0, sha256: str = "") -> common_pb2.ModelInfo:
         req = reference_pb2.ReferenceModelServiceLoadModelRequest(checkpoint_uri=str(checkpoint),
@@ -408,8 +367,8 @@ class TrainerClient(_Client):
 
     def start_run(self, stage: str, config_yaml: str = "", overrides: dict[str, str] | None = None,
                   run_id: str = "") -> trainer_pb2.Run:
-        st = trainer_pb2.Stage.Value(f"STAGE_{stage.upper()}")
-        req = trainer_pb2.StartRunRequest(stage=st, config_yaml=config_yaml, overrides=overrides or {},
+        """``stage``: pretrain, sft, reward, ppo or pipeline (the CLI's names; UnknownEnumError otherwise)."""
+        req = trainer_pb2.StartRunRequest(stage=STAGE.value(stage), config_yaml=config_yaml, overrides=overrides or {},
                                           run_id=run_id)
         return self._call(self.stub.StartRun, req).run
 
@@ -466,11 +425,14 @@ class FeedbackClient(_Client):
             messages=[chat_message(m["role"], m["content"]) for m in messages])
         return self._call(self.stub.SubmitDemonstration, req)
 
-    def export(self, kind: str, limit: int = 0) -> list[str]:
-        """JSONL lines of RANKINGS / DEMONSTRATIONS / PROMPTS in the trainer's formats."""
+    def export(self, kind: str, limit: int = 0, *, after_sequence: int = 0, wait_seconds: float = 0.0,
+               timeout: float | None = None) -> list[str]:
+        """JSONL lines of RANKINGS / DEMONSTRATIONS / PROMPTS in the trainer's formats, each with its
+        "sequence"; only records stored after ``after_sequence``. ``wait_seconds`` > 0: if there are none
+        yet, the server waits that long for one (long poll) — give a ``timeout`` longer than that."""
         req = feedback_pb2.ExportRequest(kind=feedback_pb2.ExportKind.Value(f"EXPORT_KIND_{kind.upper()}"),
-                                         limit=limit)
-        return [ln for r in self._stream(self.stub.Export, req) for ln in r.lines]
+                                         limit=limit, after_sequence=after_sequence, wait_seconds=wait_seconds)
+        return [ln for r in self._stream(self.stub.Export, req, timeout) for ln in r.lines]
 
     def stats(self) -> feedback_pb2.GetStatsResponse:
         return self._call(self.stub.GetStats, feedback_pb2.GetStatsRequest())

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from chatrl.services.trainer.pipeline import free_ports
+from chatrl.services.runtime.launcher import free_ports
 
 
 def chatrl(*args, **kw):

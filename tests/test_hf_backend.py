@@ -290,7 +290,7 @@ def test_services_serve_a_local_hf_directory(dirs, loaded):
             lps, _ = r.logprobs([[5, 6, 7] + list(comp.token_ids)], [3])
             from chatrl.services.runtime.tensors import from_proto
 
-            assert torch.allclose(lps[0], from_proto(comp.logprobs), atol=1e-4)
+            assert torch.allclose(torch.from_numpy(lps[0]), from_proto(comp.logprobs), atol=1e-4)
     finally:
         psrv.stop(0)
         rsrv.stop(0)

@@ -80,6 +80,8 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_generated_code_is_current(tmp_path):
     _load_gen_proto().generate(tmp_path / "out")
     fresh, committed = _tree(tmp_path / "out"), _tree(GENERATED)
+    # hand-written modules beside the generated code (the enum maps, the wire codecs) are not generated
+    committed = {k: v for k, v in committed.items() if "/" in k or k == "__init__.py"}
     assert sorted(fresh) == sorted(committed), "generated file set differs: run `make proto`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"generated code is out of date (run `make proto`): {stale}"

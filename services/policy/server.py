@@ -49,6 +49,9 @@ from chatrl.services.policy.engine import (
     load_state_into,
 )
 from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from chatrl.services.proto.codecs import WeightsFormatError, unpack_state
+from chatrl.services.proto.codecs import tensor_to_proto as to_proto
+from chatrl.services.proto.enums import FINISH_REASON, ROLE
 from chatrl.services.runtime.errors import (
     ServiceError,
     check_token_ids,
@@ -61,15 +64,13 @@ from chatrl.services.runtime.logs import event
 from chatrl.services.runtime.main import run_service
 from chatrl.services.runtime.model_host import ModelHost, model_info
 from chatrl.services.runtime.server import ServerConfig, ServiceServer
-from chatrl.services.runtime.tensors import to_proto
-from chatrl.services.runtime.weights import WeightsFormatError, unpack_state
 
 log = logging.getLogger("chatrl.policy")
 
 MUTATING = {"UpdateWeights"}
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyInferenceService"].full_name
-_ROLES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
-_FINISH = {FINISH_STOP: common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+_ROLES = {ROLE.value(r): r for r in ROLE.names}
+_FINISH = {FINISH_STOP: FINISH_REASON.value("stop"), "length": FINISH_REASON.value("length")}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DTYPES = {"fp32": None, "float32": None, "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 

@@ -15,12 +15,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from chatrl.services.core.model import autocast
 from chatrl.services.core.scoring import right_pad
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
+from chatrl.services.proto.codecs import tensor_to_proto as to_proto
 from chatrl.services.runtime.batcher import MicroBatcher
 from chatrl.services.runtime.errors import check_range, check_token_ids, require
 from chatrl.services.runtime.main import run_service
 from chatrl.services.runtime.model_host import ModelHost, ServedModel
 from chatrl.services.runtime.server import ServerConfig, ServiceServer
-from chatrl.services.runtime.tensors import to_proto
 
 MAX_SEQUENCES = 4096
 

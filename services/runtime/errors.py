@@ -10,6 +10,24 @@ from collections.abc import Iterable
 
 import grpc
 
+# The one table from a domain error's kind (what the stores and run managers raise, with no gRPC in them)
+# to its gRPC status and the HTTP status the labeling page answers.
+STATUS: dict[str, tuple[grpc.StatusCode, int]] = {
+    "invalid": (grpc.StatusCode.INVALID_ARGUMENT, 400),  # the message names the field
+    "unauthenticated": (grpc.StatusCode.UNAUTHENTICATED, 401),
+    "not_found": (grpc.StatusCode.NOT_FOUND, 404),
+    "conflict": (grpc.StatusCode.ALREADY_EXISTS, 409),  # e.g. a run id reused for a different request
+    "precondition": (grpc.StatusCode.FAILED_PRECONDITION, 409),  # e.g. no model loaded
+    "exhausted": (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),  # a queue is full
+    "unavailable": (grpc.StatusCode.UNAVAILABLE, 503),
+}
+INTERNAL = (grpc.StatusCode.INTERNAL, 500)
+
+
+def http_status(kind: str) -> int:
+    """The HTTP status of a domain error kind (500 for a kind the table lacks)."""
+    return STATUS.get(kind, INTERNAL)[1]
+
 
 class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -18,25 +36,30 @@ class ServiceError(Exception):
         self.message = message
 
 
+def domain_error(kind: str, message: str) -> ServiceError:
+    """A domain error (kind from :data:`STATUS`, message already naming the field) as a gRPC status."""
+    return ServiceError(STATUS.get(kind, INTERNAL)[0], message)
+
+
 def invalid(field: str, why: str) -> ServiceError:
     """INVALID_ARGUMENT naming the field, e.g. invalid("sampling.top_p", "must be in (0, 1], got 2")."""
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {why}")
+    return domain_error("invalid", f"{field}: {why}")
 
 
 def not_found(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, what)
+    return domain_error("not_found", what)
 
 
 def precondition(why: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, why)
+    return domain_error("precondition", why)
 
 
 def exhausted(why: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    return domain_error("exhausted", why)
 
 
 def already_exists(why: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, why)
+    return domain_error("conflict", why)
 
 
 def require(cond: bool, field: str, why: str) -> None:

