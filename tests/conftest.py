@@ -58,23 +58,20 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture()
 def micro_overrides(tiny_data, tmp_path) -> list[str]:
     """--set overrides pointing configs/micro.yaml at the synthetic data and a fresh run dir."""
-    return [f"run_dir={tmp_path / 'run'}", f"data.pretrain_files=[{tiny_data['corpus']}]",
-            f"data.sft_file={tiny_data['sft']}", f"data.prompts_file={tiny_data['prompts']}",
-            f"data.eval_prompts_file={tiny_data['eval_prompts']}", f"data.rankings_file={tiny_data['rankings']}"]
+    from kit import micro_data_overrides
+
+    return [f"run_dir={tmp_path / 'run'}", *micro_data_overrides(tiny_data)]
 
 
 @pytest.fixture(scope="session")
 def micro_run(tiny_data, tmp_path_factory):
     """pretrain → SFT → reward model on the micro config, once per test session: (cfg, {stage: ckpt dir})."""
-    from chatrl.services.core.config import load_config
+    from kit import micro_config
+
     from chatrl.services.trainer.stages import pretrain, reward_model, sft
     from chatrl.services.trainer.stages.common import Reporter
 
-    run = tmp_path_factory.mktemp("micro_run")
-    over = [f"run_dir={run}", f"data.pretrain_files=[{tiny_data['corpus']}]", f"data.sft_file={tiny_data['sft']}",
-            f"data.prompts_file={tiny_data['prompts']}", f"data.eval_prompts_file={tiny_data['eval_prompts']}",
-            f"data.rankings_file={tiny_data['rankings']}"]
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "micro.yaml", over)
+    cfg = micro_config(tiny_data, tmp_path_factory.mktemp("micro_run"))
     rep = Reporter(quiet=True)
     out = {"pretrain": pretrain.run(cfg, rep).checkpoint, "sft": sft.run(cfg, rep).checkpoint,
            "reward": reward_model.run(cfg, rep).checkpoint}

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
 
 from chatrl.services.core.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -125,7 +123,14 @@ def test_scalar_head_and_param_count():
     m = GPT(CFG, scalar_head=True)
     out = m(torch.tensor([[1, 2, 3]]))
     assert out.scalar.shape == (1, 3)
-    assert m.num_params() == sum(p.numel() for p in m.parameters())
+    # counted by hand for vocab 64, d 32, 2 layers, rotary (no position table), tied embeddings:
+    #   token embedding 64·32 = 2048 (the tied LM head adds nothing)
+    #   per block: ln1 2·32 + qkv (32·96 + 96) + proj (32·32 + 32) + ln2 2·32 + fc (32·128 + 128)
+    #              + out (128·32 + 32) = 64 + 3168 + 1056 + 64 + 4224 + 4128 = 12704, × 2 layers = 25408
+    #   final norm 2·32 = 64; scalar head 32 + 1 = 33
+    assert m.num_params() == 2048 + 25408 + 64 + 33 == 27553
+    assert GPT(replace(CFG, tie_embeddings=False)).num_params() == 27520 + 64 * 32  # an LM head of its own
+    assert GPT(replace(CFG, positions="learned")).num_params() == 27520 + 48 * 32  # a position table
 
 
 def test_autocast_refuses_fp16_on_cpu():
@@ -224,29 +229,69 @@ def test_checkpoint_roundtrip_verify_and_latest(tmp_path, model):
         load_checkpoint(tmp_path / "nope")
 
 
-def test_checkpoint_survives_kill_9_during_save(tmp_path):
-    """A writer killed mid-save leaves the previous checkpoint intact and LATEST pointing at it."""
-    good = save_checkpoint(tmp_path, "step-1", stage="sft", step=1, model_state={"w": torch.ones(4)},
-                           model_config={})
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        import safetensors.torch as st
-        from chatrl.services.core import checkpoint
-        real = st.save_file
-        def save_then_die(t, path, *a, **k):
-            real(t, path, *a, **k)
-            os.kill(os.getpid(), signal.SIGKILL)   # die half-way through writing the checkpoint
-        checkpoint.save_file = save_then_die
-        checkpoint.save_checkpoint({str(tmp_path)!r}, "step-2", stage="sft", step=2,
-                                   model_state={{"w": torch.zeros(4)}}, model_config={{}})
-    """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), capture_output=True)
-    assert r.returncode == -9
-    ck = latest_checkpoint(tmp_path)
-    assert ck.path == good.path and torch.equal(ck.model_state()["w"], torch.ones(4))
-    assert [c.path.name for c in list_checkpoints(tmp_path)] == ["step-1"]
+# For n = 1, 2, ...: save checkpoint "step-1" (all ones) under root/crash-n, then fork a child that saves
+# `name` (all zeros) there and SIGKILLs itself just before its nth file-system step (a safetensors write,
+# an fsync, a rename/replace, a removal) — every point at which a crash could interrupt a save — until a
+# child gets through. Prints each child's exit status. (One interpreter, forked: torch is imported once.)
+_CRASH_EACH_STEP = """
+import json, os, shutil, signal, sys, torch
+from chatrl.services.core import checkpoint
+base, name = sys.argv[1], sys.argv[2]
+crash_at, steps = 0, 0
+def step(fn):
+    def wrapped(*a, **k):
+        global steps
+        steps += 1
+        if steps == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapped
+checkpoint.save_file = step(checkpoint.save_file)
+for mod, attr in ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree")):
+    setattr(mod, attr, step(getattr(mod, attr)))
+statuses = []
+while not statuses or statuses[-1] != 0:
+    root = os.path.join(base, f"crash-{len(statuses) + 1}")
+    checkpoint.save_checkpoint(root, "step-1", stage="sft", step=1, model_state={"w": torch.ones(4)},
+                               model_config={}, tokenizer_json="{}")
+    pid = os.fork()
+    if pid == 0:
+        crash_at, steps = len(statuses) + 1, 0
+        checkpoint.save_checkpoint(root, name, stage="sft", step=2, model_state={"w": torch.zeros(4)},
+                                   model_config={}, tokenizer_json="{}")
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+print(json.dumps(statuses))
+"""
 
 
+@pytest.mark.parametrize("same_name", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+        "save_checkpoint re-saving an existing name renames the old directory aside, then the new one into "
+        "place: a crash between the two renames leaves LATEST naming a directory that does not exist"))),
+], ids=["new-name", "same-name"])
+def test_checkpoint_save_killed_at_any_step_leaves_old_or_new(tmp_path, same_name):
+    """A save killed at any step leaves LATEST on a complete, verified checkpoint — the old one or the
+    new one, never a torn mix — and no half-written directory is listed as a checkpoint.
+
+    What this does NOT show: durability across power loss. After SIGKILL the OS page cache still holds
+    every byte the child wrote, so the fsyncs are not exercised here; only a crash below the page cache
+    (a fault-injecting file system such as dm-flakey or LazyFS) could show that they are in the right
+    places."""
+    r = subprocess.run([sys.executable, "-c", _CRASH_EACH_STEP, str(tmp_path), "step-1" if same_name else "step-2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    statuses = json.loads(r.stdout)
+    assert len(statuses) >= 7 and statuses[:-1] == [-9] * (len(statuses) - 1)  # killed at each step, then done
+    for n in range(1, len(statuses) + 1):
+        root = tmp_path / f"crash-{n}"
+        ck = load_checkpoint(root)  # via LATEST, every file's sha256 verified
+        w = ck.model_state()["w"]
+        assert (ck.step, w.tolist()) in ((1, [1.0] * 4), (2, [0.0] * 4)), n
+        assert [c.path.name for c in list_checkpoints(root)] in (["step-1"], ["step-1", "step-2"]), n
+    assert load_checkpoint(tmp_path / f"crash-{len(statuses)}").step == 2  # the save that got through
 # --- data formats -----------------------------------------------------------------------------------
 
 def _write(p, lines):
