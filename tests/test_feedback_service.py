@@ -363,7 +363,7 @@ def test_python_m_serves_until_sigterm(tmp_path):
             c.wait_serving(30)
             assert c.add_prompts(["from the CLI"]).added == 1
         assert p.stop() == 0, p.output()
-    from chatrl.services.feedback.store import FeedbackStore
+    from chatrl.services.core.feedback_store import FeedbackStore
 
     with FeedbackStore(db) as s:
         assert [r["text"] for r in s.export("prompts")] == ["from the CLI"]

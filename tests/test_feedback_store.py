@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatrl.services.core import formats
-from chatrl.services.feedback.store import SCHEMA_VERSION, FeedbackStore, StoreError
+from chatrl.services.core.feedback_store import SCHEMA_VERSION, FeedbackStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,8 @@ def test_prompts_dedup(store):
 def test_rank_flow_and_stats(store):
     t1, t2 = _task(store, "p1", k=4), _task(store, "p2", k=2)
     st = store.stats()
-    assert st == {"prompts": 2, "open_tasks": 2, "tasks": 2, "rankings": 0, "demonstrations": 0}
+    assert st == {"prompts": 2, "open_tasks": 2, "tasks": 2, "rankings": 0, "demonstrations": 0,
+                  "rankings_sequence": 0}
     task, remaining = store.next_task("alice")
     assert task["task_id"] == t1 and remaining == 1 and task["prompt"] == "p1"
     assert len(task["responses"]) == 4 and task["policy_model_version"] == 7
@@ -261,7 +262,8 @@ def test_task_and_prompt_errors(store):
     assert not called  # validation happens before the policy is asked
     with _err("invalid", "samples[0].responses"):
         store.create_comparison_tasks(["p"], [], 4, lambda t, k: ([["a"]], [[True]], 1))
-    assert store.stats() == {"prompts": 0, "open_tasks": 0, "tasks": 0, "rankings": 0, "demonstrations": 0}
+    assert store.stats() == {"prompts": 0, "open_tasks": 0, "tasks": 0, "rankings": 0, "demonstrations": 0,
+                             "rankings_sequence": 0}
 
 
 def test_export_errors(store):
@@ -315,11 +317,44 @@ def test_export_since_and_limit(store, clock):
 
 
 def test_export_pages_past_page_size(store, monkeypatch):
-    import chatrl.services.feedback.store as st
+    import chatrl.services.core.feedback_store as st
     monkeypatch.setattr(st, "_PAGE", 3)
     store.add_prompts([f"p{i}" for i in range(10)])  # same timestamp: ties broken by insertion order
     assert [r["text"] for r in store.export("prompts")] == [f"p{i}" for i in range(10)]
     assert len(list(store.export("prompts", limit=7))) == 7
+
+
+def test_export_after_sequence_reads_only_what_came_later(store, clock):
+    # the sequence is the commit order, whatever the clock says: a reader holding a cursor never misses
+    # a ranking committed after it, even one stamped earlier (a clock stepped back)
+    t1, t2, t3 = _task(store, "a", k=2), _task(store, "b", k=2), _task(store, "c", k=2)
+    assert store.sequence("rankings") == 0
+    store.submit_ranking("s1", t1, "al", [0, 1])
+    cursor = store.sequence("rankings")
+    assert [r["submission_id"] for r in store.export("rankings", after_sequence=cursor)] == []
+    clock.t -= 3600
+    store.submit_ranking("s2", t2, "al", [1, 0])
+    store.submit_ranking("s3", t3, "al", [0, 1])
+    rows = list(store.export("rankings", after_sequence=cursor))
+    assert [r["submission_id"] for r in rows] == ["s2", "s3"]
+    assert rows[0]["sequence"] > cursor and rows[1]["sequence"] > rows[0]["sequence"]
+    assert rows[1]["sequence"] == store.sequence("rankings") == store.stats()["rankings_sequence"]
+    assert list(store.export("rankings", after_sequence=rows[1]["sequence"])) == []
+    with _err("invalid", "after_sequence"):
+        store.export("rankings", after_sequence=-1)
+
+
+def test_wait_for_new_wakes_on_a_submission_from_another_thread(store):
+    t = _task(store, "a", k=2)
+    cursor = store.sequence("rankings")
+    assert store.wait_for_new("rankings", cursor, timeout_s=0) is False  # nothing yet, no wait
+    waiting = threading.Event()
+    submitter = threading.Thread(target=lambda: (waiting.wait(), store.submit_ranking("s", t, "al", [1, 0])))
+    submitter.start()
+    # the submitter fires once the waiter checks stop() (it is then inside the wait)
+    assert store.wait_for_new("rankings", cursor, timeout_s=30, stop=lambda: waiting.set() and False) is True
+    submitter.join()
+    assert [r["submission_id"] for r in store.export("rankings", after_sequence=cursor)] == ["s"]
 
 
 # -- concurrency & durability --------------------------------------------------------------------
@@ -347,7 +382,7 @@ def test_concurrent_submissions_from_threads(store):
 
 _CHILD = """
 import sys
-from chatrl.services.feedback.store import FeedbackStore
+from chatrl.services.core.feedback_store import FeedbackStore
 s = FeedbackStore(sys.argv[1])
 rid, dup, _ = s.submit_ranking("durable-1", sys.argv[2], "alice", [1, 0, 2])
 d, _ = s.submit_demonstration("durable-2", "alice", [{"role": "user", "content": "q"},

@@ -1,4 +1,4 @@
-"""feedback service: thin gRPC glue over :class:`chatrl.services.feedback.store.FeedbackStore`.
+"""feedback service: thin gRPC glue over :class:`chatrl.services.core.feedback_store.FeedbackStore`.
 
 Every ``FeedbackService`` RPC of ``protos/chatrl/v1/feedback.proto``. ``CreateComparisonTasks`` asks
 policy-inference (``policy_address``) for K samples per prompt through the client library's
@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from chatrl.clients.lib import PolicyClient
-from chatrl.services.feedback.store import FeedbackStore, StoreError
+from chatrl.services.core.feedback_store import FeedbackStore, StoreError
 from chatrl.services.proto.chatrl.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
 from chatrl.services.runtime.errors import ServiceError, invalid, require
 from chatrl.services.runtime.logs import event
@@ -289,20 +289,28 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         if kind is None:
             raise invalid("kind", "must be EXPORT_KIND_RANKINGS, EXPORT_KIND_DEMONSTRATIONS or EXPORT_KIND_PROMPTS")
         require(request.limit >= 0, "limit", f"must be >= 0, got {request.limit}")
+        require(request.after_sequence >= 0, "after_sequence", f"must be >= 0, got {request.after_sequence}")
+        require(request.wait_seconds >= 0, "wait_seconds", f"must be >= 0, got {request.wait_seconds}")
         since = request.since.ToDatetime(tzinfo=timezone.utc) if request.HasField("since") else None
+        cursor = request.after_sequence
         try:
-            rows = self.store.export(kind, since=since, limit=request.limit)
+            if request.wait_seconds > 0:  # long poll: hold the call until a record exists after the cursor
+                remaining = context.time_remaining()
+                wait = request.wait_seconds if remaining is None else min(request.wait_seconds, remaining - 0.5)
+                self.store.wait_for_new(kind, cursor, wait, stop=lambda: not context.is_active())
+            rows = self.store.export(kind, since=since, limit=request.limit, after_sequence=cursor)
             batch: list[str] = []
             size = 0
             for row in rows:
                 line = json.dumps(row, ensure_ascii=False)
                 if batch and (len(batch) >= self.cfg.export_batch_lines or size + len(line) > (1 << 20)):
-                    yield feedback_pb2.ExportResponse(lines=batch)
+                    yield feedback_pb2.ExportResponse(lines=batch, next_after_sequence=cursor)
                     batch, size = [], 0
                 batch.append(line)
                 size += len(line)
+                cursor = row["sequence"]
             if batch:
-                yield feedback_pb2.ExportResponse(lines=batch)
+                yield feedback_pb2.ExportResponse(lines=batch, next_after_sequence=cursor)
         except StoreError as e:
             raise _abort(e) from None
 

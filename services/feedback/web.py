@@ -22,7 +22,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from chatrl.services.feedback.store import FeedbackStore, StoreError
+from chatrl.services.core.feedback_store import FeedbackStore, StoreError
 
 log = logging.getLogger("chatrl.feedback.web")
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from chatrl.services.core.checkpoint import atomic_write_text, load_checkpoint
 from chatrl.services.core.config import RunConfig
-from chatrl.services.core.formats import load_prompts, load_rankings, write_jsonl
+from chatrl.services.core.formats import load_prompts
+from chatrl.services.trainer import labels
 from chatrl.services.trainer.stages import ppo, pretrain, reward_model, sft
 from chatrl.services.trainer.stages.common import Reporter, run_dir, stage_dir, stage_done, write_json
 from chatrl.services.trainer.stages.data import resolve_data
@@ -136,58 +137,6 @@ def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> None:
         reporter.log(f"policy-inference: pushed the SFT weights as version {ver} to {len(versions)} replica(s)")
 
 
-def collect_rankings(cfg: RunConfig, svc: Services, round_: int, prompts: list[str], gold, reporter: Reporter
-                     ) -> list:
-    """Comparison tasks from the current policy → labels through the feedback API → exported rankings."""
-    out = run_dir(cfg) / "data" / f"rankings_r{round_}.jsonl"
-    if out.exists():
-        return load_rankings(out)
-    rc, pc = cfg.reward, cfg.pipeline
-    rng = np.random.default_rng([cfg.seed, round_, 17])
-    pick = rng.choice(len(prompts), size=min(rc.num_prompts, len(prompts)), replace=False)
-    chosen = [prompts[i] for i in pick]
-    t0 = time.perf_counter()
-    before = svc.feedback.stats().rankings
-    tasks = svc.feedback.create_comparison_tasks(chosen, rc.k, max_new_tokens=rc.max_new_tokens,
-                                                 temperature=rc.temperature, seed=int(cfg.seed + round_ * 1000))
-    reporter.log(f"round {round_}: {len(tasks.task_ids)} comparison tasks (K={rc.k}) from policy "
-                 f"v{tasks.policy_model_version} in {time.perf_counter() - t0:.1f}s")
-    want = set(tasks.task_ids)
-    if pc.labelers > 0:
-        label_with_simulated_labelers(svc, gold, pc.labelers, rc.label_noise, rng, reporter)
-    else:
-        reporter.log(f"round {round_}: waiting for people to rank {len(want)} tasks (feedback web page or "
-                     f"SubmitRanking)…")
-    while svc.feedback.stats().rankings - before < len(want):
-        reporter.check_cancelled()
-        time.sleep(2.0)
-    lines = svc.feedback.export("rankings")
-    write_jsonl(out, [json.loads(ln) for ln in lines])
-    rankings = load_rankings(out)
-    reporter.log(f"round {round_}: {len(rankings)} rankings exported ({time.perf_counter() - t0:.1f}s)")
-    return rankings
-
-
-def label_with_simulated_labelers(svc: Services, gold, n_labelers: int, noise: float, rng, reporter: Reporter) -> int:
-    """Stand-ins for people: take tasks one at a time and rank them with the noisy gold function."""
-    labelers = [f"simulated-labeler-{i}" for i in range(n_labelers)]
-    done = 0
-    while True:
-        progressed = False
-        for who in labelers:
-            t = svc.feedback.next_task(who)
-            if not t.HasField("task"):
-                continue
-            task = t.task
-            finished = list(task.responses_finished) or [True] * len(task.responses)
-            ranking = gold.rank(task.prompt, list(task.responses), finished, rng, noise)
-            svc.feedback.submit_ranking(f"{who}/{task.task_id}", task.task_id, who, [int(x) for x in ranking])
-            done += 1
-            progressed = True
-        if not progressed:
-            return done
-
-
 def reuse(src: Path, dst: Path, reporter: Reporter) -> None:
     """Start from another run's pre-training, SFT, round-0 labels and reward model (ablations: the same
     starting point, only PPO differs). Copies are made once; existing files are kept."""
@@ -275,7 +224,8 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
                 version += 1
                 push(load_checkpoint(policy_ckpt).model_state(), version)
                 pushed = True
-            rankings = timed(f"labels_r{r}", collect_rankings, cfg, svc, r, prompts, gold, reporter)
+            rankings = timed(f"labels_r{r}", labels.collect_rankings, cfg, labels.ServiceLabels(svc.feedback),
+                             prompts, gold, f"r{r}", run_dir(cfg) / "data" / f"rankings_r{r}.jsonl", reporter)
             rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
                        rankings=rankings, stage=f"reward_r{r}")
             svc.reward.load_model(str(rm.checkpoint))

@@ -16,21 +16,12 @@ from chatrl.services.core.checkpoint import atomic_write_bytes
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.formats import read_corpus
 from chatrl.services.core.model import GPT, GPTConfig, autocast
+from chatrl.services.core.seeding import derive_seed
 from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.trainer import algos
-from chatrl.services.trainer.stages.common import (
-    Reporter,
-    StageResult,
-    Throughput,
-    latest_checkpoint,
-    lr_at,
-    make_optimizer,
-    run_dir,
-    save_stage,
-    stage_dir,
-    stage_done,
-)
+from chatrl.services.trainer.stages.common import Reporter, StageResult, run_dir
 from chatrl.services.trainer.stages.data import resolve_data
+from chatrl.services.trainer.stages.supervised import Schedule, SupervisedTask, finished, train
 
 STAGE = "pretrain"
 
@@ -73,20 +64,52 @@ def corpus_tokens(cfg: RunConfig, tok: ChatTokenizer) -> np.ndarray:
     return arr
 
 
-def batch_at(tokens: torch.Tensor, step: int, seed: int, batch: int, seq_len: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+def random_windows(tokens: torch.Tensor, seed: int, batch: int, seq_len: int) -> torch.Tensor:
+    """``batch`` random windows of ``seq_len + 1`` tokens, a pure function of ``seed``: [batch, seq_len + 1]."""
+    g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g)
     return torch.stack([tokens[s: s + seq_len + 1] for s in starts.tolist()]).long()
+
+
+def batch_at(tokens: torch.Tensor, step: int, seed: int, batch: int, seq_len: int) -> torch.Tensor:
+    """The pre-training batch of ``step``: [batch, seq_len + 1] token ids."""
+    return random_windows(tokens, derive_seed(seed, STAGE, "batch", step), batch, seq_len)
+
+
+class PretrainTask(SupervisedTask):
+    """Next-token prediction on random windows of the corpus; eval = mean loss on the held-out tail."""
+
+    stage = STAGE
+
+    def __init__(self, cfg: RunConfig, train: torch.Tensor, held: torch.Tensor) -> None:
+        self.cfg, self.train, self.held = cfg, train, held
+
+    def batch(self, step: int) -> torch.Tensor:
+        pc = self.cfg.pretrain
+        return batch_at(self.train, step, self.cfg.seed, pc.batch_size, pc.seq_len).to(self.cfg.device)
+
+    def loss(self, model: GPT, xb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], int]:
+        return lm_window_loss(model, xb, self.cfg), {}, xb[:, :-1].numel()
+
+    def evaluate(self, model: GPT) -> dict[str, float]:
+        return {"eval_loss": evaluate(model, self.held, self.cfg)}
+
+    def summary(self, m: dict[str, float]) -> str:
+        return f"pretrain: done, eval loss {m['eval_loss']:.3f}, {m['tokens_per_s']:.0f} tokens/s"
+
+
+def lm_window_loss(model: GPT, xb: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Next-token cross-entropy of windows ``xb`` [B, T+1]: predict xb[:, 1:] from xb[:, :-1]."""
+    with autocast(cfg.dtype, cfg.device.split(":")[0]):
+        logits = model(xb[:, :-1]).logits  # [B, T, V]
+    return algos.lm_loss(logits.float(), xb[:, 1:])
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or Reporter()
     pc = cfg.pretrain
-    root = stage_dir(cfg, STAGE)
-    done = stage_done(root)
-    if done is not None:
-        reporter.log(f"pretrain: already finished ({done.path})")
-        return StageResult(STAGE, done.path, done.manifest["meta"].get("metrics", {}))
+    if (done := finished(cfg, STAGE, reporter)) is not None:
+        return done
     tok = build_tokenizer(cfg, reporter)
     if cfg.model.vocab_size != tok.vocab_size:
         cfg.model.vocab_size = tok.vocab_size
@@ -94,73 +117,20 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> StageResult:
         raise ValueError(f"pretrain.seq_len ({pc.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     data = torch.from_numpy(corpus_tokens(cfg, tok).astype(np.int64))
     n_eval = max(pc.seq_len * 8, len(data) // 50)
-    train, held = data[:-n_eval], data[-n_eval:]
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    train_tokens, held = data[:-n_eval], data[-n_eval:]
+    torch.manual_seed(derive_seed(cfg.seed, STAGE, "init"))  # the initial weights depend on the seed only
     model = GPT(GPTConfig(**cfg.model.to_dict())).to(cfg.device)
-    opt = make_optimizer(model, pc.lr, pc.weight_decay)
-    start = 0
-    ck = latest_checkpoint(root)
-    if ck is not None:
-        model.load_state_dict(ck.model_state(cfg.device))
-        if (opt_state := ck.optimizer_state()) is not None:
-            opt.load_state_dict(opt_state)
-        ck.restore_rng()
-        start = ck.step
-        reporter.log(f"pretrain: resuming from step {start} ({ck.path.name})")
-    reporter.log(f"pretrain: {model.num_params() / 1e6:.2f}M params, corpus {len(train):,} tokens, "
-                 f"{pc.steps} steps × {pc.batch_size}×{pc.seq_len}")
-    model.train()
-    thr = Throughput()
-    t0 = time.perf_counter()
-    reporter.start(STAGE, pc.steps, start)
-    metrics: dict[str, float] = {}
-    loss_acc, n_acc = 0.0, 0
-    for step in range(start, pc.steps):
-        reporter.check_cancelled()
-        lr = lr_at(step, pc.steps, pc.lr, pc.warmup_steps, pc.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        xb = batch_at(train, step, cfg.seed, pc.batch_size, pc.seq_len).to(cfg.device)
-        with autocast(cfg.dtype, cfg.device.split(":")[0]):
-            logits = model(xb[:, :-1]).logits
-        loss = algos.lm_loss(logits.float(), xb[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
-        opt.step()
-        thr.add(xb[:, :-1].numel())
-        loss_acc += loss.item()
-        n_acc += 1
-        s = step + 1
-        reporter.progress(STAGE, s, pc.steps)
-        if s % pc.log_every == 0 or s == pc.steps:
-            metrics = {"loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(gn), "tokens_per_s": thr.rate()}
-            loss_acc, n_acc = 0.0, 0
-            reporter.metrics(STAGE, s, pc.steps, metrics)
-        if s % pc.ckpt_every == 0 and s < pc.steps:
-            save_stage(cfg, STAGE, s, model, tok, opt, {"data_position": s})
-    metrics["eval_loss"] = evaluate(model, held, cfg)
-    metrics["tokens_per_s"] = thr.rate()
-    metrics["seconds"] = time.perf_counter() - t0
-    reporter.metrics(STAGE, pc.steps, pc.steps, metrics)
-    reporter.finish(STAGE)
-    ck = save_stage(cfg, STAGE, pc.steps, model, tok, None, {"data_position": pc.steps, "metrics": metrics},
-                    final=True)
-    reporter.log(f"pretrain: done, eval loss {metrics['eval_loss']:.3f}, {metrics['tokens_per_s']:.0f} tokens/s")
-    return StageResult(STAGE, ck.path, metrics, metrics["seconds"])
+    sched = Schedule(pc.steps, pc.lr, pc.warmup_steps, pc.min_lr_ratio, pc.weight_decay, pc.grad_clip,
+                     pc.log_every, pc.ckpt_every)
+    return train(cfg, PretrainTask(cfg, train_tokens, held), model, tok, sched, reporter,
+                 on_start=lambda start: reporter.log(
+                     f"pretrain: {model.num_params() / 1e6:.2f}M params, corpus {len(train_tokens):,} tokens, "
+                     f"{pc.steps} steps × {pc.batch_size}×{pc.seq_len}"))
 
 
-@torch.no_grad()
 def evaluate(model: GPT, held: torch.Tensor, cfg: RunConfig, max_batches: int = 8) -> float:
-    model.eval()
-    sl = cfg.pretrain.seq_len
-    n = min(max_batches * cfg.pretrain.batch_size, (len(held) - 1) // sl)
-    xs = torch.stack([held[i * sl: i * sl + sl + 1] for i in range(n)]).long().to(cfg.device)
-    losses = []
-    for i in range(0, n, cfg.pretrain.batch_size):
-        xb = xs[i: i + cfg.pretrain.batch_size]
-        with autocast(cfg.dtype, cfg.device.split(":")[0]):
-            logits = model(xb[:, :-1]).logits
-        losses.append(float(algos.lm_loss(logits.float(), xb[:, 1:])))
-    model.train()
-    return float(np.mean(losses))
+    """Mean next-token loss over consecutive windows of the held-out tail (the loop sets eval mode)."""
+    sl, bs = cfg.pretrain.seq_len, cfg.pretrain.batch_size
+    n = min(max_batches * bs, (len(held) - 1) // sl)
+    xs = torch.stack([held[i * sl: i * sl + sl + 1] for i in range(n)]).long().to(cfg.device)  # [n, sl+1]
+    return float(np.mean([float(lm_window_loss(model, xs[i: i + bs], cfg)) for i in range(0, n, bs)]))

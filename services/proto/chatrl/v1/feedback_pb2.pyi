@@ -139,35 +139,43 @@ class SubmitDemonstrationResponse(_message.Message):
     def __init__(self, demonstration_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("kind", "since", "limit")
+    __slots__ = ("kind", "since", "limit", "after_sequence", "wait_seconds")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kind: ExportKind
     since: _timestamp_pb2.Timestamp
     limit: int
-    def __init__(self, kind: _Optional[_Union[ExportKind, str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+    after_sequence: int
+    wait_seconds: float
+    def __init__(self, kind: _Optional[_Union[ExportKind, str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., after_sequence: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
-    __slots__ = ("lines",)
+    __slots__ = ("lines", "next_after_sequence")
     LINES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_after_sequence: int
+    def __init__(self, lines: _Optional[_Iterable[str]] = ..., next_after_sequence: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("prompts", "open_tasks", "tasks", "rankings", "demonstrations")
+    __slots__ = ("prompts", "open_tasks", "tasks", "rankings", "demonstrations", "rankings_sequence")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     OPEN_TASKS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     RANKINGS_FIELD_NUMBER: _ClassVar[int]
     DEMONSTRATIONS_FIELD_NUMBER: _ClassVar[int]
+    RANKINGS_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     prompts: int
     open_tasks: int
     tasks: int
     rankings: int
     demonstrations: int
-    def __init__(self, prompts: _Optional[int] = ..., open_tasks: _Optional[int] = ..., tasks: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ...) -> None: ...
+    rankings_sequence: int
+    def __init__(self, prompts: _Optional[int] = ..., open_tasks: _Optional[int] = ..., tasks: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ..., rankings_sequence: _Optional[int] = ...) -> None: ...

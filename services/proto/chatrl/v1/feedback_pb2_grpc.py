@@ -118,7 +118,9 @@ class FeedbackServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Export(self, request, context):
-        """Streams stored records as JSONL lines (see ExportKind for each line's fields).
+        """Streams stored records as JSONL lines (see ExportKind for each line's fields), in the order they
+        were stored. Follow new records with a cursor: pass the last line's "sequence" (or
+        GetStatsResponse.rankings_sequence) as after_sequence, and wait_seconds to block until one exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

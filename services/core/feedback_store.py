@@ -1,8 +1,10 @@
-"""Durable label store for the feedback service: prompts, comparison tasks, rankings, demonstrations.
+"""The label store: prompts, comparison tasks, rankings, demonstrations.
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL``: when a ``submit_*`` call returns,
-the label is committed and on disk (a ``kill -9`` right afterwards cannot lose it). No gRPC here —
-``services/feedback/server.py`` is thin glue over this module.
+the label is committed and on disk (a ``kill -9`` right afterwards cannot lose it). No gRPC here, so
+it lives in core: the feedback service (``services/feedback/server.py``, thin gRPC glue over this
+module) serves it, and ``chatrl train reward`` uses it in-process — both through the one label path
+of ``services/trainer/labels.py``.
 
 - **Prompts** are deduplicated by text.
 - **Comparison tasks**: one prompt, K ≥ 2 sampled responses (with a finished flag each: did the
@@ -16,7 +18,13 @@ the label is committed and on disk (a ``kill -9`` right afterwards cannot lose i
   content returns the original id with ``duplicate=True``; the same id with different content is a
   ``conflict``.
 - **Export** yields rows in the trainer's formats (``services/core/formats.py``) plus the metadata
-  fields the proto documents for each ``ExportKind``; oldest first, ``since`` inclusive, ``limit`` 0 = all.
+  fields the proto documents for each ``ExportKind``, in the order they were stored; ``since``
+  (inclusive) filters by time, ``limit`` 0 = all.
+- **Sequence cursor**: every record has a ``sequence`` (its SQLite rowid), increasing in commit order
+  (writes are serialised by ``BEGIN IMMEDIATE`` and rows are never deleted, so a later commit never
+  gets a smaller sequence). ``export(kind, after_sequence=s)`` returns only what was stored after the
+  record ``s``; ``wait_for_new`` blocks until there is such a record — a reader follows new labels
+  without re-reading old ones or polling counts.
 
 Errors are :class:`StoreError` with a ``kind`` (``invalid`` / ``not_found`` / ``conflict`` /
 ``unavailable``) and a message that starts with the offending field.
@@ -41,6 +49,8 @@ ROLES = ("system", "user", "assistant")
 EXPORT_KINDS = ("rankings", "demonstrations", "prompts")
 MAX_PROMPT_CHARS = 20_000
 _PAGE = 500  # rows fetched per query while exporting (the lock is not held between pages)
+MAX_WAIT_S = 60.0  # longest single wait_for_new (a waiting RPC holds a server thread)
+_RECHECK_S = 1.0  # writers in other processes sharing the file cannot notify: re-check this often
 
 _SCHEMA_V1 = """
 CREATE TABLE prompts (
@@ -187,6 +197,8 @@ class FeedbackStore:
         self.rankings_per_task = int(rankings_per_task)
         self._clock = clock
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified after every commit in this process
+        self._closed = False
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None,
@@ -235,6 +247,8 @@ class FeedbackStore:
         def __exit__(self, exc_type, exc, tb) -> None:
             try:
                 self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                if not exc_type:
+                    self.store._changed.notify_all()
             finally:
                 self.store._lock.release()
 
@@ -250,6 +264,8 @@ class FeedbackStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            self._changed.notify_all()  # waiters return (nothing new) instead of reading a closed db
             self._db.close()
 
     def __enter__(self) -> FeedbackStore:
@@ -484,17 +500,16 @@ class FeedbackStore:
 
     # -- export & stats ------------------------------------------------------------------------
 
-    def _paged(self, sql: str, since_us: int | None, limit: int) -> Iterator[sqlite3.Row]:
-        """Rows of ``sql`` (which selects ``x.created_us`` and ``x.rowid AS rid`` from alias x) oldest
-        first, keyset-paginated so no lock or cursor is held while the caller consumes rows."""
-        if limit < 0:
-            raise _invalid("limit", f"must be >= 0, got {limit}")
-        last = (since_us if since_us is not None else -(2 ** 62), -1)
+    def _paged(self, sql: str, since_us: int | None, limit: int, after_sequence: int) -> Iterator[sqlite3.Row]:
+        """Rows of ``sql`` (which selects ``x.rowid AS rid`` from alias x) with sequence > ``after_sequence``
+        (and ``x.created_us >= since_us``), in sequence order, keyset-paginated so no lock or cursor is
+        held while the caller consumes rows."""
+        last = after_sequence
         left = limit or None
+        since = "" if since_us is None else f" AND x.created_us >= {int(since_us)}"
         while True:
             n = _PAGE if left is None else min(_PAGE, left)
-            rows = self._read(f"{sql} WHERE (x.created_us > ? OR (x.created_us = ? AND x.rowid > ?)) "
-                              "ORDER BY x.created_us, x.rowid LIMIT ?", (last[0], last[0], last[1], n))
+            rows = self._read(f"{sql} WHERE x.rowid > ?{since} ORDER BY x.rowid LIMIT ?", (last, n))
             yield from rows
             if left is not None:
                 left -= len(rows)
@@ -502,38 +517,72 @@ class FeedbackStore:
                     return
             if len(rows) < n:
                 return
-            last = (rows[-1]["created_us"], rows[-1]["rid"])
+            last = rows[-1]["rid"]
 
-    def export_rankings(self, since=None, limit: int = 0) -> Iterator[dict]:
+    def export_rankings(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
         """Rows in the trainer's rankings format ({"prompt","responses","ranking","finished"}) plus metadata."""
         sql = ("SELECT x.*, x.rowid AS rid, t.prompt_id, t.responses, t.finished, t.policy_model_version, p.text "
                "FROM rankings x JOIN tasks t ON t.id = x.task_id JOIN prompts p ON p.id = t.prompt_id")
-        for r in self._paged(sql, to_us(since), limit):
-            yield {"ranking_id": r["id"], "task_id": r["task_id"], "prompt_id": r["prompt_id"],
+        for r in self._paged(sql, to_us(since), limit, after_sequence):
+            yield {"sequence": r["rid"], "ranking_id": r["id"], "task_id": r["task_id"], "prompt_id": r["prompt_id"],
                    "prompt": r["text"], "responses": json.loads(r["responses"]),
                    "ranking": json.loads(r["ranking"]), "finished": json.loads(r["finished"]),
                    "labeler_id": r["labeler_id"], "submission_id": r["submission_id"],
                    "policy_model_version": r["policy_model_version"], "created_at": rfc3339(r["created_us"])}
 
-    def export_demonstrations(self, since=None, limit: int = 0) -> Iterator[dict]:
+    def export_demonstrations(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
         """Rows in the trainer's SFT format ({"messages": [...]}) plus metadata."""
-        for r in self._paged("SELECT x.*, x.rowid AS rid FROM demonstrations x", to_us(since), limit):
-            yield {"demonstration_id": r["id"], "messages": json.loads(r["messages"]),
+        for r in self._paged("SELECT x.*, x.rowid AS rid FROM demonstrations x", to_us(since), limit,
+                             after_sequence):
+            yield {"sequence": r["rid"], "demonstration_id": r["id"], "messages": json.loads(r["messages"]),
                    "labeler_id": r["labeler_id"], "submission_id": r["submission_id"],
                    "created_at": rfc3339(r["created_us"])}
 
-    def export_prompts(self, since=None, limit: int = 0) -> Iterator[dict]:
+    def export_prompts(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
         """Rows in the trainer's prompts format ({"prompt"}) plus the proto's {"prompt_id","text","source"}."""
-        for r in self._paged("SELECT x.*, x.rowid AS rid FROM prompts x", to_us(since), limit):
-            yield {"prompt_id": r["id"], "prompt": r["text"], "text": r["text"], "source": r["source"],
-                   "created_at": rfc3339(r["created_us"])}
+        for r in self._paged("SELECT x.*, x.rowid AS rid FROM prompts x", to_us(since), limit, after_sequence):
+            yield {"sequence": r["rid"], "prompt_id": r["id"], "prompt": r["text"], "text": r["text"],
+                   "source": r["source"], "created_at": rfc3339(r["created_us"])}
 
-    def export(self, kind: str, since=None, limit: int = 0) -> Iterator[dict]:
+    @staticmethod
+    def _check_export(kind: str, limit: int = 0, after_sequence: int = 0) -> None:
         if kind not in EXPORT_KINDS:
             raise _invalid("kind", f"must be one of {list(EXPORT_KINDS)}, got {kind!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise _invalid("limit", f"must be >= 0, got {limit}")
-        return getattr(self, f"export_{kind}")(since, limit)
+        if isinstance(after_sequence, bool) or not isinstance(after_sequence, int) or after_sequence < 0:
+            raise _invalid("after_sequence", f"must be >= 0, got {after_sequence}")
+
+    def export(self, kind: str, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
+        """Records of ``kind`` stored after sequence ``after_sequence`` (0 = from the first), in order;
+        each row carries its ``sequence`` — the last one is the cursor to continue from."""
+        self._check_export(kind, limit, after_sequence)
+        return getattr(self, f"export_{kind}")(since, limit, after_sequence)
+
+    def sequence(self, kind: str) -> int:
+        """The newest record's sequence (0 = none yet): ``export(kind, after_sequence=this)`` returns only
+        what is stored from now on."""
+        self._check_export(kind)
+        return int(self._read(f"SELECT COALESCE(MAX(rowid), 0) FROM {kind}")[0][0])
+
+    def wait_for_new(self, kind: str, after_sequence: int, timeout_s: float,
+                     stop: Callable[[], bool] | None = None) -> bool:
+        """Blocks until a record of ``kind`` with sequence > ``after_sequence`` exists (True), or until
+        ``timeout_s`` (at most ``MAX_WAIT_S``) passes, ``stop()`` turns true or the store closes (False).
+        A commit in this process wakes the waiter at once; one by another process sharing the file is
+        seen within ``_RECHECK_S``."""
+        self._check_export(kind, 0, after_sequence)
+        deadline = time.monotonic() + min(max(0.0, float(timeout_s)), MAX_WAIT_S)
+        with self._changed:
+            while True:
+                if self._closed:
+                    return False
+                if self._db.execute(f"SELECT 1 FROM {kind} WHERE rowid > ? LIMIT 1", (after_sequence,)).fetchone():
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop()):
+                    return False
+                self._changed.wait(min(left, _RECHECK_S))
 
     def stats(self) -> dict:
         with self._lock:
@@ -542,4 +591,5 @@ class FeedbackStore:
                     "open_tasks": q("SELECT COUNT(*) FROM tasks WHERE n_rankings < ?", self.rankings_per_task),
                     "tasks": q("SELECT COUNT(*) FROM tasks"),
                     "rankings": q("SELECT COUNT(*) FROM rankings"),
-                    "demonstrations": q("SELECT COUNT(*) FROM demonstrations")}
+                    "demonstrations": q("SELECT COUNT(*) FROM demonstrations"),
+                    "rankings_sequence": q("SELECT COALESCE(MAX(rowid), 0) FROM rankings")}

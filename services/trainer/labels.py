@@ -1,0 +1,209 @@
+"""The label path, once: prompts → comparison tasks → labelers rank them → the reward model's rankings.
+
+Both ways of training a reward model from fresh labels run :func:`collect_rankings` over the feedback
+*store API* (:class:`LabelStore`):
+
+- the pipeline over the feedback service (:class:`ServiceLabels`, gRPC): tasks are sampled by
+  policy-inference from the current policy, and people can label next to (or instead of) the
+  simulated labelers, through the labeling page or ``SubmitRanking``;
+- ``chatrl train reward`` over the SQLite store in-process (:class:`LocalLabels`, the same
+  :class:`~chatrl.services.core.feedback_store.FeedbackStore` the service serves, in
+  ``<run_dir>/feedback.db``): tasks are sampled in-process from the SFT model.
+
+The flow: pick prompts → create one comparison task (K samples) per prompt → the *simulated labelers*
+(a noisy gold preference function standing in for people) take tasks one at a time through
+``next_task`` and rank them through ``submit_ranking``, exactly as a person would; with
+``pipeline.labelers: 0`` nobody simulates and people label → wait until every task has a ranking,
+reading only rankings stored after a cursor taken before the tasks existed (a long poll, no counting,
+no re-reading of older labels) → snapshot them to JSONL (the stage's resume point).
+
+No gRPC here: the gRPC client is handed in (``ServiceLabels(FeedbackClient(...))``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from chatrl.services.core.config import RunConfig
+from chatrl.services.core.feedback_store import FeedbackStore
+from chatrl.services.core.formats import Ranking, load_rankings, write_jsonl
+from chatrl.services.core.generate import SamplingParams, generate
+from chatrl.services.core.model import GPT
+from chatrl.services.core.seeding import derive_seed
+from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.trainer.stages.common import Reporter
+
+WAIT_SLICE_S = 5.0  # one long poll; between polls the run's cancellation is checked
+
+
+class LabelStore(Protocol):
+    """The part of the feedback store API the label path uses. Tasks are dicts with ``task_id``,
+    ``prompt``, ``responses`` and ``finished``; ranking rows are the store's export rows (each with
+    its ``sequence``)."""
+
+    def create_comparison_tasks(self, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
+                                seed: int) -> tuple[list[str], int]: ...  # (task ids, policy version)
+
+    def next_task(self, labeler_id: str) -> dict | None: ...
+
+    def submit_ranking(self, submission_id: str, task_id: str, labeler_id: str, ranking: list[int]) -> None: ...
+
+    def cursor(self) -> int: ...  # the newest ranking's sequence
+
+    def rankings_after(self, after_sequence: int, wait_s: float) -> list[dict]: ...
+
+
+class ServiceLabels:
+    """The feedback service through its client (``chatrl.clients.lib.FeedbackClient``)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def create_comparison_tasks(self, prompts, k, max_new_tokens, temperature, seed):
+        res = self.client.create_comparison_tasks(prompts, k, max_new_tokens=max_new_tokens,
+                                                  temperature=temperature, seed=seed)
+        return list(res.task_ids), int(res.policy_model_version)
+
+    def next_task(self, labeler_id):
+        res = self.client.next_task(labeler_id)
+        if not res.HasField("task"):
+            return None
+        t = res.task
+        return {"task_id": t.task_id, "prompt": t.prompt, "responses": list(t.responses),
+                "finished": list(t.responses_finished) or [True] * len(t.responses)}
+
+    def submit_ranking(self, submission_id, task_id, labeler_id, ranking):
+        self.client.submit_ranking(submission_id, task_id, labeler_id, ranking)
+
+    def cursor(self):
+        return int(self.client.stats().rankings_sequence)
+
+    def rankings_after(self, after_sequence, wait_s):
+        lines = self.client.export("rankings", after_sequence=after_sequence, wait_seconds=wait_s,
+                                   timeout=wait_s + 60.0)
+        return [json.loads(ln) for ln in lines]
+
+
+class LocalLabels:
+    """The SQLite store in this process; comparison samples come from ``policy`` (the SFT model)."""
+
+    def __init__(self, store: FeedbackStore, policy: GPT, tok: ChatTokenizer, cfg: RunConfig,
+                 policy_version: int = 0) -> None:
+        self.store, self.policy, self.tok, self.cfg, self.version = store, policy, tok, cfg, policy_version
+
+    def create_comparison_tasks(self, prompts, k, max_new_tokens, temperature, seed):
+        def sampler(texts: list[str], kk: int):
+            samples = sample_responses(self.policy, self.tok, texts, kk, temperature, max_new_tokens, seed, self.cfg)
+            return [s[0] for s in samples], [s[1] for s in samples], self.version
+
+        return self.store.create_comparison_tasks(prompts, [], k, sampler, source="chatrl train reward")
+
+    def next_task(self, labeler_id):
+        return self.store.next_task(labeler_id)[0]
+
+    def submit_ranking(self, submission_id, task_id, labeler_id, ranking):
+        self.store.submit_ranking(submission_id, task_id, labeler_id, ranking)
+
+    def cursor(self):
+        return self.store.sequence("rankings")
+
+    def rankings_after(self, after_sequence, wait_s):
+        self.store.wait_for_new("rankings", after_sequence, wait_s)
+        return list(self.store.export("rankings", after_sequence=after_sequence))
+
+
+def sample_responses(model: GPT, tok: ChatTokenizer, prompts: list[str], k: int, temperature: float,
+                     max_new_tokens: int, seed: int, cfg: RunConfig, batch_prompts: int = 8
+                     ) -> list[tuple[list[str], list[bool]]]:
+    """K sampled responses per prompt, in-process: (texts, finished flags) per prompt. Sample s of
+    prompt i uses ``derive_seed(seed, i, s)``."""
+    out = []
+    for i in range(0, len(prompts), batch_prompts):
+        chunk = prompts[i: i + batch_prompts]
+        seqs, params = [], []
+        for j, p in enumerate(chunk):
+            ids = tok.prompt_ids(p)[-(model.cfg.max_seq_len - max_new_tokens):]
+            for s in range(k):
+                seqs.append(ids)
+                params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                             seed=derive_seed(seed, i + j, s), stop_token_ids=(tok.end_id,)))
+        samples = generate(model, seqs, params, tok.pad_id, cfg.dtype, cfg.device)
+        for j in range(len(chunk)):
+            dec = [tok.response_text(s.tokens) for s in samples[j * k:(j + 1) * k]]
+            out.append(([d[0] for d in dec], [d[1] for d in dec]))
+    return out
+
+
+def label_with_simulated_labelers(labels: LabelStore, gold, n_labelers: int, noise: float,
+                                  rng: np.random.Generator) -> int:
+    """Stand-ins for people: each takes the next task, ranks it with the noisy gold function and
+    submits, in turn, until no labeler gets a task. Returns the rankings submitted."""
+    labelers = [f"simulated-labeler-{i}" for i in range(n_labelers)]
+    done = 0
+    while True:
+        progressed = False
+        for who in labelers:
+            task = labels.next_task(who)
+            if task is None:
+                continue
+            ranking = gold.rank(task["prompt"], task["responses"], task["finished"], rng, noise)
+            labels.submit_ranking(f"{who}/{task['task_id']}", task["task_id"], who, [int(x) for x in ranking])
+            done += 1
+            progressed = True
+        if not progressed:
+            return done
+
+
+def wait_for_rankings(labels: LabelStore, task_ids: set[str], cursor: int, reporter: Reporter,
+                      wait_s: float = WAIT_SLICE_S) -> list[dict]:
+    """Rankings of ``task_ids`` stored after ``cursor``, once each task has at least one (in store
+    order; rankings of other tasks are skipped). Each read returns as soon as a ranking is stored."""
+    rows: list[dict] = []
+    ranked: set[str] = set()
+    while not task_ids <= ranked:
+        reporter.check_cancelled()
+        for row in labels.rankings_after(cursor, wait_s):
+            cursor = max(cursor, int(row["sequence"]))
+            if row["task_id"] in task_ids:
+                rows.append(row)
+                ranked.add(row["task_id"])
+    return rows
+
+
+def collect_rankings(cfg: RunConfig, labels: LabelStore, prompts: list[str], gold, name: str, out: Path,
+                     reporter: Reporter, n_labelers: int | None = None) -> list[Ranking]:
+    """Fresh rankings for the reward model ``name`` (e.g. ``reward`` or ``r0``), snapshotted to ``out``
+    (an existing snapshot is returned as is: the stage resumes from the same labels).
+    ``n_labelers``: simulated labelers (default ``pipeline.labelers``); 0 = wait for people."""
+    if out.exists():
+        return load_rankings(out)
+    rc = cfg.reward
+    n_labelers = cfg.pipeline.labelers if n_labelers is None else n_labelers
+    if n_labelers > 0 and gold is None:
+        raise FileNotFoundError("no rankings: set data.rankings_file (labels from people), data.gold_file "
+                                "(the simulated labeler), or pipeline.labelers: 0 (wait for people)")
+    pick = np.random.default_rng(derive_seed(cfg.seed, name, "prompts")).choice(
+        len(prompts), size=min(rc.num_prompts, len(prompts)), replace=False)
+    t0 = time.perf_counter()
+    cursor = labels.cursor()  # before the tasks exist: every ranking of them comes after it
+    task_ids, version = labels.create_comparison_tasks(
+        [prompts[i] for i in pick], rc.k, rc.max_new_tokens, rc.temperature, derive_seed(cfg.seed, name, "samples"))
+    reporter.log(f"{name}: {len(task_ids)} comparison tasks (K={rc.k}) from policy v{version} "
+                 f"in {time.perf_counter() - t0:.1f}s")
+    if n_labelers > 0:
+        rng = np.random.default_rng(derive_seed(cfg.seed, name, "labelers"))
+        n = label_with_simulated_labelers(labels, gold, n_labelers, rc.label_noise, rng)
+        reporter.log(f"{name}: {n_labelers} simulated labelers submitted {n} rankings")
+    else:
+        reporter.log(f"{name}: waiting for people to rank {len(task_ids)} tasks (feedback web page or "
+                     f"SubmitRanking)…")
+    rows = wait_for_rankings(labels, set(task_ids), cursor, reporter)
+    write_jsonl(out, rows)
+    rankings = load_rankings(out)
+    reporter.log(f"{name}: {len(rankings)} rankings read ({time.perf_counter() - t0:.1f}s)")
+    return rankings

@@ -1,0 +1,82 @@
+"""The label path (services/trainer/labels.py) over the feedback service: a round reads only the labels
+stored after its cursor, and with nobody simulating (``pipeline.labelers: 0``) it waits until a person
+has ranked every task."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from chatrl.clients.lib import FeedbackClient
+from chatrl.services.feedback.server import FeedbackConfig, build
+from chatrl.services.runtime.server import ServerConfig
+from chatrl.services.trainer import labels
+from chatrl.services.trainer.stages.common import Reporter
+
+
+@pytest.fixture()
+def feedback(tmp_path):
+    """A real feedback service on loopback (no auth; CreateComparisonTasks is not used: tasks are made in
+    its store, as a policy would have sampled them) and a client of it."""
+    srv, svc = build(ServerConfig(port=0, auth_token_env="", grace_seconds=1),
+                     FeedbackConfig(db=str(tmp_path / "feedback.db"), policy_address="127.0.0.1:1"))
+    client = FeedbackClient(srv.address, timeout=60.0)
+    yield svc.store, client
+    client.close()
+    srv.stop(0)
+    svc.close()
+
+
+def _task(store, prompt: str) -> str:
+    return store.create_tasks([{"prompt": prompt, "responses": ["fine.", "It was warm and funny."]}])[0]
+
+
+class Spy:
+    """A LabelStore that passes every call through and tells the test when the wait has started."""
+
+    def __init__(self, inner: labels.LabelStore) -> None:
+        self.inner = inner
+        self.waiting = threading.Event()
+
+    def rankings_after(self, after_sequence: int, wait_s: float) -> list[dict]:
+        self.waiting.set()
+        return self.inner.rankings_after(after_sequence, wait_s)
+
+
+def test_wait_returns_once_a_person_ranks_every_task_through_the_service(feedback):
+    store, client = feedback
+    old = _task(store, "An older task, ranked before this round.")
+    client.submit_ranking("old", old, "carol", [0, 1])
+    service = labels.ServiceLabels(client)
+    cursor = service.cursor()  # what the round sees: nothing before this
+    assert cursor == store.sequence("rankings") > 0
+    t1, t2 = _task(store, "How was the film?"), _task(store, "Did you like the cast?")
+    spy = Spy(service)
+
+    def person() -> None:  # ranks through NextTask / SubmitRanking once the round is waiting
+        spy.waiting.wait()
+        for _ in range(2):
+            task = client.next_task("alice").task
+            client.submit_ranking(f"alice/{task.task_id}", task.task_id, "alice", [1, 0])
+
+    th = threading.Thread(target=person)
+    th.start()
+    rows = labels.wait_for_rankings(spy, {t1, t2}, cursor, Reporter(quiet=True), wait_s=30.0)
+    th.join()
+    assert sorted(r["task_id"] for r in rows) == sorted([t1, t2])
+    assert {(r["labeler_id"], tuple(r["ranking"])) for r in rows} == {("alice", (1, 0))}
+    assert all(r["sequence"] > cursor for r in rows)
+
+
+def test_service_export_follows_the_cursor(feedback):
+    store, client = feedback
+    tasks = [_task(store, f"prompt {i}") for i in range(3)]
+    service = labels.ServiceLabels(client)
+    assert service.cursor() == 0 and service.rankings_after(0, 0) == []
+    client.submit_ranking("a", tasks[0], "alice", [0, 1])
+    first = service.rankings_after(0, 0)
+    assert [r["submission_id"] for r in first] == ["a"]
+    client.submit_ranking("b", tasks[1], "alice", [1, 0])
+    client.submit_ranking("c", tasks[2], "alice", [0, 1])
+    assert [r["submission_id"] for r in service.rankings_after(first[-1]["sequence"], 0)] == ["b", "c"]
