@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -118,67 +116,6 @@ def test_tensor_round_trip():
     out = np.frombuffer(back.data, dtype="<f4").reshape(tuple(back.shape))
     assert back.dtype == common_pb2.DTYPE_FLOAT32
     np.testing.assert_array_equal(out, arr)
-
-
-def test_loopback_generate_and_stream():
-    """A stub servicer on loopback: request/response wiring, oneofs and streams work end to end."""
-    from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-
-    class Fake(policy_pb2_grpc.PolicyInferenceServiceServicer):
-        def Generate(self, request, context):
-            n = request.sampling.n or 1
-            lp = np.zeros(2, dtype="<f4")
-            completion = policy_pb2.Completion(
-                token_ids=[5, 6],
-                text="hi",
-                finish_reason=common_pb2.FINISH_REASON_STOP,
-                logprobs=common_pb2.Tensor(data=lp.tobytes(), dtype=common_pb2.DTYPE_FLOAT32, shape=[2]),
-            )
-            results = [
-                policy_pb2.GenerateResult(
-                    prompt_token_ids=list(p.token_ids.ids), completions=[completion] * n
-                )
-                for p in request.prompts
-            ]
-            return policy_pb2.GenerateResponse(results=results, model_version=3)
-
-        def GenerateStream(self, request, context):
-            assert request.prompt.WhichOneof("input") == "chat"
-            yield policy_pb2.GenerateStreamResponse(
-                delta=policy_pb2.TokenDelta(token_ids=[5], text="h"), model_version=3
-            )
-            yield policy_pb2.GenerateStreamResponse(
-                end=policy_pb2.GenerateStreamEnd(finish_reason=common_pb2.FINISH_REASON_LENGTH),
-                model_version=3,
-            )
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    policy_pb2_grpc.add_PolicyInferenceServiceServicer_to_server(Fake(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = policy_pb2_grpc.PolicyInferenceServiceStub(channel)
-            prompt = common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[1, 2]))
-            resp = stub.Generate(
-                policy_pb2.GenerateRequest(
-                    prompts=[prompt, prompt], sampling=common_pb2.SamplingParams(n=2, temperature=0.0)
-                ),
-                timeout=10,
-            )
-            assert resp.model_version == 3 and len(resp.results) == 2
-            assert len(resp.results[0].completions) == 2 and list(resp.results[1].prompt_token_ids) == [1, 2]
-
-            chat = common_pb2.Prompt(
-                chat=common_pb2.Conversation(
-                    messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="hello")]
-                )
-            )
-            events = list(stub.GenerateStream(policy_pb2.GenerateStreamRequest(prompt=chat), timeout=10))
-            assert [e.WhichOneof("event") for e in events] == ["delta", "end"]
-            assert events[-1].end.finish_reason == common_pb2.FINISH_REASON_LENGTH
-    finally:
-        server.stop(None)
 
 
 def test_optional_sampling_fields_have_presence():

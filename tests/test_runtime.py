@@ -10,6 +10,7 @@ import threading
 import grpc
 import pytest
 import torch
+from kit import rpc_error
 
 from chatrl.clients.lib import ClientOptions, RewardClient
 from chatrl.services.reward.server import RewardConfig
@@ -40,6 +41,12 @@ def pki(tmp_path_factory):
     return d
 
 
+def _scores_handled(srv) -> float:
+    """Score calls that reached the service's handler, whatever their status."""
+    return sum(s.value for m in srv.registry.collect() if m.name == "chatrl_reward_rpc_requests"
+               for s in m.samples if s.name.endswith("_total") and s.labels.get("method") == "Score")
+
+
 def test_tls_and_mutual_tls(pki, micro_run):
     ck = str(micro_run[1]["reward"])
     tls = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
@@ -48,8 +55,11 @@ def test_tls_and_mutual_tls(pki, micro_run):
         with RewardClient(srv.address, ClientOptions(tls_ca=str(pki / "ca.pem"))) as c:
             assert len(c.score(["p"], ["r"]).rewards) == 1
         with RewardClient(srv.address, ClientOptions(retries=1, timeout=5)) as plain:  # plaintext to a TLS port
-            with pytest.raises(grpc.RpcError):
-                plain.score(["p"], ["r"])
+            code, msg = rpc_error(plain.score, ["p"], ["r"])
+            # the TLS handshake fails (the server reads a plaintext HTTP/2 preface), so the server closes
+            # the socket: no call ever reaches the service
+            assert code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in msg, (code, msg)
+            assert _scores_handled(srv) == 1  # only the TLS client's
     finally:
         srv.stop(0)
         svc.batcher.close()
@@ -61,8 +71,10 @@ def test_tls_and_mutual_tls(pki, micro_run):
         with RewardClient(srv.address, ok) as c:
             assert len(c.score(["p"], ["r"]).rewards) == 1
         with RewardClient(srv.address, ClientOptions(tls_ca=str(pki / "ca.pem"), retries=1, timeout=5)) as anon:
-            with pytest.raises(grpc.RpcError):  # no client certificate: the handshake is refused
-                anon.score(["p"], ["r"])
+            code, msg = rpc_error(anon.score, ["p"], ["r"])
+            # no client certificate: the server ends the handshake (PEER_DID_NOT_RETURN_A_CERTIFICATE)
+            assert code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in msg, (code, msg)
+            assert _scores_handled(srv) == 1  # only the client with a certificate
     finally:
         srv.stop(0)
         svc.batcher.close()
