@@ -33,6 +33,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check services clients tests bench k8s
+	$(BIN)/lint-imports --no-cache  # the layering contracts in pyproject.toml [tool.importlinter]
 	cd protos && npx --yes @bufbuild/buf@1.50.0 lint
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python k8s/monitoring/sync.py --check
