@@ -36,57 +36,57 @@ NAME = "rl_iteration"
 
 
 def chatrl_runner(size: Size, wd: Workdir, stack):
+    """chatrl's RL loop (:class:`~chatrl.services.trainer.rl.RLLoop`, what the pipeline and StartRun run) over
+    the bench stack's services: Ray rollout workers, pushes to policy-inference. Two learners — one
+    synchronous, one with the next rollout overlapped (``ppo.async_rollout``) — take turns on the same
+    services, each continuing from the version the other left."""
     from chatrl.clients.lib import PolicyClient
     from chatrl.services.core.checkpoint import load_checkpoint
     from chatrl.services.core.config import load_config
-    from chatrl.services.trainer.rollout import RolloutPool
+    from chatrl.services.trainer.rl import PolicyServiceSink, RLLoop
+    from chatrl.services.trainer.rollout import RayRollout, RolloutPool
     from chatrl.services.trainer.stages.common import Reporter
     from chatrl.services.trainer.stages.ppo import PPOTrainer
 
     m = stack.cfg
-    cfg = load_config(None, [
-        f"run_dir={wd.path / 'ppo-run'}", "dtype=fp32", f"threads={train_threads()}",
-        f"model={{vocab_size: {m.vocab_size}, n_layer: {m.n_layer}, n_head: {m.n_head}, d_model: {m.d_model}, "
-        f"max_seq_len: {m.max_seq_len}}}",
-        f"ppo.prompts_per_iteration={size.rl_prompts}", f"ppo.samples_per_prompt={size.rl_samples}",
-        f"ppo.max_new_tokens={size.rl_new_tokens}", "ppo.epochs=1", f"ppo.minibatch_size={size.rl_minibatch}",
-        f"ppo.num_workers={size.rl_workers}"])
-    tr = PPOTrainer(cfg, load_checkpoint(stack.sft), load_checkpoint(stack.rm), 0, Reporter(quiet=True))
+
+    def config(overlap: bool):
+        return load_config(None, [
+            f"run_dir={wd.path / 'ppo-run'}", "dtype=fp32", f"threads={train_threads()}",
+            f"model={{vocab_size: {m.vocab_size}, n_layer: {m.n_layer}, n_head: {m.n_head}, d_model: {m.d_model}, "
+            f"max_seq_len: {m.max_seq_len}}}",
+            f"ppo.prompts_per_iteration={size.rl_prompts}", f"ppo.samples_per_prompt={size.rl_samples}",
+            f"ppo.max_new_tokens={size.rl_new_tokens}", "ppo.epochs=1", f"ppo.minibatch_size={size.rl_minibatch}",
+            f"ppo.num_workers={size.rl_workers}", "ppo.temperature=1.0", "ppo.iterations=1000000",
+            f"ppo.async_rollout={str(overlap).lower()}", f"ppo.max_staleness={int(overlap)}"])
+
     pool = RolloutPool(stack.endpoints, num_workers=size.rl_workers, num_cpus=0.5)
     client = PolicyClient(stack.procs["policy"].address, timeout=600)
+    sink = PolicyServiceSink(client)
     prompts = prompts_text(size.rl_prompts * 64, seed=11)
-    state = {"it": 0, "version": client.model_info().model_version, "lens": [], "phases": []}
-
-    def submit():
-        i = state["it"]
-        state["it"] += 1
-        batch = [prompts[(i * size.rl_prompts + j) % len(prompts)] for j in range(size.rl_prompts)]
-        return pool.submit(batch, size.rl_samples, size.rl_new_tokens, 1.0, seed=1000 + i)
+    loops = {}
+    for overlap in (False, True):
+        cfg = config(overlap)
+        trainer = PPOTrainer.from_checkpoints(cfg, load_checkpoint(stack.sft), load_checkpoint(stack.rm), 0)
+        loops[overlap] = RLLoop(trainer, RayRollout(stack.endpoints, cfg.ppo, pool=pool), sink, prompts,
+                                Reporter(quiet=True))
+    state = {"version": client.model_info().model_version, "lens": [], "phases": []}
 
     def iterations(k: int, overlap: bool) -> float:
-        """k iterations; returns completions/s. ``overlap``: the rollout of iteration i+1 is issued before the
-        update of iteration i (samples one policy version old, PPO ratio on the behaviour logprobs)."""
-        tr.pc.old_logprobs = "service" if overlap else "recompute"
+        """k iterations of the loop; returns completions/s. ``overlap``: the rollout of iteration i+1 is issued
+        before the update of iteration i (samples one policy version old, PPO ratio on the behaviour logprobs)."""
+        loop = loops[overlap]
+        loop.trainer.version = state["version"]
         t_start = time.perf_counter()
         done = 0
-        pending = submit()
         for it in range(k):
-            t0 = time.perf_counter()
-            exps = pending.result()
-            t1 = time.perf_counter()
-            pending = submit() if overlap and it + 1 < k else None
             with torch_threads(train_threads()):
-                tr.step(exps)
-            t2 = time.perf_counter()
-            state["version"] += 1
-            client.update_weights(tr.policy.state_dict(), state["version"])
-            t3 = time.perf_counter()
+                mt = loop.iteration(issue_next=it + 1 < k)
             if not overlap:
-                state["lens"] += [len(e.response_ids) for e in exps]
-                state["phases"].append((t1 - t0, t2 - t1, t3 - t2))
-            done += len(exps)
-            if pending is None and it + 1 < k:
-                pending = submit()
+                state["lens"].append(mt["response_len"])
+                state["phases"].append((mt["rollout_s"], mt["update_s"], mt["push_s"]))
+            done += int(mt["samples"])
+        state["version"] = loop.trainer.version
         return done / (time.perf_counter() - t_start)
 
     def close():

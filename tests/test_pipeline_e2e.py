@@ -1,6 +1,7 @@
-"""The whole InstructGPT loop on a micro config, through real services (as processes) and Ray:
-pre-train → SFT → comparisons from the policy → simulated labelers label through the feedback API →
-reward model → reward-scoring loads it → PPO with Ray rollout workers and a weight push per iteration."""
+"""The whole InstructGPT loop on a micro config, through real services (as processes, launched empty by
+whoever starts the pipeline and seeded by the pipeline) and Ray: pre-train → SFT → comparisons from the
+policy → simulated labelers label through the feedback API → reward model → reward-scoring loads it →
+PPO with Ray rollout workers and a weight push per iteration."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from chatrl.services.core.checkpoint import load_checkpoint
 from chatrl.services.core.config import load_config
 from chatrl.services.core.formats import load_rankings
 from chatrl.services.trainer.pipeline import run_pipeline
+from chatrl.services.trainer.runs import run_endpoints
 from chatrl.services.trainer.stages.common import Reporter
 
 MICRO = Path(__file__).parents[1] / "configs" / "micro.yaml"
@@ -25,9 +27,16 @@ def micro_pipeline_cfg(tiny_data, tiny_gold, run_dir, extra=()):
         f"data.gold_file={tiny_gold}", *extra])
 
 
+def pipeline_on_local_services(cfg) -> dict:
+    """What `chatrl pipeline run` does: launch the services (empty) for the run, run it, stop them."""
+    rep = Reporter(quiet=True)
+    with run_endpoints(cfg, rep) as endpoints:
+        return run_pipeline(cfg, rep, endpoints)
+
+
 def test_pipeline_end_to_end_through_services_and_ray(tiny_data, tiny_gold, tmp_path, ray_session):
     cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "run")
-    res = run_pipeline(cfg, Reporter(quiet=True))
+    res = pipeline_on_local_services(cfg)
     run = tmp_path / "run"
     # labels went through the feedback service: its database holds them, the export matches
     rankings = load_rankings(run / "data" / "rankings_r0.jsonl")
@@ -63,7 +72,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
 
     longer = ["ppo.iterations=10"]  # room to kill it between the iteration-2 checkpoint and the end
     ref_cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "ref", longer)
-    ref = run_pipeline(ref_cfg, Reporter(quiet=True))
+    ref = pipeline_on_local_services(ref_cfg)
     cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "b", longer)
     cfg_file = tmp_path / "b.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -145,6 +154,57 @@ def test_rollout_reissues_the_shard_of_a_worker_that_died(micro_run, ray_session
     finally:
         eng.resume()
         pool.close()
+        for srv, svc in built:
+            srv.stop(0)
+            getattr(svc, "close", lambda: None)()
+
+
+def test_async_rollout_through_ray_overlaps_within_the_staleness_bound(micro_run, tmp_path, ray_session):
+    """ppo.async_rollout with the Ray rollout workers and real services: the rollout of iteration i+1 is in
+    flight while iteration i updates, so its samples are of the trainer's version or (if Generate ran
+    before the push landed) one older — within max_staleness, so none is dropped — and every push reaches
+    the service."""
+    import dataclasses
+
+    from chatrl.clients.lib import PolicyClient
+    from chatrl.services.policy.server import PolicyConfig
+    from chatrl.services.policy.server import build as build_policy
+    from chatrl.services.reference.server import ReferenceConfig
+    from chatrl.services.reference.server import build as build_reference
+    from chatrl.services.reward.server import RewardConfig
+    from chatrl.services.reward.server import build as build_reward
+    from chatrl.services.runtime.server import ServerConfig
+    from chatrl.services.trainer.rl import PolicyServiceSink, RLLoop
+    from chatrl.services.trainer.rollout import Endpoints, RayRollout
+    from chatrl.services.trainer.stages.ppo import PPOTrainer
+
+    cfg, cks = micro_run
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path), ppo=dataclasses.replace(
+        cfg.ppo, iterations=3, async_rollout=True, max_staleness=1, prompts_per_iteration=4, num_workers=2))
+    open_cfg = ServerConfig(port=0, auth_token_env="")
+    built = [build_policy(open_cfg, PolicyConfig(checkpoint=str(cks["sft"]), max_new_tokens=16)),
+             build_reward(open_cfg, RewardConfig(checkpoint=str(cks["reward"]))),
+             build_reference(open_cfg, ReferenceConfig(checkpoint=str(cks["sft"])))]
+    (pol, _), (rw, _), (ref, _) = built
+    endpoints = Endpoints(pol.address, rw.address, ref.address)
+    source = RayRollout(endpoints, cfg.ppo)
+    client = PolicyClient(pol.address, timeout=120)
+    try:
+        trainer = PPOTrainer.from_checkpoints(cfg, load_checkpoint(cks["sft"]), load_checkpoint(cks["reward"]), 0)
+        seen = []  # (versions of the samples, trainer version) at each update
+        loop = RLLoop(trainer, source, PolicyServiceSink(client), ["How was the film?", "Tell me about the story."],
+                      Reporter(quiet=True), observe=lambda exps: seen.append(
+                          ({e.version for e in exps}, trainer.version)) or {})
+        start = client.model_info().model_version
+        res = loop.run(start)
+        assert seen[0] == ({start}, start) and [tv for _, tv in seen] == [start, start + 1, start + 2]
+        assert all(tv - v in (0, 1) for vs, tv in seen for v in vs), seen
+        assert loop._pending is None  # the last iteration issued no rollout beyond the round
+        assert [h["dropped_stale"] for h in res.history] == [0, 0, 0]
+        assert client.model_info().model_version == res.version == start + 3
+    finally:
+        source.close()
+        client.close()
         for srv, svc in built:
             srv.stop(0)
             getattr(svc, "close", lambda: None)()

@@ -113,14 +113,23 @@ class PPOConfig:
     worker_num_cpus: float = 0.5  # Ray resources per worker
     worker_num_gpus: float = 0.0
     ckpt_every: int = 5  # iterations between checkpoints (one is always written at the end)
+    # the PPO stage on its own (StartRun STAGE_PPO / the ppo stage): the SFT checkpoint the policy (and the
+    # reference) start from, and the reward-model checkpoint that scores and initialises the value model;
+    # empty = this run's own sft / reward stage. The pipeline ignores both (it uses its own stages).
+    policy_init: str = ""
+    reward_model: str = ""
 
 
 @dataclass
 class PipelineConfig:
     rounds: int = 1  # (comparisons from the current policy → RM → PPO) × rounds
     eval_prompts: int = 200  # held-out prompts scored by the gold labeler per stage
-    services: str = "configs/services.yaml"  # ports and options of the services the pipeline starts
-    start_services: bool = True  # start the services as local processes (false: use running ones)
+    # the services of a pipeline or PPO run. start_services: whoever starts the run (the trainer service,
+    # `chatrl pipeline run`) launches policy/reward/reference/feedback as local processes on free loopback
+    # ports, with no models, and stops them after; false: dial the running ones at the addresses in
+    # `services` (+ service_overrides), e.g. Kubernetes Service names. Either way the run seeds them.
+    services: str = "configs/services.yaml"
+    start_services: bool = True
     reuse_from: str = ""  # another run dir whose pre-training, SFT and round-0 labels/RM this run starts from
     labelers: int = 2  # simulated labelers labelling through the feedback service; 0 = wait for people
     service_overrides: list[str] = field(default_factory=list)  # e.g. ["policy.max_batch_size=64"]

@@ -7,13 +7,16 @@ import time
 from chatrl.services.core.config import RunConfig
 from chatrl.services.trainer.pipeline import run_pipeline
 from chatrl.services.trainer.report import eval_table
+from chatrl.services.trainer.runs import run_endpoints
 from chatrl.services.trainer.stages.common import Reporter, setup_runtime
 
 
 def run_demo(cfg: RunConfig) -> int:
     setup_runtime(cfg)
     t0 = time.perf_counter()
-    res = run_pipeline(cfg, Reporter())
+    reporter = Reporter()
+    with run_endpoints(cfg, reporter) as endpoints:  # the services, launched locally (configs/tiny.yaml)
+        res = run_pipeline(cfg, reporter, endpoints)
     print()
     print(eval_table(res["evals"]))
     print()

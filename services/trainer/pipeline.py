@@ -10,6 +10,13 @@ person would (NextTask → SubmitRanking). With ``pipeline.labelers: 0`` the pip
 rank the open tasks instead. Evaluation scores held-out prompts with the gold function, which the
 reward model never sees; the report (Markdown + PNG plots) lands in ``<run_dir>/report/``.
 
+The pipeline is given the services' :class:`Endpoints` and never starts a process: whoever starts it (the
+trainer service, the ``chatrl`` command) decides whether to launch local services
+(:func:`chatrl.services.trainer.runs.run_endpoints`). It seeds empty services itself: reference-model
+``LoadModel`` of the SFT checkpoint, policy-inference ``UpdateWeights`` of the SFT weights, reward-scoring
+``LoadModel`` of each round's reward model. :func:`run_ppo_stage` is one PPO round on its own (what
+``StartRun(STAGE_PPO)`` runs); both run the one RL loop of :mod:`chatrl.services.trainer.rl`.
+
 Every stage checkpoints; rerunning the pipeline on the same run directory resumes where it stopped.
 """
 
@@ -17,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,90 +34,52 @@ from chatrl.services.core.checkpoint import atomic_write_text, load_checkpoint
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.formats import load_prompts
 from chatrl.services.trainer import labels
+from chatrl.services.trainer.rl import PolicyServiceSink, RLLoop, RoundResult
+from chatrl.services.trainer.rollout import Endpoints, RayRollout
 from chatrl.services.trainer.stages import ppo, pretrain, reward_model, sft
-from chatrl.services.trainer.stages.common import Reporter, run_dir, stage_dir, stage_done, write_json
+from chatrl.services.trainer.stages.common import (
+    Reporter,
+    previous_stage,
+    run_dir,
+    stage_dir,
+    stage_done,
+    write_json,
+)
 from chatrl.services.trainer.stages.data import resolve_data
+
+__all__ = ["Endpoints", "run_pipeline", "run_ppo_stage"]
 
 log = logging.getLogger("chatrl.pipeline")
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (each socket stays bound until all are picked, so no port is
-    handed out twice)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @dataclass
 class Services:
-    """Clients of the services the pipeline talks to (and the local processes, if it started them). The
-    model services are :class:`~chatrl.clients.lib.ReplicaGroup` s: weights and models go to every replica."""
+    """Clients of the services a run talks to. The model services are
+    :class:`~chatrl.clients.lib.ReplicaGroup` s: weights and models go to every replica."""
 
     policy: object
     reward: object
     reference: object
-    feedback: object
-    addresses: dict[str, str]
-    cluster: object | None = None
+    feedback: object | None
+    endpoints: Endpoints
 
     def close(self) -> None:
         for c in (self.policy, self.reward, self.reference, self.feedback):
-            c.close()
-        if self.cluster is not None:
-            self.cluster.stop()
+            if c is not None:
+                c.close()
 
 
-def start_services(cfg: RunConfig, sft_ckpt: Path, reporter: Reporter) -> Services:
+def connect(endpoints: Endpoints) -> Services:
     from chatrl.clients.lib import FeedbackClient, PolicyClient, ReferenceClient, ReplicaGroup, RewardClient
-    from chatrl.clients.up import LocalCluster
 
-    pc = cfg.pipeline
-    names = ["policy", "reward", "reference", "feedback"]
-    rd = run_dir(cfg).resolve()
-    if pc.start_services:
-        ports = dict(zip(names, free_ports(len(names))))
-        over = [f"{n}.port={ports[n]}" for n in names] + [f"{n}.metrics_port=-1" for n in names] + [
-            f"policy.checkpoint={sft_ckpt}", f"reference.checkpoint={sft_ckpt}", "reward.checkpoint=''",
-            f"feedback.db={rd / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
-            "feedback.web_port=-1",
-            f"policy.device={cfg.device}", f"reward.device={cfg.device}", f"reference.device={cfg.device}"]
-        over += list(pc.service_overrides)
-        cluster = LocalCluster(pc.services, over, only=names, log_dir=rd / "logs")
-        t0 = time.perf_counter()
-        reporter.log(f"starting services {names} …")
-        # reward-scoring has nothing to serve until the first reward model exists: wait on the others
-        cluster.start(120, wait_for=["policy", "reference", "feedback"])
-        reporter.log(f"services up in {time.perf_counter() - t0:.1f}s: "
-                     + ", ".join(f"{n} {cluster.address(n)}" for n in names))
-        addrs = {n: cluster.address(n) for n in names}
-    else:
-        from chatrl.services.runtime.config import load_services_config
-
-        secs = load_services_config(pc.services, list(pc.service_overrides))
-        addrs = {n: f"{secs[n].get('host', '127.0.0.1')}:{secs[n]['port']}" for n in names}
-        cluster = None
-    kw = {"timeout": 600.0, "retries": 8}
-
-    def replicas(name: str, cls: type) -> ReplicaGroup:
-        host = pc.replica_hosts.get(name)
-        return ReplicaGroup(cls, f"{host}:{addrs[name].rpartition(':')[2]}" if host else addrs[name], **kw)
-
-    unknown = set(pc.replica_hosts) - {"policy", "reward", "reference"}
+    unknown = set(endpoints.replica_hosts) - {"policy", "reward", "reference"}
     if unknown:
         raise ValueError(f"pipeline.replica_hosts: unknown service(s) {sorted(unknown)} (policy, reward, reference)")
-    svc = Services(replicas("policy", PolicyClient), replicas("reward", RewardClient),
-                   replicas("reference", ReferenceClient), FeedbackClient(addrs["feedback"], **kw), addrs, cluster)
-    if not pc.start_services:  # services deployed elsewhere (k8s): give empty ones their SFT model
-        seed_models(svc, sft_ckpt, reporter)
-    return svc
+    kw = {"token": endpoints.token, "timeout": 600.0, "retries": 8}
+    return Services(ReplicaGroup(PolicyClient, endpoints.replicas("policy"), **kw),
+                    ReplicaGroup(RewardClient, endpoints.replicas("reward"), **kw),
+                    ReplicaGroup(ReferenceClient, endpoints.replicas("reference"), **kw),
+                    FeedbackClient(endpoints.feedback, **kw) if endpoints.feedback else None, endpoints)
 
 
 def policy_metadata(ckpt: Path) -> dict[str, str]:
@@ -122,19 +90,78 @@ def policy_metadata(ckpt: Path) -> dict[str, str]:
             "tokenizer_json": (Path(ck.path) / "tokenizer.json").read_text()}
 
 
-def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> None:
+def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> bool:
     """Load the SFT checkpoint into reference-model replicas that have none (the path must be visible to them,
-    e.g. a shared volume) and push the SFT weights to policy-inference replicas that have none."""
+    e.g. a shared volume) and push the SFT weights to policy-inference replicas that have none. Returns
+    whether it pushed (then every replica serves the SFT weights as the newest version)."""
     svc.reference.wait_health_known(120)
     if 0 in svc.reference.model_versions().values():
         svc.reference.load_model(str(sft_ckpt))
         reporter.log(f"reference-model: loaded {sft_ckpt}")
     svc.policy.wait_health_known(120)
     versions = svc.policy.model_versions()
-    if 0 in versions.values():
-        ver = max(versions.values()) + 1  # every replica must be able to take it
-        svc.policy.update_weights(load_checkpoint(sft_ckpt).model_state(), ver, metadata=policy_metadata(sft_ckpt))
-        reporter.log(f"policy-inference: pushed the SFT weights as version {ver} to {len(versions)} replica(s)")
+    if 0 not in versions.values():
+        return False
+    ver = max(versions.values()) + 1  # every replica must be able to take it
+    svc.policy.update_weights(load_checkpoint(sft_ckpt).model_state(), ver, metadata=policy_metadata(sft_ckpt))
+    reporter.log(f"policy-inference: pushed the SFT weights as version {ver} to {len(versions)} replica(s)")
+    return True
+
+
+def serve_reward_model(svc: Services, rm_ckpt: Path, reporter: Reporter) -> None:
+    svc.reward.wait_health_known(120)
+    svc.reward.load_model(str(rm_ckpt))
+    svc.reward.wait_serving(60)
+    reporter.log(f"reward-scoring: loaded {rm_ckpt}")
+
+
+def gold_observer(gold):
+    """The RL loop's extra metric: the gold (simulated labeler) score of the training samples."""
+    if gold is None:
+        return None
+    return lambda exps: {"gold_train": float(np.mean([gold.score(e.prompt, e.text, e.finished) for e in exps]))}
+
+
+def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRollout, round_: int,
+              policy_ckpt: Path, rm_ckpt: Path, version: int, prompts: list[str], push_meta: dict[str, str],
+              gold) -> RoundResult:
+    """One PPO round through the services: the RL loop from ``policy_ckpt`` (served as ``version``) with
+    the value model from ``rm_ckpt``, pushes to every policy replica."""
+    trainer = ppo.PPOTrainer.from_checkpoints(cfg, load_checkpoint(policy_ckpt), load_checkpoint(rm_ckpt), round_)
+    sink = PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)})
+    return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold)).run(version)
+
+
+def run_ppo_stage(cfg: RunConfig, reporter: Reporter, endpoints: Endpoints) -> RoundResult:
+    """``StartRun(STAGE_PPO)``: one PPO round (``ppo_r0``) from ``ppo.policy_init`` (an SFT checkpoint; default
+    this run's ``sft`` stage) against the reward model ``ppo.reward_model`` (default this run's ``reward``
+    stage), through the services at ``endpoints`` — seeded here with the SFT weights and the reward model."""
+    from chatrl.services.core.gold import GoldLabeler
+
+    sft_ck = previous_stage(cfg, "sft", cfg.ppo.policy_init or None)
+    rm_ck = previous_stage(cfg, "reward", cfg.ppo.reward_model or None)
+    data = resolve_data(cfg)
+    prompts = load_prompts(data.prompts)
+    gold = GoldLabeler.load(data.gold) if data.gold else None
+    svc = connect(endpoints)
+    source = None
+    try:
+        push_meta = policy_metadata(sft_ck.path)
+        if not seed_models(svc, sft_ck.path, reporter):  # the service serves something else: serve the SFT
+            ver = max(svc.policy.model_versions().values()) + 1
+            svc.policy.update_weights(sft_ck.model_state(), ver, metadata=push_meta)
+        serve_reward_model(svc, rm_ck.path, reporter)
+        version = max(svc.policy.model_versions().values())
+        t = time.perf_counter()
+        source = RayRollout(endpoints, cfg.ppo)
+        reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
+        res = ppo_round(cfg, reporter, svc, source, 0, sft_ck.path, rm_ck.path, version, prompts, push_meta, gold)
+        atomic_write_text(stage_dir(cfg, "policy") / "LATEST", f"../{ppo.stage_name(0)}/final\n")
+        return res
+    finally:
+        if source is not None:
+            source.close()
+        svc.close()
 
 
 def reuse(src: Path, dst: Path, reporter: Reporter) -> None:
@@ -154,12 +181,16 @@ def reuse(src: Path, dst: Path, reporter: Reporter) -> None:
     reporter.log(f"reusing pre-training, SFT and round-0 reward model from {src}")
 
 
-def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
+def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints) -> dict:
+    """Pre-train → SFT → R rounds (labels → RM → PPO) → held-out evaluation → report, through the services
+    at ``endpoints`` (feedback included). Returns the report path, the final policy and the run state."""
     from chatrl.services.core.gold import GoldLabeler
     from chatrl.services.trainer.evaluate import evaluate_stage
     from chatrl.services.trainer.report import write_report
 
     reporter = reporter or Reporter()
+    if not endpoints.feedback:
+        raise ValueError("the pipeline needs the feedback service's address (Endpoints.feedback)")
     t_start = time.perf_counter()
     cfg_file = run_dir(cfg) / "config.yaml"
     if not cfg_file.exists():  # what `chatrl pipeline resume RUN_DIR` restarts from
@@ -185,36 +216,18 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
     sft_res = timed("sft", sft.run, cfg, reporter)
     prompts = load_prompts(data.prompts)
     eval_prompts = load_prompts(data.eval_prompts)[: cfg.pipeline.eval_prompts]
-    pool = None
-    svc = start_services(cfg, sft_res.checkpoint, reporter)
+    source = None
+    svc = connect(endpoints)
     try:
-        from chatrl.services.trainer.rollout import Endpoints, RolloutPool
-
+        seed_models(svc, sft_res.checkpoint, reporter)
         t = time.perf_counter()
-        pool = RolloutPool(Endpoints(svc.addresses["policy"], svc.addresses["reward"], svc.addresses["reference"]),
-                           cfg.ppo.num_workers, cfg.ppo.worker_num_cpus, cfg.ppo.worker_num_gpus)
+        source = RayRollout(endpoints, cfg.ppo)
         reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
         policy_ckpt = sft_res.checkpoint
         version = max(svc.policy.model_versions().values())
         push_meta = policy_metadata(sft_res.checkpoint)
-        pc = cfg.ppo
-        current = {"round": 0}
         pushed = False  # whether this invocation has put a PPO policy on policy-inference yet
-
-        def submit(ps: list[str], ver: int, seed: int):
-            return pool.submit(ps, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
-                               expected_version=0 if pc.max_staleness else ver).result
-
-        def push(state_dict: dict, ver: int) -> None:
-            svc.policy.update_weights(state_dict, ver, metadata={**push_meta, "round": str(current["round"])})
-
-        def observe(exps: list) -> dict[str, float]:
-            if gold is None:
-                return {}
-            return {"gold_train": float(np.mean([gold.score(e.prompt, e.text, e.finished) for e in exps]))}
-
         for r in range(cfg.pipeline.rounds):
-            current["round"] = r
             name = ppo.stage_name(r)
             done = stage_done(stage_dir(cfg, name))
             if done is not None:
@@ -222,25 +235,24 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None = None) -> dict:
                 continue
             if policy_ckpt != sft_res.checkpoint and not pushed:  # resumed: serve the latest policy again
                 version += 1
-                push(load_checkpoint(policy_ckpt).model_state(), version)
+                svc.policy.update_weights(load_checkpoint(policy_ckpt).model_state(), version,
+                                          metadata={**push_meta, "round": str(r)})
                 pushed = True
             rankings = timed(f"labels_r{r}", labels.collect_rankings, cfg, labels.ServiceLabels(svc.feedback),
                              prompts, gold, f"r{r}", run_dir(cfg) / "data" / f"rankings_r{r}.jsonl", reporter)
             rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
                        rankings=rankings, stage=f"reward_r{r}")
-            svc.reward.load_model(str(rm.checkpoint))
-            svc.reward.wait_serving(60)
-            res = timed(name, ppo.run, cfg, reporter, round_=r, policy_init=load_checkpoint(policy_ckpt),
-                        value_init=load_checkpoint(rm.checkpoint), submit=submit, push=push,
-                        start_version=version, prompts_file=data.prompts, observe=observe)
+            serve_reward_model(svc, rm.checkpoint, reporter)
+            res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version, prompts,
+                        push_meta, gold)
             state["history"][name] = res.history or state["history"].get(name, [])
             policy_ckpt, version, pushed = res.checkpoint, res.version, True
             write_json(state_file, state)
             # checkpoints/policy always points at the newest policy (what `chatrl up` serves)
             atomic_write_text(stage_dir(cfg, "policy") / "LATEST", f"../{name}/final\n")
     finally:
-        if pool is not None:
-            pool.close()
+        if source is not None:
+            source.close()
         svc.close()
     # evaluation on held-out prompts (gold never seen by any RM), with the last RM's score and KL to SFT
     if gold is not None:

@@ -1,11 +1,15 @@
-"""Ray rollout workers: PPO experience produced in parallel through the services.
+"""Rollout sources of the RL loop (phases 1–2, generate and score; see :mod:`chatrl.services.trainer.rl`).
 
-Each :class:`RolloutWorker` actor takes a shard of prompts and, through the client library, calls
+:class:`RayRollout` — Ray rollout workers producing experience in parallel through the services. Each
+:class:`RolloutWorker` actor takes a shard of prompts and, through the client library, calls
 policy-inference ``Generate`` (n samples per prompt, token ids + logprobs + model version),
 reference-model ``LogProbs`` and reward-scoring ``Score``, and returns :class:`Experience` to the
 trainer. The clients retry ``UNAVAILABLE`` with backoff; an actor that dies is restarted by Ray
 (``max_restarts``) and its shard is issued again. Locally Ray starts in-process (loopback only);
 with ``RAY_ADDRESS`` set the pool joins that cluster (e.g. a KubeRay RayCluster).
+
+:class:`InProcessRollout` — the same two phases with the policy, reference and reward models in this
+process and the core sampling code (no gRPC, no Ray): real computation, for tests and small experiments.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,17 +28,30 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
 
-from chatrl.services.trainer.stages.ppo import Experience
+from chatrl.services.trainer.experience import Experience
 
 log = logging.getLogger("chatrl.rollout")
 
 
 @dataclass
 class Endpoints:
+    """Where the services of an RL run are: ``host:port`` of policy-inference, reward-scoring,
+    reference-model and feedback, the operator token (None: no auth), and per model service an optional
+    DNS name listing every replica (``pipeline.replica_hosts``), to which weight pushes and LoadModel fan
+    out. Whoever starts a run (the trainer service, the CLI) decides whether to launch the services."""
+
     policy: str
     reward: str
     reference: str
     token: str | None = None
+    feedback: str = ""
+    replica_hosts: dict[str, str] = field(default_factory=dict)
+
+    def replicas(self, name: str) -> str:
+        """The address that lists every replica of ``name`` (its own address without replica_hosts)."""
+        addr = getattr(self, name)
+        host = self.replica_hosts.get(name)
+        return f"{host}:{addr.rpartition(':')[2]}" if host else addr
 
 
 class RolloutWorker:
@@ -65,6 +83,7 @@ class RolloutWorker:
         from chatrl.services.proto.chatrl.v1 import common_pb2
         from chatrl.services.runtime.tensors import from_proto
 
+        # generate
         res = self.policy.generate(list(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                    seed=seed, expected_model_version=expected_version)
         version = res.model_version
@@ -76,7 +95,8 @@ class RolloutWorker:
         nonempty = [x for x in rows if x[2]]
         ref = []
         scores = []
-        if nonempty:  # reference logprobs and rewards are independent: ask both services at once
+        # score: reference logprobs and rewards are independent, so both services are asked at once
+        if nonempty:
             ref_call = self._pool.submit(self.reference.logprobs, [x[1] + x[2] for x in nonempty],
                                          [len(x[1]) for x in nonempty], temperature=temperature)
             scores = list(self.reward.score_ids([x[1] for x in nonempty], [x[2] for x in nonempty]).rewards)
@@ -168,3 +188,100 @@ class PendingRollout:
                 self.pool.reissued += 1
                 self.futures[self._launch(i)] = i
         return [e for i in sorted(out) for e in out[i]]
+
+
+class RayRollout:
+    """The RL loop's rollout source through the services: a :class:`RolloutPool` of Ray workers sampling
+    ``samples_per_prompt`` responses of at most ``max_new_tokens`` at ``temperature``. Without a staleness
+    allowance (``max_staleness`` 0) a Generate must be served by exactly the trainer's version."""
+
+    def __init__(self, endpoints: Endpoints, ppo, pool: RolloutPool | None = None) -> None:
+        self.pc = ppo
+        self.pool = pool or RolloutPool(endpoints, ppo.num_workers, ppo.worker_num_cpus, ppo.worker_num_gpus)
+
+    def submit(self, prompts: list[str], version: int, seed: int) -> PendingRollout:
+        pc = self.pc
+        return self.pool.submit(prompts, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
+                                expected_version=0 if pc.max_staleness else version)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# --- in-process -------------------------------------------------------------------------------------------
+Reward = Callable[[list[int], list[int]], float]  # (prompt ids, response ids incl. the end token) → score
+
+
+def reward_model_scorer(ckpt, device: str = "cpu", dtype: str | None = None) -> Reward:
+    """The reward model of a checkpoint scoring token ids the way reward-scoring does: the scalar head at
+    the last token of prompt+response (its end kept, the prompt's start trimmed to fit) plus the bias."""
+    import torch
+
+    from chatrl.services.core.scoring import last_token_scalar
+    from chatrl.services.trainer.stages.common import model_from_checkpoint, tokenizer_from_checkpoint
+
+    model = model_from_checkpoint(ckpt, scalar_head=True, device=device).eval()
+    pad = tokenizer_from_checkpoint(ckpt).pad_id
+    bias = float(ckpt.manifest.get("meta", {}).get("reward_bias", 0.0))
+
+    @torch.no_grad()
+    def score(prompt_ids: list[int], response_ids: list[int]) -> float:
+        ids = (prompt_ids + response_ids)[-model.cfg.max_seq_len:]
+        return float(last_token_scalar(model, [ids], pad, dtype, device)[0]) + bias
+
+    return score
+
+
+class _Done:
+    def __init__(self, exps: list[Experience]) -> None:
+        self.exps = exps
+
+    def result(self) -> list[Experience]:
+        return self.exps
+
+
+class InProcessRollout:
+    """Generate with ``policy`` (a GPT; pass the trainer's own policy module to sample on-policy without
+    weight pushes), reference logprobs from ``reference``, scores from ``reward`` — all in this process.
+    ``submit`` computes at once (so with overlap, the samples are of the version at submit time)."""
+
+    def __init__(self, policy, reference, reward: Reward, tok, samples_per_prompt: int, max_new_tokens: int,
+                 temperature: float = 1.0, dtype: str | None = None, device: str = "cpu") -> None:
+        self.policy, self.reference, self.reward, self.tok = policy, reference, reward, tok
+        self.n, self.max_new_tokens, self.temperature = samples_per_prompt, max_new_tokens, temperature
+        self.dtype, self.device = dtype, device
+
+    @classmethod
+    def for_config(cls, cfg, policy, reference, reward: Reward, tok) -> InProcessRollout:
+        pc = cfg.ppo
+        return cls(policy, reference, reward, tok, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature,
+                   cfg.dtype, cfg.device)
+
+    def submit(self, prompts: list[str], version: int, seed: int) -> _Done:
+        import torch
+
+        from chatrl.services.core.generate import SamplingParams, generate, sequence_logprobs
+
+        tok = self.tok
+        rows = [(p, tok.prompt_ids(p)) for p in prompts for _ in range(self.n)]
+        params = [SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed + i,
+                                 stop_token_ids=(tok.end_id,)) for i in range(len(rows))]
+        was_training = self.policy.training
+        self.policy.eval()
+        with torch.no_grad():  # generate
+            samples = generate(self.policy, [pi for _, pi in rows], params, tok.pad_id, self.dtype, self.device)
+        self.policy.train(was_training)
+        keep = [(p, pi, s) for (p, pi), s in zip(rows, samples) if s.tokens]
+        if not keep:
+            return _Done([])
+        with torch.no_grad():  # score: reference logprobs and reward of each response
+            ref = sequence_logprobs(self.reference, [pi + s.tokens for _, pi, s in keep], tok.pad_id,
+                                    self.temperature, self.dtype, self.device)
+        return _Done([Experience(prompt=p, prompt_ids=pi, response_ids=s.tokens, logprobs=s.logprobs,
+                                 ref_logprobs=r[len(pi):], score=self.reward(pi, s.tokens),
+                                 finished=s.finish_reason == "stop", version=version,
+                                 text=tok.response_text(s.tokens)[0])
+                      for (p, pi, s), r in zip(keep, ref)])
+
+    def close(self) -> None:
+        pass

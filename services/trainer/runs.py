@@ -9,15 +9,17 @@ start-up and resume from their checkpoints (every stage resumes where it stopped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
 import re
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import yaml
 
 from chatrl.services.core.checkpoint import atomic_write_text
 from chatrl.services.core.config import RunConfig, config_from_yaml_text
-from chatrl.services.trainer.stages.common import Cancelled, Reporter
+from chatrl.services.trainer.rollout import Endpoints
+from chatrl.services.trainer.stages.common import Cancelled, Reporter, run_dir
 
 log = logging.getLogger("chatrl.trainer")
 
@@ -76,6 +79,41 @@ class RunError(Exception):
 
 
 StageRunner = Callable[[str, RunConfig, Reporter], None]
+
+PIPELINE_SERVICES = ("policy", "reward", "reference", "feedback")
+
+
+@contextlib.contextmanager
+def run_endpoints(cfg: RunConfig, reporter: Reporter) -> Iterator[Endpoints]:
+    """The services of a pipeline or PPO run, as the run config says: with ``pipeline.start_services``
+    launched as local processes (no models; the run seeds them) and stopped when the block ends; without,
+    the addresses of running ones from ``pipeline.services`` + ``pipeline.service_overrides``. The token
+    is the one the services' ``auth_token_env`` names, from this process's environment."""
+    from chatrl.services.runtime.config import load_services_config
+
+    pc = cfg.pipeline
+    secs = load_services_config(pc.services if pc.services and os.path.exists(pc.services) else None,
+                                list(pc.service_overrides))
+    env = secs["policy"].get("auth_token_env", "CHATRL_AUTH_TOKEN")
+    token = os.environ.get(env) if env else None
+    cluster = None
+    if pc.start_services:
+        from chatrl.services.runtime.launcher import launch_pipeline_services
+
+        t0 = time.perf_counter()
+        reporter.log(f"starting services {list(PIPELINE_SERVICES)} …")
+        cluster = launch_pipeline_services(pc.services, list(pc.service_overrides), run_dir(cfg), cfg.device)
+        addrs = {n: cluster.address(n) for n in PIPELINE_SERVICES}
+        reporter.log(f"services up in {time.perf_counter() - t0:.1f}s: "
+                     + ", ".join(f"{n} {a}" for n, a in addrs.items()))
+    else:
+        addrs = {n: f"{secs[n].get('host', '127.0.0.1')}:{secs[n]['port']}" for n in PIPELINE_SERVICES}
+    try:
+        yield Endpoints(addrs["policy"], addrs["reward"], addrs["reference"], token=token or None,
+                        feedback=addrs["feedback"], replica_hosts=dict(pc.replica_hosts))
+    finally:
+        if cluster is not None:
+            cluster.stop()
 
 
 class _RunReporter(Reporter):

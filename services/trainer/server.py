@@ -16,16 +16,12 @@ from prometheus_client import Gauge
 from chatrl.services.core.checkpoint import list_checkpoints
 from chatrl.services.core.config import RunConfig
 from chatrl.services.proto.chatrl.v1 import trainer_pb2, trainer_pb2_grpc
+from chatrl.services.proto.enums import RUN_STATE, STAGE, UnknownEnumError
 from chatrl.services.runtime.errors import ServiceError, already_exists, invalid, not_found
 from chatrl.services.runtime.main import run_service
 from chatrl.services.runtime.server import ServerConfig, ServiceServer
-from chatrl.services.trainer.runs import Event, RunError, RunManager, RunRecord
+from chatrl.services.trainer.runs import Event, RunError, RunManager, RunRecord, run_endpoints
 from chatrl.services.trainer.stages.common import Reporter
-
-STAGE_TO_PROTO = {"pretrain": trainer_pb2.STAGE_PRETRAIN, "sft": trainer_pb2.STAGE_SFT,
-                  "reward": trainer_pb2.STAGE_REWARD_MODEL, "ppo": trainer_pb2.STAGE_PPO,
-                  "pipeline": trainer_pb2.STAGE_PIPELINE}
-PROTO_TO_STAGE = {v: k for k, v in STAGE_TO_PROTO.items()}
 
 
 @dataclass
@@ -35,15 +31,18 @@ class TrainerConfig:
 
 
 def run_stage(stage: str, cfg: RunConfig, reporter: Reporter) -> None:
-    """Execute one stage, or the pipeline, with the same code `chatrl train` uses."""
+    """Execute one stage, or the pipeline, with the same code `chatrl train` / `chatrl pipeline` use. PPO and
+    the pipeline talk to the services; with ``pipeline.start_services`` this trainer launches them for the
+    run (free loopback ports, logs in the run's ``logs/``) and stops them when it ends."""
     from chatrl.services.trainer.stages import STAGES
     from chatrl.services.trainer.stages.common import setup_runtime
 
     setup_runtime(cfg)
-    if stage == "pipeline":
-        from chatrl.services.trainer.pipeline import run_pipeline
+    if stage in ("ppo", "pipeline"):
+        from chatrl.services.trainer.pipeline import run_pipeline, run_ppo_stage
 
-        run_pipeline(cfg, reporter)
+        with run_endpoints(cfg, reporter) as endpoints:
+            (run_pipeline if stage == "pipeline" else run_ppo_stage)(cfg, reporter, endpoints)
         return
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not available in this trainer")
@@ -59,12 +58,16 @@ def _ts(t: float) -> Timestamp | None:
 
 
 def _state(s: str) -> int:
-    return trainer_pb2.RunState.Value(f"RUN_STATE_{s}") if s else trainer_pb2.RUN_STATE_UNSPECIFIED
+    return RUN_STATE.value(s)  # "" → RUN_STATE_UNSPECIFIED
 
 
 def _stage(s: str) -> int:
-    """'reward_r1' / 'ppo_r0' (a stage of one pipeline round) → their proto stage."""
-    return STAGE_TO_PROTO.get(re.sub(r"_r\d+$", "", s), trainer_pb2.STAGE_UNSPECIFIED)
+    """'sft', 'reward_r1' / 'ppo_r0' (a stage of one pipeline round) → their proto stage; anything else
+    (e.g. the ``policy`` pointer directory) → STAGE_UNSPECIFIED."""
+    try:
+        return STAGE.value(re.sub(r"_r\d+$", "", s))
+    except UnknownEnumError:
+        return trainer_pb2.STAGE_UNSPECIFIED
 
 
 def run_proto(r: RunRecord) -> trainer_pb2.Run:
@@ -120,9 +123,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise _err(e) from None
 
     def StartRun(self, request, context):
-        if request.stage not in PROTO_TO_STAGE:
+        try:
+            stage = STAGE.name(request.stage)
+        except UnknownEnumError:
+            stage = ""
+        if not stage:
             raise invalid("stage", "must be one of PRETRAIN, SFT, REWARD_MODEL, PPO, PIPELINE")
-        rec = self._call(self.mgr.start, PROTO_TO_STAGE[request.stage], request.config_yaml,
+        rec = self._call(self.mgr.start, stage, request.config_yaml,
                          dict(request.overrides), request.run_id)
         return trainer_pb2.StartRunResponse(run=run_proto(rec))
 
@@ -131,7 +138,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def ListRuns(self, request, context):
         states = {trainer_pb2.RunState.Name(s).removeprefix("RUN_STATE_") for s in request.states}
-        runs = [r for r in self.mgr.list() if not states or r.state in states]
+        runs = [r for r in reversed(self.mgr.list()) if not states or r.state in states]  # newest first
         size = request.page_size or 100
         if size < 0:
             raise invalid("page_size", "must be >= 0")
@@ -166,7 +173,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def ListCheckpoints(self, request, context):
         rec = self._call(self.mgr.get, request.run_id)
-        want = PROTO_TO_STAGE.get(request.stage) if request.stage else None
+        try:
+            want = STAGE.name(request.stage)
+        except UnknownEnumError:
+            raise invalid("stage", "not a Stage value") from None
         out = []
         root = Path(rec.output_dir) / "checkpoints"
         if root.exists():
@@ -179,7 +189,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     metrics = {k: float(v) for k, v in (m.get("meta", {}).get("metrics") or {}).items()
                                if isinstance(v, (int, float))}
                     out.append(trainer_pb2.Checkpoint(
-                        run_id=rec.run_id, stage=_stage(m["stage"] if m["stage"] in STAGE_TO_PROTO else sd.name),
+                        run_id=rec.run_id, stage=_stage(m["stage"]) or _stage(sd.name),
                         round=int(m.get("meta", {}).get("round", 0)), step=ck.step, path=str(ck.path),
                         sha256=ck.sha256, size_bytes=size, created_at=_ts(m.get("created", 0)), metrics=metrics))
         return trainer_pb2.ListCheckpointsResponse(checkpoints=out)

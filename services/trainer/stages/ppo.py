@@ -1,35 +1,35 @@
-"""Stage 3b — PPO against the reward model, with a per-token KL penalty to the frozen SFT model.
+"""The PPO learner: the policy, the value model, their optimizers and the KL controller of one round.
 
-One iteration: ``collect(prompts, version)`` returns experience (sampled by policy-inference, scored by
-reward-scoring, reference logprobs from reference-model — in the pipeline via Ray rollout workers);
-the trainer computes values, KL-penalised rewards, GAE advantages and runs PPO epochs over minibatches
-(+ an optional pre-training loss, PPO-ptx), updates the adaptive β, then ``push(state_dict, version)``
-sends the new weights to policy-inference. This module imports neither gRPC nor Ray: the pipeline
-hands it those two callables.
+The RL loop (:mod:`chatrl.services.trainer.rl`) drives it each iteration: after the rollout source has
+generated and scored the samples, :meth:`PPOTrainer.make_experience` computes old logprobs, values,
+KL-penalised rewards and GAE advantages on the padded batch, and :meth:`PPOTrainer.update` runs the PPO
+epochs over minibatches (+ an optional pre-training loss, PPO-ptx) and updates the adaptive β. The
+math is in :mod:`chatrl.services.trainer.algos`; this module imports neither gRPC nor Ray.
 
-Every iteration is checkpointed (policy, value model, both optimizers, β, iteration, RNG), so a killed
-run resumes at the last finished iteration.
+Checkpoints hold the policy, the value model, both optimizers, β, the iteration and the RNG, so a killed
+run resumes at the last checkpointed iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from chatrl.services.core.checkpoint import Checkpoint, flatten_optimizer, latest_checkpoint, save_checkpoint
+from chatrl.services.core.checkpoint import (
+    Checkpoint,
+    flatten_optimizer,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from chatrl.services.core.config import RunConfig
-from chatrl.services.core.formats import load_prompts
 from chatrl.services.core.model import GPT, autocast
 from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.trainer import algos
+from chatrl.services.trainer.experience import ExperienceBatch
 from chatrl.services.trainer.stages.common import (
-    Reporter,
     make_optimizer,
     model_from_checkpoint,
     stage_dir,
@@ -37,69 +37,23 @@ from chatrl.services.trainer.stages.common import (
 )
 
 
-@dataclass
-class Experience:
-    """One sampled response and everything PPO needs about it."""
-
-    prompt: str
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]  # behaviour-policy logprobs from policy-inference
-    ref_logprobs: list[float]  # reference (SFT) logprobs of the same tokens
-    score: float  # reward-model score (bias included)
-    finished: bool  # the response ended its turn with the end token
-    version: int  # policy version that produced it
-    text: str = ""
-
-
-Collect = Callable[[list[str], int, int], list[Experience]]  # (prompts, policy version, seed) → experience
-# like Collect, but returns at once with a function that waits for the experience (rollouts in flight)
-Submit = Callable[[list[str], int, int], Callable[[], list[Experience]]]
-Push = Callable[[dict, int], None]  # (state_dict, new version) → None
-
-
-@dataclass
-class PPOResult:
-    checkpoint: Path
-    version: int
-    history: list[dict] = field(default_factory=list)
-
-
 def stage_name(round_: int) -> str:
     return f"ppo_r{round_}"
 
 
-@dataclass
-class Batch:
-    ids: torch.Tensor  # [B, L] prompt+response, right-padded
-    att: torch.Tensor  # [B, L]
-    mask: torch.Tensor  # [B, L-1] action mask on targets ids[:, 1:]
-    old_logprobs: torch.Tensor  # [B, L-1]
-    ref_logprobs: torch.Tensor  # [B, L-1]
-    scores: torch.Tensor  # [B]
+def loop_config(cfg: RunConfig) -> RunConfig:
+    """The config PPO runs with. ``ppo.async_rollout`` learns from samples one version old, so PPO's ratio
+    must use the logprobs they were sampled with (``old_logprobs: service``); returned on a copy, so the
+    caller's config (and later rounds) keep theirs."""
+    pc = cfg.ppo
+    if pc.async_rollout and pc.max_staleness < 1:
+        raise ValueError("ppo.async_rollout needs ppo.max_staleness >= 1 (its samples are one version old)")
+    if pc.async_rollout and pc.old_logprobs != "service":
+        return dataclasses.replace(cfg, ppo=dataclasses.replace(pc, old_logprobs="service"))
+    return cfg
 
 
-def make_batch(exps: list[Experience], pad_id: int) -> Batch:
-    """Align experience on the teacher-forcing grid: logits at position j predict ids[j+1]; response
-    token k of a sample with prompt length P sits at target position P-1+k."""
-    seqs = [e.prompt_ids + e.response_ids for e in exps]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(exps), L), pad_id, dtype=torch.long)
-    att = torch.zeros(len(exps), L, dtype=torch.long)
-    mask = torch.zeros(len(exps), L - 1)
-    old = torch.zeros(len(exps), L - 1)
-    ref = torch.zeros(len(exps), L - 1)
-    for i, (e, s) in enumerate(zip(exps, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
-        p, r = len(e.prompt_ids), len(e.response_ids)
-        mask[i, p - 1: p - 1 + r] = 1
-        old[i, p - 1: p - 1 + r] = torch.tensor(e.logprobs, dtype=torch.float32)
-        ref[i, p - 1: p - 1 + r] = torch.tensor(e.ref_logprobs, dtype=torch.float32)
-    return Batch(ids, att, mask, old, ref, torch.tensor([e.score for e in exps], dtype=torch.float32))
-
-
-def policy_forward(model: GPT, b: Batch, cfg: RunConfig, temperature: float,
+def policy_forward(model: GPT, b: ExperienceBatch, cfg: RunConfig, temperature: float,
                    entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs [B, L-1] of the taken tokens, entropy [B, L-1]) at response positions, 0 elsewhere.
 
@@ -118,34 +72,47 @@ def policy_forward(model: GPT, b: Batch, cfg: RunConfig, temperature: float,
     return lp, ent
 
 
-def value_forward(critic: GPT, b: Batch, cfg: RunConfig) -> torch.Tensor:
+def value_forward(critic: GPT, b: ExperienceBatch, cfg: RunConfig) -> torch.Tensor:
+    """V(s_t) [B, L-1] from the value model's scalar head."""
     with autocast(cfg.dtype, cfg.device.split(":")[0]):
         out = critic(b.ids[:, :-1], b.att[:, :-1], lm_head=False)
     return out.scalar.float()
 
 
 class PPOTrainer:
-    """Holds the policy, value model, optimizers and KL controller of one PPO stage (one round)."""
+    """The models, optimizers and KL controller of one PPO round. ``policy`` starts from the SFT weights,
+    ``critic`` (a scalar-head GPT) from the reward model; ``ptx_tokens`` ([N] int64, the tokenised
+    pre-training corpus) turns on PPO-ptx when ``ppo.ptx_coef > 0``. Build it from checkpoints with
+    :meth:`from_checkpoints`; the config must have passed :func:`loop_config`."""
 
-    def __init__(self, cfg: RunConfig, policy_init: Checkpoint, value_init: Checkpoint, round_: int,
-                 reporter: Reporter) -> None:
+    def __init__(self, cfg: RunConfig, policy: GPT, critic: GPT, tok: ChatTokenizer, round_: int,
+                 ptx_tokens: torch.Tensor | None = None) -> None:
         pc = cfg.ppo
+        if pc.ptx_coef > 0 and ptx_tokens is None:
+            raise ValueError("ppo.ptx_coef > 0 needs the pre-training tokens (ptx_tokens)")
         self.cfg, self.pc, self.round = cfg, pc, round_
-        self.tok: ChatTokenizer = tokenizer_from_checkpoint(policy_init)
-        self.policy = model_from_checkpoint(policy_init, device=cfg.device)
-        self.critic = model_from_checkpoint(value_init, scalar_head=True, device=cfg.device)
+        self.tok, self.policy, self.critic = tok, policy, critic
         self.opt_p = make_optimizer(self.policy, pc.lr, 0.0)
         self.opt_v = make_optimizer(self.critic, pc.value_lr, 0.0)
         self.kl_ctl = (algos.AdaptiveKLController(pc.init_kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
                        else algos.FixedKLController(pc.init_kl_coef))
-        self.iteration = 0
-        self.version = 0
-        self.ptx_tokens = None  # PPO-ptx: the pre-training corpus, tokenised (cached in the run dir)
-        if pc.ptx_coef > 0:
+        self.ptx_tokens = ptx_tokens if pc.ptx_coef > 0 else None
+        self.iteration = 0  # PPO updates done this round
+        self.version = 0  # policy-inference version of the weights in self.policy
+        self.root: Path = stage_dir(cfg, stage_name(round_))
+
+    @classmethod
+    def from_checkpoints(cls, cfg: RunConfig, policy_init: Checkpoint, value_init: Checkpoint, round_: int
+                         ) -> PPOTrainer:
+        cfg = loop_config(cfg)
+        tok = tokenizer_from_checkpoint(policy_init)
+        ptx = None
+        if cfg.ppo.ptx_coef > 0:  # PPO-ptx: the pre-training corpus, tokenised (cached in the run dir)
             from chatrl.services.trainer.stages.pretrain import corpus_tokens
 
-            self.ptx_tokens = torch.from_numpy(corpus_tokens(cfg, self.tok).astype(np.int64))
-        self.root = stage_dir(cfg, stage_name(round_))
+            ptx = torch.from_numpy(corpus_tokens(cfg, tok).astype(np.int64))
+        return cls(cfg, model_from_checkpoint(policy_init, device=cfg.device),
+                   model_from_checkpoint(value_init, scalar_head=True, device=cfg.device), tok, round_, ptx)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, final: bool = False, metrics: dict | None = None) -> Checkpoint:
@@ -171,69 +138,65 @@ class PPOTrainer:
             self.opt_p.load_state_dict(st)
         meta = ck.manifest["meta"]
         if meta.get("value_optimizer") and ck.has("value_optimizer"):
-            from chatrl.services.core.checkpoint import unflatten_optimizer
-
             self.opt_v.load_state_dict(unflatten_optimizer(ck.tensors("value_optimizer"), meta["value_optimizer"]))
         self.kl_ctl.load_state_dict(meta["kl_controller"])
         self.iteration = int(meta["iteration"])
         self.version = int(meta["policy_version"])
         ck.restore_rng()
 
-    # --- one iteration -------------------------------------------------------------------------
-    def step(self, exps: list[Experience]) -> dict[str, float]:
-        """PPO update on one batch of experience. Returns metrics."""
+    # --- the learning phases of one iteration --------------------------------------------------
+    @torch.no_grad()
+    def make_experience(self, b: ExperienceBatch) -> ExperienceBatch:
+        """Fill in what the trainer computes from a rollout batch: π_old logprobs (recomputed by this
+        policy, or the behaviour logprobs with ``old_logprobs: service``), values, per-token rewards
+        (the clipped RM score at the last response token, −β·KL to the reference on every response
+        token), the KL itself, GAE advantages (whitened if configured) and returns."""
         pc, cfg = self.pc, self.cfg
-        exps = [e for e in exps if e.response_ids]
-        if not exps:
-            raise RuntimeError("no experience to learn from (every response was empty)")
-        b = make_batch(exps, self.tok.pad_id)
         scores = algos.normalize_rewards(b.scores, 0.0).clamp(-pc.reward_clip, pc.reward_clip)
         self.policy.eval()
         self.critic.eval()
-        with torch.no_grad():
-            if pc.old_logprobs == "recompute":
-                old_lp, _ = policy_forward(self.policy, b, cfg, pc.temperature)  # 0 off the response
-            else:
-                old_lp = b.old_logprobs
-            old_values = value_forward(self.critic, b, cfg) * b.mask
-            rewards, kl = algos.kl_penalized_rewards(old_lp, b.ref_logprobs, b.mask, scores, self.kl_ctl.value,
-                                                     pc.kl_estimator)
-            adv, returns = algos.gae(rewards, old_values, b.mask, pc.gamma, pc.lam)
-            if pc.whiten_advantages:
-                adv = algos.masked_whiten(adv, b.mask)
-        seq_kl = float((kl * b.mask).sum(dim=1).mean())
-        logprob_gap = float(algos.masked_mean((old_lp - b.old_logprobs).abs(), b.mask))
+        if pc.old_logprobs == "recompute":
+            b.old_logprobs, _ = policy_forward(self.policy, b, cfg, pc.temperature)  # 0 off the response
+        else:
+            b.old_logprobs = b.logprobs
+        b.values = value_forward(self.critic, b, cfg) * b.mask
+        b.rewards, b.kl = algos.kl_penalized_rewards(b.old_logprobs, b.ref_logprobs, b.mask, scores,
+                                                     self.kl_ctl.value, pc.kl_estimator)
+        adv, b.returns = algos.gae(b.rewards, b.values, b.mask, pc.gamma, pc.lam)
+        b.advantages = algos.masked_whiten(adv, b.mask) if pc.whiten_advantages else adv
+        return b
+
+    def update(self, b: ExperienceBatch) -> dict[str, float]:
+        """PPO epochs over minibatches of a made batch: clipped policy loss (− entropy bonus, + PPO-ptx),
+        then the clipped value loss; then the KL controller sees this batch's KL. Returns the means of
+        the per-minibatch statistics plus the batch's reward, KL and β."""
+        pc, cfg = self.pc, self.cfg
+        seq_kl = float((b.kl * b.mask).sum(dim=1).mean())  # KL per response, summed over its tokens
+        logprob_gap = float(algos.masked_mean((b.old_logprobs - b.logprobs).abs(), b.mask))
         self.policy.train()
         self.critic.train()
-        n = len(exps)
+        n = len(b)
         stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed(self.cfg.seed * 1009 + self.round * 100003 + self.iteration)
+        g = torch.Generator().manual_seed(cfg.seed * 1009 + self.round * 100003 + self.iteration)
         for _epoch in range(pc.epochs):
             perm = torch.randperm(n, generator=g)
             for s in range(0, n, pc.minibatch_size):
-                idx = perm[s: s + pc.minibatch_size]
-                mb = Batch(b.ids[idx], b.att[idx], b.mask[idx], old_lp[idx], b.ref_logprobs[idx], b.scores[idx])
+                mb = b.select(perm[s: s + pc.minibatch_size])
                 lp, ent = policy_forward(self.policy, mb, cfg, pc.temperature, entropy_grad=pc.entropy_coef != 0)
-                pl, pst = algos.policy_loss(lp, mb.old_logprobs, adv[idx], mb.mask, pc.clip_eps)
+                pl, pst = algos.policy_loss(lp, mb.old_logprobs, mb.advantages, mb.mask, pc.clip_eps)
                 loss = pl
                 if pc.entropy_coef:
                     loss = loss - pc.entropy_coef * algos.masked_mean(ent, mb.mask)
                 if self.ptx_tokens is not None:
-                    from chatrl.services.trainer.stages.pretrain import batch_at
-
-                    xb = batch_at(self.ptx_tokens, self.iteration * 1000 + s, cfg.seed, pc.minibatch_size,
-                                  min(cfg.pretrain.seq_len, self.policy.cfg.max_seq_len - 1)).to(cfg.device)
-                    with autocast(cfg.dtype, cfg.device.split(":")[0]):
-                        ptx_logits = self.policy(xb[:, :-1]).logits
-                    ptx = algos.ppo_ptx_loss(ptx_logits.float(), xb[:, 1:], coef=pc.ptx_coef)
+                    ptx = self._ptx_loss(offset=self.iteration * 1000 + s)
                     loss = loss + ptx
-                    stats.setdefault("ptx_loss", []).append(float(ptx) / pc.ptx_coef)
+                    stats.setdefault("ptx_loss", []).append(float(ptx.detach()) / pc.ptx_coef)
                 self.opt_p.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), pc.grad_clip)
                 self.opt_p.step()
                 v = value_forward(self.critic, mb, cfg)
-                vl, vst = algos.value_loss(v, old_values[idx], returns[idx], mb.mask, pc.value_clip)
+                vl, vst = algos.value_loss(v, mb.values, mb.returns, mb.mask, pc.value_clip)
                 self.opt_v.zero_grad(set_to_none=True)
                 vl.backward()
                 torch.nn.utils.clip_grad_norm_(self.critic.parameters(), pc.grad_clip)
@@ -243,84 +206,20 @@ class PPOTrainer:
                     stats.setdefault(k, []).append(val)
         self.kl_ctl.update(seq_kl, n)
         self.iteration += 1
-        lens = [len(e.response_ids) for e in exps]
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out.update({"reward": float(b.scores.mean()), "kl": seq_kl, "beta": self.kl_ctl.value, "kl_target": pc.kl_target,
-                    "response_len": float(np.mean(lens)), "finished": float(np.mean([e.finished for e in exps])),
+        reward = float(b.scores.mean())
+        out.update({"reward": reward, "kl": seq_kl, "beta": self.kl_ctl.value, "kl_target": pc.kl_target,
                     "logprob_gap": logprob_gap, "samples": float(n),
-                    "kl_penalized_reward": float(b.scores.mean()) - self.kl_ctl.value * seq_kl})
+                    "kl_penalized_reward": reward - self.kl_ctl.value * seq_kl})
         return out
 
+    def _ptx_loss(self, offset: int) -> torch.Tensor:
+        """PPO-ptx: ``ptx_coef`` × the LM loss on a pre-training batch (InstructGPT eq. 2)."""
+        from chatrl.services.trainer.stages.pretrain import batch_at
 
-def run(cfg: RunConfig, reporter: Reporter, *, round_: int, policy_init: Checkpoint, value_init: Checkpoint,
-        collect: Collect | None = None, push: Push, start_version: int, prompts_file: Path,
-        observe: Callable[[list[Experience]], dict[str, float]] | None = None,
-        submit: Submit | None = None) -> PPOResult:
-    """Run (or resume) the PPO iterations of one round. ``start_version`` is the policy-inference
-    version currently serving ``policy_init``'s weights.
-
-    With ``ppo.async_rollout`` (and ``submit``), the rollout of iteration i+1 is issued before the update
-    of iteration i, so generation overlaps training; its samples come from the policy one version
-    behind (staleness 1), are kept only within ``ppo.max_staleness``, and PPO's ratio uses the
-    behaviour logprobs they were sampled with."""
-    pc = cfg.ppo
-    if submit is None:
-        if collect is None:
-            raise ValueError("ppo.run needs collect or submit")
-        submit = lambda ps, ver, seed: (lambda: collect(ps, ver, seed))  # noqa: E731
-    overlap = pc.async_rollout
-    if overlap and pc.max_staleness < 1:
-        raise ValueError("ppo.async_rollout needs ppo.max_staleness >= 1 (its samples are one version old)")
-    if overlap and pc.old_logprobs != "service":  # on a copy: the caller's config (and later rounds) keep theirs
-        reporter.log("ppo: async_rollout uses the behaviour policy's logprobs (ppo.old_logprobs=service)")
-        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(pc, old_logprobs="service"))
-        pc = cfg.ppo
-    tr = PPOTrainer(cfg, policy_init, value_init, round_, reporter)
-    name = stage_name(round_)
-    done = latest_checkpoint(tr.root)
-    if done is not None and done.manifest["meta"].get("final"):
-        reporter.log(f"{name}: already finished ({done.path})")
-        return PPOResult(done.path, int(done.manifest["meta"]["policy_version"]))
-    tr.version = start_version
-    if done is not None:
-        tr.restore(done)
-        reporter.log(f"{name}: resuming after iteration {tr.iteration}")
-        tr.version = max(tr.version, start_version) + 1
-        push(tr.policy.state_dict(), tr.version)  # policy-inference serves the restored weights
-    prompts = load_prompts(prompts_file)
-
-    def issue(it: int):
-        rng = np.random.default_rng([cfg.seed, round_, it])
-        pick = rng.choice(len(prompts), size=min(pc.prompts_per_iteration, len(prompts)), replace=False)
-        return submit([prompts[i] for i in pick], tr.version, int(cfg.seed * 7 + round_ * 100_000 + it * 1000))
-
-    history: list[dict] = []
-    reporter.start(name, pc.iterations, tr.iteration)
-    t0 = time.perf_counter()
-    pending = None
-    while tr.iteration < pc.iterations:
-        reporter.check_cancelled()
-        it = tr.iteration
-        t_roll = time.perf_counter()
-        exps = (pending or issue(it))()
-        pending = issue(it + 1) if overlap and it + 1 < pc.iterations else None
-        stale = [e for e in exps if tr.version - e.version > pc.max_staleness]
-        exps = [e for e in exps if tr.version - e.version <= pc.max_staleness]
-        t_upd = time.perf_counter()
-        metrics = tr.step(exps)
-        if observe is not None:
-            metrics.update(observe(exps))
-        t_push = time.perf_counter()
-        tr.version += 1
-        push(tr.policy.state_dict(), tr.version)
-        metrics.update({"rollout_s": t_upd - t_roll, "update_s": t_push - t_upd, "push_s": time.perf_counter() - t_push,
-                        "samples_per_s": len(exps) / max(1e-9, t_upd - t_roll), "dropped_stale": float(len(stale)),
-                        "policy_version": float(tr.version)})
-        history.append({"iteration": tr.iteration, **metrics})
-        reporter.progress(name, tr.iteration, pc.iterations)
-        reporter.metrics(name, tr.iteration, pc.iterations, metrics)
-        if tr.iteration % pc.ckpt_every == 0 or tr.iteration == pc.iterations:
-            tr.save(metrics=metrics)
-    reporter.finish(name)
-    ck = tr.save(final=True, metrics={"seconds": time.perf_counter() - t0, **(history[-1] if history else {})})
-    return PPOResult(ck.path, tr.version, history)
+        pc, cfg = self.pc, self.cfg
+        xb = batch_at(self.ptx_tokens, offset, cfg.seed, pc.minibatch_size,
+                      min(cfg.pretrain.seq_len, self.policy.cfg.max_seq_len - 1)).to(cfg.device)
+        with autocast(cfg.dtype, cfg.device.split(":")[0]):
+            logits = self.policy(xb[:, :-1]).logits
+        return algos.ppo_ptx_loss(logits.float(), xb[:, 1:], coef=pc.ptx_coef)
