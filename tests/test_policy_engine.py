@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from kit import WAIT, tiny_gpt, tiny_tokenizer
 
 from chatrl.services.core.generate import SamplingParams, generate
-from chatrl.services.core.model import GPT, GPTConfig
-from chatrl.services.core.tokenizer import ChatTokenizer
+from chatrl.services.core.model import GPT
 from chatrl.services.policy.engine import (
     EngineClosed,
     GenerationEngine,
@@ -25,20 +25,14 @@ from chatrl.services.policy.engine import (
     VersionMismatch,
 )
 
-WAIT = 60  # seconds: a generous bound on waits for events that should come within milliseconds
-
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = ["the film was warm and funny", "what did you think of the movie?", "hello there, how are you?",
-             "the story is a delight", "the cast felt honest and moving"] * 10
-    return ChatTokenizer.train(texts, vocab_size=300, min_frequency=1)
+    return tiny_tokenizer()
 
 
 def make_model(tok, seed: int, max_seq_len: int = 64) -> GPT:
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=max_seq_len)
-    return GPT(cfg).eval()
+    return tiny_gpt(tok.vocab_size, seed, max_seq_len)
 
 
 @pytest.fixture(scope="module")
