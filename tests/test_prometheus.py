@@ -6,11 +6,11 @@ expected.
 The services run in-process (their ``build()`` with ``metrics_port=0``) on 127.0.0.1. Traffic: the
 feedback service samples comparison tasks from policy-inference and takes a ranking and a
 demonstration; a few deliberate client errors, one RESOURCE_EXHAUSTED and one rejected weight update;
-and two runs through the trainer's StartRun — a short pre-training run, and a micro PPO run whose
-rollouts go through the real RolloutWorker over gRPC (policy Generate, reference LogProbs, reward Score)
-and whose weights are pushed to policy-inference with UpdateWeights. (The PPO stage needs the
-pipeline's rollout/push callbacks; the test gives the trainer a runner that wires them to the
-in-process services instead of starting its own.)
+and two runs through the trainer's StartRun — a short pre-training run, and a micro STAGE_PPO run, the
+real trainer's, told (pipeline.start_services false + service_overrides) to use the in-process services:
+it seeds them with the SFT weights and the reward model, its Ray rollout workers call policy Generate,
+reference LogProbs and reward Score over gRPC, and it pushes its weights to policy-inference with
+UpdateWeights after every iteration.
 
 Alert expressions describe trouble, so on a healthy run they rightly return nothing: for each alert the
 test instead requires that its *signal* sub-expressions (the series it watches, SIGNALS below) return
@@ -151,7 +151,7 @@ def prometheus_bin() -> str:
 
 
 @pytest.fixture()
-def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin):
+def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin, ray_session):
     """The five services in-process with /metrics on, and Prometheus scraping them every second."""
     from chatrl.services.feedback.server import FeedbackConfig
     from chatrl.services.feedback.server import build as build_feedback
@@ -181,9 +181,6 @@ def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin):
         feedback = build_feedback(scfg(), FeedbackConfig(db=str(tmp_path / "feedback.db"),
                                                          policy_address=policy[0].address))
         started.append(feedback)
-        runner = _trainer_runner(trainer_server.run_stage, policy[0].address, reward[0].address,
-                                 reference[0].address, cks, tiny_data)
-        monkeypatch.setattr(trainer_server, "run_stage", runner)
         trainer = trainer_server.build(scfg(), trainer_server.TrainerConfig(runs_dir=str(tmp_path / "runs"), threads=1))
         started.append(trainer)
         servers = dict(zip(JOBS, (policy, reward, reference, trainer, feedback)))
@@ -225,45 +222,6 @@ def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin):
                 close()
 
 
-def _trainer_runner(real_run_stage, policy_addr, reward_addr, reference_addr, cks, tiny_data):
-    """The trainer's stage runner: PPO with rollouts by the real RolloutWorker over gRPC and weight
-    pushes to policy-inference (what the pipeline wires up); every other stage is the real one."""
-
-    def run(stage, cfg, reporter):
-        if stage != "ppo":
-            return real_run_stage(stage, cfg, reporter)
-        import numpy as np
-
-        from chatrl.clients.lib import PolicyClient
-        from chatrl.services.core.checkpoint import load_checkpoint
-        from chatrl.services.core.gold import GoldLabeler
-        from chatrl.services.trainer.rollout import Endpoints, RolloutWorker
-        from chatrl.services.trainer.stages import ppo
-        from chatrl.services.trainer.stages.common import setup_runtime
-
-        setup_runtime(cfg)
-        pc = cfg.ppo
-        gold = GoldLabeler.fit([(t, 1) for t in POSITIVE] + [(t, 0) for t in NEGATIVE], POSITIVE + NEGATIVE,
-                               steps=100)
-        worker = RolloutWorker(Endpoints(policy_addr, reward_addr, reference_addr, token="tok"))
-        pusher = PolicyClient(policy_addr, token="tok", timeout=60)
-        try:
-            ppo.run(cfg, reporter, round_=0, policy_init=load_checkpoint(cks["sft"]),
-                    value_init=load_checkpoint(cks["reward"]),
-                    collect=lambda ps, ver, seed: worker.rollout(ps, pc.samples_per_prompt, pc.max_new_tokens,
-                                                                 pc.temperature, seed, expected_version=ver),
-                    push=lambda sd, ver: pusher.update_weights(sd, ver),
-                    start_version=1, prompts_file=Path(tiny_data["prompts"]),
-                    observe=lambda exps: {"gold_train": float(np.mean(
-                        [gold.score(e.prompt, e.text, e.finished) for e in exps]))})
-        finally:
-            pusher.close()
-            for c in (worker.policy, worker.reward, worker.reference):
-                c.close()
-
-    return run
-
-
 def _micro_yaml(tiny_data) -> str:
     d = yaml.safe_load(MICRO.read_text())
     d.pop("run_dir")
@@ -273,7 +231,7 @@ def _micro_yaml(tiny_data) -> str:
     return yaml.safe_dump(d)
 
 
-def _drive_traffic(servers, tiny_data) -> int:
+def _drive_traffic(servers, tiny_data, cks, gold) -> int:
     """RPCs on every service (successes, client errors, a rejection), two trainer runs. Returns the
     number of accepted weight updates."""
     from chatrl.clients.lib import FeedbackClient, PolicyClient, RewardClient, TrainerClient
@@ -301,9 +259,18 @@ def _drive_traffic(servers, tiny_data) -> int:
     with TrainerClient(addr["trainer"], token="tok", timeout=60) as tr:
         tr.start_run("pretrain", _micro_yaml(tiny_data), overrides={"pretrain.steps": "6", "pretrain.log_every": "2"},
                      run_id="prom-pretrain")
+        # STAGE_PPO's inputs: the SFT and reward-model checkpoints, and the running services (their token
+        # is in TOKEN_ENV); the SFT weights are pushed first (version 2), then one push per iteration
         ppo_over = {"ppo.iterations": "4", "ppo.prompts_per_iteration": "4", "ppo.samples_per_prompt": "2",
                     "ppo.max_new_tokens": "8", "ppo.epochs": "1", "ppo.minibatch_size": "8", "ppo.ckpt_every": "10",
-                    "dtype": "fp32", "threads": "1"}
+                    "ppo.num_workers": "1", "dtype": "fp32", "threads": "1",
+                    "ppo.policy_init": str(cks["sft"]), "ppo.reward_model": str(cks["reward"]),
+                    "data.gold_file": str(gold), "pipeline.start_services": "false", "pipeline.services": "''",
+                    "pipeline.service_overrides": yaml.safe_dump(
+                        [f"{n}.{k}" for n, job in (("policy", "policy-inference"), ("reward", "reward-scoring"),
+                                                   ("reference", "reference-model"), ("feedback", "feedback"))
+                         for k in (f"host={addr[job].rpartition(':')[0]}", f"port={addr[job].rpartition(':')[2]}",
+                                   f"auth_token_env={TOKEN_ENV}")], default_flow_style=True).strip()}
         for run_id, stage, over in (("prom-pretrain", None, None), ("prom-ppo", "ppo", ppo_over)):
             if stage:
                 tr.start_run(stage, _micro_yaml(tiny_data), overrides=over, run_id=run_id)
@@ -320,7 +287,7 @@ def _drive_traffic(servers, tiny_data) -> int:
         with pytest.raises(grpc.RpcError) as e:
             pol.update_weights_bytes(b"x" * 8, version=1)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    return 4
+    return 5  # the SFT weights StartRun(PPO) seeds + one per PPO iteration
 
 
 def _alert_and_record_rules() -> tuple[list[dict], list[dict]]:
@@ -360,9 +327,9 @@ def test_signals_are_verbatim_parts_of_their_alerts():
 
 
 @pytest.mark.slow
-def test_dashboard_and_alert_queries_against_a_real_prometheus(stack, tiny_data):
+def test_dashboard_and_alert_queries_against_a_real_prometheus(stack, tiny_data, micro_run, tiny_gold):
     prom, servers = stack
-    pushes = _drive_traffic(servers, tiny_data)
+    pushes = _drive_traffic(servers, tiny_data, micro_run[1], tiny_gold)
 
     # Prometheus has scraped the end state: every accepted push and the rejected one, the PPO metrics,
     # and the rules have been evaluated on them
@@ -370,7 +337,7 @@ def test_dashboard_and_alert_queries_against_a_real_prometheus(stack, tiny_data)
         f'chatrl_policy_weight_updates_total{{outcome="ok"}} >= {pushes}') and prom.result(
         'chatrl_policy_weight_updates_total{outcome="rejected"} >= 1'), timeout=30)
     _wait("PPO metrics scraped", lambda: prom.result(
-        'chatrl_trainer_metric{run_id="prom-ppo", stage="ppo_r0", name="policy_version"} == 5'), timeout=30)
+        'chatrl_trainer_metric{run_id="prom-ppo", stage="ppo_r0", name="policy_version"} == 6'), timeout=30)
     # rate()/increase()/deriv() need two samples of a series: wait until every chatrl series has three
     names = sorted({r["metric"]["__name__"] for r in prom.result('group by (__name__) ({__name__=~"chatrl_.+"})')})
     assert len(names) > 30, names
@@ -423,9 +390,9 @@ def test_dashboard_and_alert_queries_against_a_real_prometheus(stack, tiny_data)
             problems.append(f"rule {name}: {loaded[name]['health']} {loaded[name].get('lastError')}")
     assert not problems, "\n".join(problems)
 
-    # and the data is the run's: 4 PPO iterations → policy version 5; RM reward and gold both there
+    # and the data is the run's: the SFT push (version 2) + 4 PPO iterations → version 6; RM reward and gold
     kl = prom.result('chatrl_trainer_metric{run_id="prom-ppo", name="kl"}')
     assert len(kl) == 1 and kl[0]["metric"]["stage"] == "ppo_r0"
-    assert prom.result('chatrl_policy_model_version == 5')
-    assert prom.result('sum(chatrl_policy_rpc_requests_total{method="UpdateWeights", code="OK"}) == 4')
+    assert prom.result('chatrl_policy_model_version == 6')
+    assert prom.result('sum(chatrl_policy_rpc_requests_total{method="UpdateWeights", code="OK"}) == 5')
     assert prom.result('chatrl_trainer_metric{run_id="prom-ppo", name="gold_train"}')
