@@ -266,12 +266,7 @@ print(json.dumps(statuses))
 """
 
 
-@pytest.mark.parametrize("same_name", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "save_checkpoint re-saving an existing name renames the old directory aside, then the new one into "
-        "place: a crash between the two renames leaves LATEST naming a directory that does not exist"))),
-], ids=["new-name", "same-name"])
+@pytest.mark.parametrize("same_name", [False, True], ids=["new-name", "same-name"])
 def test_checkpoint_save_killed_at_any_step_leaves_old_or_new(tmp_path, same_name):
     """A save killed at any step leaves LATEST on a complete, verified checkpoint — the old one or the
     new one, never a torn mix — and no half-written directory is listed as a checkpoint.

@@ -172,6 +172,7 @@ def save_checkpoint(root: Path, name: str, *, stage: str, step: int, model_state
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
+    _restore_aside(root, name)
     tmp = root / f".{name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     manifest: dict[str, Any] = {"format": FORMAT, "stage": stage, "step": int(step), "model_config": model_config,
@@ -216,6 +217,20 @@ def save_checkpoint(root: Path, name: str, *, stage: str, step: int, model_state
     return Checkpoint(final, manifest)
 
 
+def _restore_aside(root: Path, name: str) -> None:
+    """Re-saving a name moves the old directory aside (``.NAME.old-N``) and then the new one into place; a
+    crash between those two renames leaves only the aside copy, a complete checkpoint. Put it back, so
+    ``LATEST`` never names a directory that is missing; asides left next to a present checkpoint go."""
+    aside = sorted(root.glob(f".{name}.old-*"), key=lambda d: int(d.name.rpartition("-")[2] or 0))
+    if not aside:
+        return
+    if not (root / name).exists():
+        os.rename(aside.pop(), root / name)
+        fsync_dir(root)
+    for d in aside:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _untie(ts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared storage (tied embeddings): give each tensor its own copy."""
     seen: set[int] = set()
@@ -231,7 +246,9 @@ def load_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
     """Open a checkpoint directory (or a root with ``LATEST``); verify every file's sha256."""
     path = Path(path)
     if not (path / "manifest.json").exists() and (path / "LATEST").exists():
-        path = path / (path / "LATEST").read_text().strip()
+        name = (path / "LATEST").read_text().strip()
+        _restore_aside(path, name)
+        path = path / name
     mf = path / "manifest.json"
     if not mf.exists():
         raise CheckpointError(f"no checkpoint at {path} (manifest.json missing)")
