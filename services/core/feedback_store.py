@@ -48,6 +48,12 @@ SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant")
 EXPORT_KINDS = ("rankings", "demonstrations", "prompts")
 MAX_PROMPT_CHARS = 20_000
+# caps on what a caller may store (issue 11): every field is bounded before it reaches the database lock
+MAX_K = 64  # default bound on responses per task = entries of a ranking (the service passes its max_k)
+MAX_ID_CHARS = 128  # submission, labeler, task and prompt ids
+MAX_SOURCE_CHARS = 256  # a prompt's source tag
+MAX_MESSAGES = 64  # turns of one demonstration
+MAX_DEMO_CHARS = 100_000  # all turns of one demonstration together (each also <= MAX_PROMPT_CHARS)
 _PAGE = 500  # rows fetched per query while exporting (the lock is not held between pages)
 MAX_WAIT_S = 60.0  # longest single wait_for_new (a waiting RPC holds a server thread)
 _RECHECK_S = 1.0  # writers in other processes sharing the file cannot notify: re-check this often
@@ -131,10 +137,24 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _nonempty(value, field: str) -> str:
+def _nonempty(value, field: str, cap: int = MAX_ID_CHARS) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _invalid(field, "must not be empty")
+    if len(value) > cap:
+        raise _invalid(field, f"must be at most {cap} characters, got {len(value)}")
     return value
+
+
+def _bounded_ranking(ranking, max_k: int, field: str = "ranking") -> list[int]:
+    """The ranking as a list of ints, refused by its length first (before it is copied or looked at)."""
+    if isinstance(ranking, (str, bytes)):
+        raise _invalid(field, "must be a list of integers")
+    n = len(ranking)
+    if n > max_k:
+        raise _invalid(field, f"must have at most {max_k} entries (K <= {max_k}), got {n}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in ranking):
+        raise _invalid(field, "must be a list of integers")
+    return [int(x) for x in ranking]
 
 
 def check_ranking(ranking: Sequence[int], k: int, field: str = "ranking") -> list[int]:
@@ -143,10 +163,13 @@ def check_ranking(ranking: Sequence[int], k: int, field: str = "ranking") -> lis
                                                     for x in ranking):
         raise _invalid(field, "must be a list of integers")
     r = [int(x) for x in ranking]
-    if sorted(r) != list(range(k)):
-        dup = sorted({x for x in r if r.count(x) > 1})
-        missing = sorted(set(range(k)) - set(r))
-        bad = sorted({x for x in r if x < 0 or x >= k})
+    if sorted(r) != list(range(k)):  # diagnostics in linear time: one pass counting each value
+        seen: dict[int, int] = {}
+        for x in r:
+            seen[x] = seen.get(x, 0) + 1
+        dup = sorted(x for x, c in seen.items() if c > 1)
+        missing = [x for x in range(k) if x not in seen]
+        bad = sorted(x for x in seen if x < 0 or x >= k)
         parts = [f"must be a permutation of 0..{k - 1} (got {len(r)} entries"]
         if dup:
             parts.append(f"duplicates {dup}")
@@ -162,7 +185,10 @@ def check_messages(messages, field: str = "messages") -> list[dict]:
     """Conversation as [{"role","content"}]: non-empty, known roles, non-empty contents, last turn assistant."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise _invalid(field, "must be a non-empty list of messages")
+    if len(messages) > MAX_MESSAGES:
+        raise _invalid(field, f"must have at most {MAX_MESSAGES} messages, got {len(messages)}")
     out = []
+    total = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _invalid(f"{field}[{i}]", "must be an object with role and content")
@@ -171,11 +197,34 @@ def check_messages(messages, field: str = "messages") -> list[dict]:
             raise _invalid(f"{field}[{i}].role", f"must be one of {list(ROLES)}, got {role!r}")
         if not isinstance(content, str) or not content.strip():
             raise _invalid(f"{field}[{i}].content", "must not be empty")
+        if len(content) > MAX_PROMPT_CHARS:
+            raise _invalid(f"{field}[{i}].content", f"must be at most {MAX_PROMPT_CHARS} characters, "
+                           f"got {len(content)}")
+        total += len(content)
+        if total > MAX_DEMO_CHARS:
+            raise _invalid(field, f"must be at most {MAX_DEMO_CHARS} characters in all")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise _invalid(f"{field}[{len(out) - 1}].role", "the last message must be the assistant turn, "
                        f"got {out[-1]['role']!r}")
     return out
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """ROLLBACK if a transaction is still open (SQLite rolls some failures back itself)."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+def _db_error(e: BaseException) -> StoreError:
+    """A database failure as the caller's error kind: full → ``exhausted``, anything else ``unavailable``."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "full" in str(e):
+        return StoreError("exhausted", "", f"the label database is full ({e}); nothing was stored")
+    return StoreError("unavailable", "", f"the label database failed ({e}); nothing was stored; retry")
 
 
 Sampler = Callable[[list[str], int], tuple[list[list[str]], list[list[bool]], int]]
@@ -187,7 +236,11 @@ class FeedbackStore:
     (so several processes may share the file too)."""
 
     def __init__(self, path: str | Path, *, lease_seconds: float = 600.0, rankings_per_task: int = 1,
-                 clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0) -> None:
+                 clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0, max_k: int = MAX_K,
+                 max_db_mb: float = 0) -> None:
+        """``max_k``: most responses per task (and entries per ranking); ``max_db_mb`` > 0 caps the
+        database file (SQLite ``max_page_count``): a write that does not fit answers ``exhausted``, as a
+        full disk does, and later writes that fit work (keep it below the volume's size)."""
         if lease_seconds <= 0 or not math.isfinite(lease_seconds):
             raise ValueError(f"lease_seconds must be a positive number, got {lease_seconds}")
         if rankings_per_task < 1:
@@ -195,6 +248,9 @@ class FeedbackStore:
         self.path = Path(path)
         self.lease_us = int(lease_seconds * 1e6)
         self.rankings_per_task = int(rankings_per_task)
+        if max_k < 2:
+            raise ValueError(f"max_k must be >= 2, got {max_k}")
+        self.max_k = int(max_k)
         self._clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # notified after every commit in this process
@@ -207,6 +263,9 @@ class FeedbackStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        if max_db_mb > 0:
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            self._db.execute(f"PRAGMA max_page_count={max(1, int(max_db_mb * 1024 * 1024 // page))}")
         self._migrate()
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -244,11 +303,21 @@ class FeedbackStore:
                 raise
             return self.store._db
 
-        def __exit__(self, exc_type, exc, tb) -> None:
+        def __exit__(self, exc_type, exc, tb) -> bool:
+            db = self.store._db
             try:
-                self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
-                if not exc_type:
+                if exc_type is None:
+                    try:
+                        db.execute("COMMIT")  # a full disk shows up here in WAL mode
+                    except sqlite3.Error as e:
+                        _rollback(db)  # else the transaction stays open and every later BEGIN fails
+                        raise _db_error(e) from None
                     self.store._changed.notify_all()
+                    return False
+                _rollback(db)
+                if issubclass(exc_type, sqlite3.Error):
+                    raise _db_error(exc) from None
+                return False
             finally:
                 self.store._lock.release()
 
@@ -278,7 +347,7 @@ class FeedbackStore:
 
     @staticmethod
     def _check_prompt(text, field: str) -> str:
-        text = _nonempty(text, field)
+        text = _nonempty(text, field, cap=len(text) if isinstance(text, str) else 0)
         if len(text) > MAX_PROMPT_CHARS:
             raise _invalid(field, f"is too long ({len(text)} characters, at most {MAX_PROMPT_CHARS})")
         return text
@@ -296,6 +365,9 @@ class FeedbackStore:
         items = []
         for i, p in enumerate(prompts):
             text, source = (p, "") if isinstance(p, str) else (p[0], p[1] or "")
+            if len(str(source)) > MAX_SOURCE_CHARS:
+                raise _invalid(f"{field}[{i}].source", f"must be at most {MAX_SOURCE_CHARS} characters, "
+                               f"got {len(str(source))}")
             items.append((self._check_prompt(text, f"{field}[{i}].text" if not isinstance(p, str) else
                                              f"{field}[{i}]"), str(source)))
         ids, added = [], 0
@@ -346,11 +418,15 @@ class FeedbackStore:
             k = len(resp) if isinstance(resp, (list, tuple)) else 0
             if k < 2:
                 raise _invalid(f"tasks[{i}].responses", f"K must be >= 2, got {k}")
+            if k > self.max_k:
+                raise _invalid(f"tasks[{i}].responses", f"K must be <= {self.max_k}, got {k}")
             resp, fin = self._check_samples(k, resp, t.get("finished"), f"tasks[{i}]")
             if t.get("prompt_id"):
                 checked.append(("id", t["prompt_id"], k, resp, fin, i))
             else:
                 text = self._check_prompt(t.get("prompt"), f"tasks[{i}].prompt")
+                if len(str(t.get("source") or "")) > MAX_SOURCE_CHARS:
+                    raise _invalid(f"tasks[{i}].source", f"must be at most {MAX_SOURCE_CHARS} characters")
                 checked.append(("text", (text, t.get("source") or ""), k, resp, fin, i))
         ids = []
         with self._tx() as db:
@@ -370,8 +446,10 @@ class FeedbackStore:
         """Validates the request, asks ``sampler`` for K samples per prompt (outside the lock), then
         stores new prompt texts and one task per prompt in one transaction. Returns (task ids in request
         order: prompts first, then prompt_ids; the policy model version)."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise _invalid("k", f"must be >= 2 (responses to rank per prompt), got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= self.max_k:
+            raise _invalid("k", f"must be in [2, {self.max_k}] (responses to rank per prompt), got {k}")
+        if len(source) > MAX_SOURCE_CHARS:
+            raise _invalid("source", f"must be at most {MAX_SOURCE_CHARS} characters")
         if not prompts and not prompt_ids:
             raise _invalid("prompts", "no prompts given (set prompts or prompt_ids)")
         texts = [self._check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
@@ -446,11 +524,13 @@ class FeedbackStore:
 
     def submit_ranking(self, submission_id: str, task_id: str, labeler_id: str,
                        ranking: Sequence[int]) -> tuple[str, bool, int]:
-        """Stores a ranking (best first). Returns (ranking id, duplicate, preference pairs C(K,2))."""
+        """Stores a ranking (best first). Returns (ranking id, duplicate, preference pairs C(K,2)).
+        Everything about the request is checked before the lock (sizes first); under it only the
+        comparison with the task's K, in O(K)."""
+        ranking = _bounded_ranking(ranking, self.max_k)
         _nonempty(submission_id, "submission_id")
         _nonempty(task_id, "task_id")
         _nonempty(labeler_id, "labeler_id")
-        ranking = list(ranking)
         with self._tx() as db:
             prev = db.execute("SELECT r.*, t.k FROM rankings r JOIN tasks t ON t.id = r.task_id "
                               "WHERE r.submission_id=?", (submission_id,)).fetchone()
