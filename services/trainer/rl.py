@@ -38,6 +38,7 @@ from typing import Protocol
 import numpy as np
 
 from chatrl.services.core.checkpoint import latest_checkpoint
+from chatrl.services.core.seeding import derive_seed
 from chatrl.services.trainer.experience import Experience, make_batch
 from chatrl.services.trainer.stages.common import Reporter
 from chatrl.services.trainer.stages.ppo import PPOTrainer, stage_name
@@ -182,7 +183,7 @@ class RLLoop:
         """The rollout of iteration ``it``: ``ppo.prompts_per_iteration`` prompts drawn without replacement,
         the same for the same (seed, round, iteration) — a resumed run samples what it would have."""
         cfg, r = self.cfg, self.trainer.round
-        rng = np.random.default_rng([cfg.seed, r, it])
+        rng = np.random.default_rng(derive_seed(cfg.seed, "ppo", r, it, "prompts"))
         pick = rng.choice(len(self.prompts), size=min(self.pc.prompts_per_iteration, len(self.prompts)), replace=False)
         return self.source.submit([self.prompts[i] for i in pick], self.trainer.version,
-                                  int(cfg.seed * 7 + r * 100_000 + it * 1000))
+                                  derive_seed(cfg.seed, "ppo", r, it, "rollout"))

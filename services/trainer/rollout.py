@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
 
+from chatrl.services.core.seeding import derive_seed
 from chatrl.services.trainer.experience import Experience
 
 log = logging.getLogger("chatrl.rollout")
@@ -168,7 +169,7 @@ class PendingRollout:
         n, mnt, temp, seed, ver = self.args
         actor = self.pool.actors[(i + self.attempts[i]) % len(self.pool.actors)]
         self.attempts[i] += 1
-        return actor.rollout.remote(self.shards[i], n, mnt, temp, seed + i * 7919, ver)
+        return actor.rollout.remote(self.shards[i], n, mnt, temp, derive_seed(seed, "shard", i), ver)
 
     def result(self) -> list[Experience]:
         import ray

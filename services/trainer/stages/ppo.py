@@ -26,6 +26,7 @@ from chatrl.services.core.checkpoint import (
 )
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.model import GPT, autocast
+from chatrl.services.core.seeding import derive_seed
 from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.trainer import algos
 from chatrl.services.trainer.experience import ExperienceBatch
@@ -177,7 +178,7 @@ class PPOTrainer:
         self.critic.train()
         n = len(b)
         stats: dict[str, list[float]] = {}
-        g = torch.Generator().manual_seed(cfg.seed * 1009 + self.round * 100003 + self.iteration)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "ppo", self.round, self.iteration, "minibatches"))
         for _epoch in range(pc.epochs):
             perm = torch.randperm(n, generator=g)
             for s in range(0, n, pc.minibatch_size):
@@ -215,10 +216,10 @@ class PPOTrainer:
 
     def _ptx_loss(self, offset: int) -> torch.Tensor:
         """PPO-ptx: ``ptx_coef`` × the LM loss on a pre-training batch (InstructGPT eq. 2)."""
-        from chatrl.services.trainer.stages.pretrain import batch_at
+        from chatrl.services.trainer.stages.pretrain import random_windows
 
         pc, cfg = self.pc, self.cfg
-        xb = batch_at(self.ptx_tokens, offset, cfg.seed, pc.minibatch_size,
+        xb = random_windows(self.ptx_tokens, derive_seed(cfg.seed, "ppo-ptx", self.round, offset), pc.minibatch_size,
                       min(cfg.pretrain.seq_len, self.policy.cfg.max_seq_len - 1)).to(cfg.device)
         with autocast(cfg.dtype, cfg.device.split(":")[0]):
             logits = self.policy(xb[:, :-1]).logits
