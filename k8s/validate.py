@@ -53,7 +53,7 @@ DESIGN_SERVICES = {
 }
 AUTOSCALED = ("policy-inference", "reward-scoring")
 # Secrets the operator creates (never committed): name → keys the manifests may read
-EXTERNAL_SECRETS = {"chatrl-auth": {"token"}}
+EXTERNAL_SECRETS = {"chatrl-auth": {"token"}, "chatrl-labeler": {"token"}}  # operator, labeler credentials
 CONFIG_PATH = "/etc/chatrl/services.yaml"
 RUN_CONFIG = "run.yaml"
 SERVICES_CONFIG = "services.yaml"

@@ -1,8 +1,8 @@
 """feedback service: thin gRPC glue over :class:`chatrl.services.core.feedback_store.FeedbackStore`.
 
 Every ``FeedbackService`` RPC of ``protos/chatrl/v1/feedback.proto``. ``CreateComparisonTasks`` asks
-policy-inference (``policy_address``) for K samples per prompt through the client library's
-:class:`PolicyClient`, then stores one ranking task per prompt. Submissions are on disk before the RPC
+policy-inference (``policy_address``) for K samples per prompt through the generated stub (services never
+import the client library), then stores one ranking task per prompt. Submissions are on disk before the RPC
 returns (SQLite WAL, ``synchronous=FULL``). Optionally serves the labeling page (``web_port``).
 
 Run it: ``python -m chatrl.services.feedback --db runs/feedback.db --port 50055`` (or ``chatrl serve feedback``).
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timezone
 
 import grpc
@@ -22,25 +23,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from chatrl.clients.lib import PolicyClient
 from chatrl.services.core.feedback_store import FeedbackStore, StoreError
-from chatrl.services.proto.chatrl.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
-from chatrl.services.runtime.errors import ServiceError, invalid, require
+from chatrl.services.proto.channel import make_channel
+from chatrl.services.proto.chatrl.v1 import (
+    common_pb2,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
+from chatrl.services.proto.enums import EXPORT_KIND, ROLE
+from chatrl.services.runtime import roles
+from chatrl.services.runtime.errors import ServiceError, domain_error, invalid, require
 from chatrl.services.runtime.logs import event
 from chatrl.services.runtime.main import run_service
 from chatrl.services.runtime.server import ServerConfig, ServiceServer
 
 log = logging.getLogger("chatrl.feedback")
 
-# NextTask writes too: it leases a task to the labeler (without a token anyone could lease every open task)
-MUTATING = {"AddPrompts", "CreateComparisonTasks", "NextTask", "SubmitRanking", "SubmitDemonstration"}
-_STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "not_found": grpc.StatusCode.NOT_FOUND,
-           "conflict": grpc.StatusCode.ALREADY_EXISTS, "unavailable": grpc.StatusCode.UNAVAILABLE}
-_ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user",
-               common_pb2.ROLE_ASSISTANT: "assistant"}
-_EXPORT_KINDS = {feedback_pb2.EXPORT_KIND_RANKINGS: "rankings",
-                 feedback_pb2.EXPORT_KIND_DEMONSTRATIONS: "demonstrations",
-                 feedback_pb2.EXPORT_KIND_PROMPTS: "prompts"}
+_EXPORT_KINDS = {EXPORT_KIND.value(k): k for k in EXPORT_KIND.names}
+_ROLE_VALUES = {ROLE.value(r) for r in ROLE.names}
 
 
 @dataclass
@@ -57,10 +59,14 @@ class FeedbackConfig:
     export_batch_lines: int = 256  # JSONL lines per Export stream message (also capped at ~1 MiB)
     web_host: str = "127.0.0.1"  # labeling page bind address
     web_port: int = -1  # labeling page port; -1 = off, 0 = pick a free port
+    web_allowed_hosts: list[str] = field(default_factory=list)  # Host names of the page (an ingress's); empty:
+    #   loopback names on a loopback bind, any elsewhere
+    web_max_threads: int = 32  # labeling-page requests handled at once (beyond: 503)
+    max_db_mb: float = 0  # > 0: cap the database file; writes beyond answer RESOURCE_EXHAUSTED (disk full)
 
 
 def _abort(e: StoreError) -> ServiceError:
-    return ServiceError(_STATUS.get(e.kind, grpc.StatusCode.INTERNAL), e.message)
+    return domain_error(e.kind, e.message)
 
 
 def _ts(us: int | None) -> Timestamp | None:
@@ -121,22 +127,25 @@ class PolicySampler:
 
     def __init__(self, cfg: FeedbackConfig) -> None:
         self.cfg = cfg
-        self._client: PolicyClient | None = None
+        self._channel: grpc.Channel | None = None
+        self._stub: policy_pb2_grpc.PolicyInferenceServiceStub | None = None
         self._lock = threading.Lock()
+        tok = os.environ.get("CHATRL_AUTH_TOKEN", "")  # the deployment's shared token, as every client sends
+        self._md = [("authorization", f"Bearer {tok}")] if tok else []
 
     @property
-    def client(self) -> PolicyClient:
+    def stub(self) -> policy_pb2_grpc.PolicyInferenceServiceStub:
         with self._lock:
-            if self._client is None:
-                self._client = PolicyClient(self.cfg.policy_address, tls_ca=self.cfg.policy_tls_ca,
-                                            timeout=self.cfg.policy_timeout_s, retries=3)
-            return self._client
+            if self._stub is None:  # Generate is retried on UNAVAILABLE by the channel (3 attempts)
+                self._channel = make_channel(self.cfg.policy_address, tls_ca=self.cfg.policy_tls_ca, retries=3)
+                self._stub = policy_pb2_grpc.PolicyInferenceServiceStub(self._channel)
+            return self._stub
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = self._stub = None
 
     def sample(self, texts: list[str], k: int, sp: common_pb2.SamplingParams, timeout: float | None
                ) -> tuple[list[list[str]], list[list[bool]], int]:
@@ -150,20 +159,22 @@ class PolicySampler:
         raise AssertionError("unreachable")
 
     def _sample_once(self, texts, k, sp, timeout):
-        kw = dict(n=k, max_new_tokens=sp.max_new_tokens, top_k=sp.top_k, stop=list(sp.stop),
-                  temperature=sp.temperature if sp.HasField("temperature") else None,
-                  top_p=sp.top_p if sp.HasField("top_p") else None,
-                  seed=sp.seed if sp.HasField("seed") else None)
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(sp)
+        sampling.n = k
         responses: list[list[str]] = []
         finished: list[list[bool]] = []
         version = 0
         step = max(1, self.cfg.generate_batch)
         for off in range(0, len(texts), step):
-            if kw["seed"] is not None and off:
-                kw["seed"] = sp.seed + off * k  # distinct samples for every prompt, still reproducible
+            if sp.HasField("seed") and off:
+                sampling.seed = sp.seed + off * k  # distinct samples for every prompt, still reproducible
+            req = policy_pb2.GenerateRequest(
+                prompts=[common_pb2.Prompt(chat=common_pb2.Conversation(messages=[
+                    common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=t)])) for t in texts[off: off + step]],
+                sampling=sampling, expected_model_version=version)
             try:
-                res = self.client.generate(texts[off: off + step], expected_model_version=version,
-                                           timeout=timeout, **kw)
+                res = self.stub.Generate(req, timeout=timeout or self.cfg.policy_timeout_s, metadata=self._md)
             except grpc.RpcError as e:
                 raise self._map(e, version) from None
             version = res.model_version
@@ -197,7 +208,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, cfg: FeedbackConfig, registry, store: FeedbackStore | None = None) -> None:
         self.cfg = cfg
         self.store = store or FeedbackStore(cfg.db, lease_seconds=cfg.lease_seconds,
-                                            rankings_per_task=cfg.rankings_per_task)
+                                            rankings_per_task=cfg.rankings_per_task, max_k=cfg.max_k,
+                                            max_db_mb=cfg.max_db_mb)
         self.metrics = Metrics(registry, self.store)
         self.sampler = PolicySampler(cfg)
         self.web = None
@@ -274,9 +286,9 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def SubmitDemonstration(self, request, context):
         msgs = []
         for i, m in enumerate(request.messages):
-            if m.role not in _ROLE_NAMES:
+            if m.role not in _ROLE_VALUES:
                 raise invalid(f"messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-            msgs.append({"role": _ROLE_NAMES[m.role], "content": m.content})
+            msgs.append({"role": ROLE.name(m.role), "content": m.content})
         try:
             did, dup = self.store.submit_demonstration(request.submission_id, request.labeler_id, msgs)
         except StoreError as e:
@@ -319,7 +331,9 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
 
 def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer, FeedbackServicer]:
-    srv = ServiceServer("feedback", server_cfg, mutating=MUTATING)
+    srv = ServiceServer("feedback", server_cfg)  # who may call what: runtime/roles.py
+    if cfg.web_port >= 0:  # the page's exposure is checked before anything binds, like the server's
+        roles.check_exposure("feedback web page", [cfg.web_host], srv.creds, server_cfg.allow_insecure)
     svc = FeedbackServicer(cfg, srv.registry)
     srv.add_service(feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, svc,
                     feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name)
@@ -327,7 +341,9 @@ def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer,
     if cfg.web_port >= 0:
         from chatrl.services.feedback.web import LabelingWeb
 
-        svc.web = LabelingWeb(svc.store, cfg.web_host, cfg.web_port, token=srv.token, metrics=svc.metrics)
+        svc.web = LabelingWeb(svc.store, cfg.web_host, cfg.web_port, auth=srv.creds, metrics=svc.metrics,
+                              allowed_hosts=cfg.web_allowed_hosts, max_threads=cfg.web_max_threads,
+                              allow_insecure=server_cfg.allow_insecure)
         svc.web.start()
         log.info("labeling page at %s", svc.web.url)
     srv.set_serving(True)  # the store is open: nothing else to load

@@ -6,16 +6,25 @@ responses into order (best on top) and submits. Each shown task gets one client-
 a retried submit never stores the ranking twice.
 
 API (JSON):
-- ``GET  /api/next?labeler_id=ID`` → ``{"task": {...} | null, "remaining": n}`` (leases the task; needs the token)
+- ``GET  /api/next?labeler_id=ID`` → ``{"task": {...} | null, "remaining": n}`` (leases the task: NextTask)
 - ``POST /api/rankings`` ``{"submission_id","task_id","labeler_id","ranking"}`` →
-  ``{"ranking_id","duplicate","pairs"}``; needs ``Authorization: Bearer <token>`` when the service has one
-- ``GET  /api/stats`` → the store's counts
-Errors: ``{"error": message}`` with 400 (invalid, naming the field) / 401 / 404 / 409 (conflict).
+  ``{"ranking_id","duplicate","pairs"}`` (SubmitRanking)
+- ``GET  /api/stats`` → the store's counts (GetStats: open, a few COUNT queries)
+Each endpoint is the RPC it names, with that RPC's role and request-size limit from
+:data:`chatrl.services.runtime.roles.METHODS` (``Authorization: Bearer <labeler or operator token>``).
+Errors: ``{"error": message}`` with 400 (invalid, naming the field) / 401 (no valid credential) / 403 (a
+credential of the wrong role, a foreign Origin, an unexpected Host) / 404 / 409 (conflict) / 413 / 415
+(not JSON) / 503 (every handler thread busy).
+
+Browser-facing defences: a POST must be ``application/json`` (a cross-site form cannot send that without
+a CORS preflight, which is never granted) and, when it carries an ``Origin``, come from this page's
+origin; on a loopback bind the ``Host`` must be a loopback name (a DNS-rebinding page cannot reach the
+labeler's local server under its own name), elsewhere one of ``allowed_hosts`` when given. Sockets time
+out after ``SOCKET_TIMEOUT_S``, and at most ``max_threads`` requests are handled at once.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -23,11 +32,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 from chatrl.services.core.feedback_store import FeedbackStore, StoreError
+from chatrl.services.runtime import roles
+from chatrl.services.runtime.errors import ServiceError, http_status
 
 log = logging.getLogger("chatrl.feedback.web")
 
-MAX_BODY = 1 << 20
-_HTTP = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
+SOCKET_TIMEOUT_S = 30.0  # a client that sends nothing for this long is dropped (it held a thread)
+_RPC = "chatrl.v1.FeedbackService/"
+# (HTTP method, path) → the RPC it is: its role and size limit come from the one table
+ROUTES = {("GET", "/api/next"): _RPC + "NextTask", ("POST", "/api/rankings"): _RPC + "SubmitRanking",
+          ("GET", "/api/stats"): _RPC + "GetStats"}
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>chatrl · rank responses</title>
@@ -148,6 +163,7 @@ def task_json(t: dict) -> dict:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "chatrl-feedback"
+    timeout = SOCKET_TIMEOUT_S  # applied to the connection's socket by StreamRequestHandler
     web: LabelingWeb  # set on the subclass
 
     def log_message(self, fmt, *args) -> None:  # route through logging, not stderr
@@ -169,42 +185,65 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             fn()
         except StoreError as e:
-            self._json(_HTTP.get(e.kind, 500), {"error": e.message, "field": e.field})
+            self._json(http_status(e.kind), {"error": e.message, "field": e.field})
         except Exception:
             log.exception("labeling page: unhandled error on %s %s", self.command, self.path)
             self._json(500, {"error": "internal error (see server log)"})
 
     def do_GET(self) -> None:
-        self._guard(self._get)
+        if self._host_ok():
+            self._guard(self._get)
 
     def do_POST(self) -> None:
-        self._guard(self._post)
+        if self._host_ok() and self._origin_ok():
+            self._guard(self._post)
+
+    def _host_ok(self) -> bool:
+        host = self.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        allowed = self.web.allowed_hosts
+        if allowed and name not in allowed:
+            self._json(403, {"error": f"Host {host[:100]!r} is not one this page answers to"})
+            return False
+        return True
+
+    def _origin_ok(self) -> bool:
+        origin = self.headers.get("Origin")
+        if origin is not None and urlparse(origin).netloc != self.headers.get("Host", ""):
+            self._json(403, {"error": "cross-origin requests are refused"})
+            return False
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            self._json(415, {"error": "Content-Type must be application/json"})
+            return False
+        return True
 
     def _get(self) -> None:
         url = urlparse(self.path)
         store = self.web.store
         if url.path in ("/", "/index.html"):
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif url.path == "/api/next":  # leases a task: a write, so it needs the token like submitting
-            if not self._authorized():
+        elif url.path == "/api/next":  # leases a task: a write, so it needs the labeler role like submitting
+            if not self._authorized("GET", url.path):
                 return
             labeler = parse_qs(url.query).get("labeler_id", [""])[0]
             task, remaining = store.next_task(labeler)
             self._json(200, {"task": task_json(task) if task else None, "remaining": remaining})
         elif url.path == "/api/stats":
-            self._json(200, store.stats())
+            if self._authorized("GET", url.path):
+                self._json(200, store.stats())
         elif url.path == "/healthz":
             self._json(200, {"status": "ok"})
         else:
             self._json(404, {"error": f"no such page {url.path}"})
 
-    def _authorized(self) -> bool:
-        """True, or answers 401 and returns False, when the service has a token and the request lacks it."""
-        tok = self.web.token
-        if tok and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                           f"Bearer {tok}".encode()):
-            self._json(401, {"error": "leasing and submitting tasks need 'Authorization: Bearer <token>' "
-                                      "(enter the token)"})
+    def _authorized(self, verb: str, path: str) -> bool:
+        """True, or answers 401/403 and returns False: the endpoint's RPC decides the role it needs."""
+        try:
+            self.web.auth.authorize(ROUTES[(verb, path)], self.headers.get("Authorization", ""))
+        except ServiceError as e:
+            status = 403 if e.code.name == "PERMISSION_DENIED" else http_status("unauthenticated")
+            self._json(status, {"error": e.message + (" (enter the token)" if status == 401 else "")})
             return False
         return True
 
@@ -213,14 +252,15 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/api/rankings":
             self._json(404, {"error": f"no such endpoint {url.path}"})
             return
-        if not self._authorized():
+        if not self._authorized("POST", url.path):
             return
+        limit = roles.rule(ROUTES[("POST", url.path)]).max_request_bytes
         try:
             n = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             n = -1
-        if not 0 < n <= MAX_BODY:
-            self._json(413 if n > MAX_BODY else 400, {"error": f"body must be 1..{MAX_BODY} bytes of JSON"})
+        if not 0 < n <= limit:
+            self._json(413 if n > limit else 400, {"error": f"body must be 1..{limit} bytes of JSON"})
             return
         try:
             body = json.loads(self.rfile.read(n))
@@ -244,15 +284,49 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"ranking_id": rid, "duplicate": dup, "pairs": pairs})
 
 
-class LabelingWeb:
-    """The page's HTTP server, in a background thread; ``port`` is the bound port (after ``start``)."""
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per request, at most ``max_threads`` at once; beyond, a short 503 from the accept loop."""
 
-    def __init__(self, store: FeedbackStore, host: str = "127.0.0.1", port: int = 0, token: str = "",
-                 metrics=None) -> None:
-        self.store, self.token, self.metrics = store, token, metrics
+    daemon_threads = True
+
+    def __init__(self, addr, handler, max_threads: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_threads)
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class LabelingWeb:
+    """The page's HTTP server, in a background thread; ``port`` is the bound port (after ``start``).
+    ``auth``: the feedback server's credentials (roles.Credentials); ``allowed_hosts``: Host names the page
+    answers to (empty: loopback names on a loopback bind, anything elsewhere). Refuses (before binding) a
+    non-loopback ``host`` without an operator credential unless ``allow_insecure``."""
+
+    def __init__(self, store: FeedbackStore, host: str = "127.0.0.1", port: int = 0,
+                 auth: roles.Credentials | None = None, metrics=None, allowed_hosts: list[str] | None = None,
+                 max_threads: int = 32, allow_insecure: bool = False) -> None:
+        self.auth = auth or roles.Credentials()
+        roles.check_exposure("feedback web page", [host], self.auth, allow_insecure)
+        self.store, self.metrics = store, metrics
+        self.allowed_hosts = set(allowed_hosts or ()) or (_LOOPBACK_NAMES | {host} if roles.is_loopback(host)
+                                                          else set())
         handler = type("Handler", (_Handler,), {"web": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((host, port), handler, max(1, max_threads))
         self.host, self.port = host, self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
 

@@ -29,7 +29,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
 from chatrl.services.core.generate import SamplingParams
-from chatrl.services.core.model import GPT, GPTConfig
 from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.policy.engine import (
     FINISH_STOP,
@@ -67,7 +66,6 @@ from chatrl.services.runtime.server import ServerConfig, ServiceServer
 
 log = logging.getLogger("chatrl.policy")
 
-MUTATING = {"UpdateWeights"}
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyInferenceService"].full_name
 _ROLES = {ROLE.value(r): r for r in ROLE.names}
 _FINISH = {FINISH_STOP: FINISH_REASON.value("stop"), "length": FINISH_REASON.value("length")}
@@ -380,6 +378,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         slot_meta = {"checkpoint_uri": f"push:{first.version}", "weights_sha256": sha,
                      **{k: v for k, v in meta.items() if k not in ("config_json", "tokenizer_json")}}
         was_loaded = self.engine.loaded
+        if meta.get("weights") == "adapter":
+            state = self._with_base(state, meta)
         try:
             if was_loaded:
                 prev = self.engine.update_weights(state, first.version, meta=slot_meta)
@@ -397,23 +397,53 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         return policy_pb2.UpdateWeightsResponse(model_version=first.version, previous_model_version=prev,
                                                 bytes_received=first.total_bytes, sha256=sha)
 
-    def _first_model(self, meta: dict, state: dict) -> tuple[GPT, ChatTokenizer | None]:
-        """No model yet: the first chunk's metadata must describe the architecture (and tokenizer)."""
+    def _with_base(self, adapter: dict, meta: dict) -> dict:
+        """A LoRA adapter push (``weights: adapter``): only the ``lora_A`` / ``lora_B`` tensors came; the
+        rest is the base this replica holds, which must be the one named (``lora_base``)."""
+        slot = self.engine.latest
+        if slot is None:
+            raise precondition("chunk.metadata.weights: an adapter push needs a loaded base model (push the "
+                               "full weights first)")
+        base = meta.get("lora_base", "")
+        require(bool(base), "chunk.metadata.lora_base", "an adapter push must name the base weights it applies to")
+        if slot.meta.get("lora_base") != base:
+            raise precondition(f"chunk.metadata.lora_base: this replica holds base {slot.meta.get('lora_base')!r}, "
+                               f"the adapter is for {base!r}")
+        own = slot.model.state_dict()
+        extra = sorted(k for k in adapter if k not in own)
+        require(not extra, "chunk.data", f"adapter weights the model has no place for: {extra[:4]}")
+        return {**own, **adapter}
+
+    def _first_model(self, meta: dict, state: dict) -> tuple[torch.nn.Module, object]:
+        """No model yet: the first chunk's metadata must describe the architecture (and tokenizer) — a chatrl
+        checkpoint's ``model_config`` (GPT, or ``architecture: hf``) and ``tokenizer.json``."""
+        from chatrl.services.core.build import build_model
+
         require("config_json" in meta, "chunk.metadata",
-                "no model is loaded: the first upload needs metadata config_json (the GPT config)")
+                "no model is loaded: the first upload needs metadata config_json (the model config)")
+        require(meta.get("weights") != "adapter", "chunk.metadata.weights",
+                "no model is loaded: the first upload must carry the full weights, not an adapter")
         try:
-            cfg = GPTConfig.from_dict(json.loads(meta["config_json"]))
-        except (ValueError, TypeError) as e:
+            mcfg = json.loads(meta["config_json"])
+            fresh = build_model(mcfg)
+        except ImportError as e:
+            raise precondition(f"chunk.metadata.config_json: a Hugging Face model needs the transformers extra: "
+                               f"{e}") from None
+        except (ValueError, TypeError, KeyError) as e:
             raise invalid("chunk.metadata.config_json", str(e)) from None
         tok = None
         if "tokenizer_json" in meta:
             try:
-                tok = ChatTokenizer.from_str(meta["tokenizer_json"])
+                if mcfg.get("architecture") == "hf":
+                    from chatrl.services.core.hf import HFChatTokenizer
+
+                    tok = HFChatTokenizer.from_str(meta["tokenizer_json"])
+                else:
+                    tok = ChatTokenizer.from_str(meta["tokenizer_json"])
             except Exception as e:  # noqa: BLE001
                 raise invalid("chunk.metadata.tokenizer_json", str(e)) from None
-            require(tok.vocab_size <= cfg.vocab_size, "chunk.metadata.tokenizer_json",
-                    f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
-        fresh = GPT(cfg)
+            require(tok.vocab_size <= fresh.cfg.vocab_size, "chunk.metadata.tokenizer_json",
+                    f"tokenizer has {tok.vocab_size} tokens, the model {fresh.cfg.vocab_size}")
         model = load_state_into(fresh, state, self.cfg.device, into=fresh)  # no second copy of the template
         for p in model.parameters():
             p.requires_grad_(False)
@@ -449,9 +479,9 @@ def _dtype_name(dtype: str) -> str:
 
 def build(server_cfg: ServerConfig, cfg: PolicyConfig) -> tuple[ServiceServer, PolicyServicer]:
     torch.set_num_threads(max(1, cfg.threads))
-    # each blocking Generate holds a handler thread: leave room for a full batch of concurrent callers
-    server_cfg.max_workers = max(server_cfg.max_workers, cfg.max_batch_size + 16)
-    srv = ServiceServer("policy", server_cfg, mutating=MUTATING)
+    # each blocking Generate holds a handler thread: admit a full batch of concurrent callers and more
+    server_cfg.max_concurrent_rpcs = max(server_cfg.max_concurrent_rpcs, cfg.max_batch_size + 16)
+    srv = ServiceServer("policy", server_cfg)  # who may call what: runtime/roles.py
     try:
         svc = PolicyServicer(cfg, srv.registry, on_loaded=lambda: srv.set_serving(True))
     except ServiceError as e:

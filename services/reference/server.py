@@ -69,6 +69,9 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
         self.m_batch.observe(len(items))
         return out
 
+    def close(self) -> None:
+        self.batcher.close()
+
     def LogProbs(self, request, context):
         snap = self.host.current()
         require(len(request.sequences) > 0, "sequences", "must not be empty")
@@ -100,7 +103,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
 
 def build(server_cfg: ServerConfig, cfg: ReferenceConfig) -> tuple[ServiceServer, ReferenceServicer]:
     torch.set_num_threads(max(1, cfg.threads))
-    srv = ServiceServer("reference", server_cfg, mutating={"LoadModel"})
+    srv = ServiceServer("reference", server_cfg)
     svc = ReferenceServicer(cfg, srv.registry)
     srv.add_service(reference_pb2_grpc.add_ReferenceModelServiceServicer_to_server, svc,
                     reference_pb2.DESCRIPTOR.services_by_name["ReferenceModelService"].full_name)

@@ -68,6 +68,9 @@ class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
         self.m_batch.observe(len(items))
         return out
 
+    def close(self) -> None:
+        self.batcher.close()
+
     def Score(self, request, context):
         snap = self.host.current()
         tok, max_len = snap.tok, snap.model.cfg.max_seq_len
@@ -110,7 +113,7 @@ class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
 
 def build(server_cfg: ServerConfig, cfg: RewardConfig) -> tuple[ServiceServer, RewardServicer]:
     torch.set_num_threads(max(1, cfg.threads))
-    srv = ServiceServer("reward", server_cfg, mutating={"LoadModel"})
+    srv = ServiceServer("reward", server_cfg)
     svc = RewardServicer(cfg, srv.registry)
     srv.add_service(reward_pb2_grpc.add_RewardScoringServiceServicer_to_server, svc,
                     reward_pb2.DESCRIPTOR.services_by_name["RewardScoringService"].full_name)

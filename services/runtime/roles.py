@@ -1,0 +1,191 @@
+"""Who may call what: the one table from every RPC to the role it needs and the largest request it takes.
+
+Roles (each with its own credential, a bearer token read from a file or an env var filled from a
+Kubernetes Secret, compared in constant time):
+
+- ``open``: anyone who reaches the port (the NetworkPolicies decide who can). Inference (Generate, Score,
+  LogProbs), descriptions and progress (Get*, List*, WatchRun, GetStats), Export of the stored labels (the
+  feedback port admits only the trainer and the Ray head) and health. Nothing open writes, and every open
+  call is bounded (request size here, list and token counts in the service).
+- ``labeler``: leases and submits labels (NextTask, SubmitRanking, SubmitDemonstration, and the labeling
+  page's /api/next and /api/rankings, which are those RPCs over HTTP).
+- ``operator``: changes what is served, trained or labelled: UpdateWeights, LoadModel, StartRun, CancelRun,
+  AddPrompts, CreateComparisonTasks. The operator may also do everything a labeler may
+  (the pipeline's simulated labelers label with the operator credential).
+
+A method missing from the table is refused (PERMISSION_DENIED): a new RPC must be classified here, and
+``tests/test_security_roles.py`` checks that every RPC of every .proto is. Control methods (operator, and
+health) do not count against the data-plane caps, so they answer while the data plane is saturated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from chatrl.services.runtime.errors import ServiceError
+
+OPEN, LABELER, OPERATOR = "open", "labeler", "operator"
+ROLES = (OPEN, LABELER, OPERATOR)
+# a credential of role r may call methods needing any role in GRANTS[r]
+GRANTS = {LABELER: {OPEN, LABELER}, OPERATOR: {OPEN, LABELER, OPERATOR}}
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Rule:
+    role: str
+    max_request_bytes: int  # one request message (one chunk of a client stream); beyond: RESOURCE_EXHAUSTED
+
+
+_P, _RW, _RF, _T, _F = ("chatrl.v1.PolicyInferenceService", "chatrl.v1.RewardScoringService",
+                        "chatrl.v1.ReferenceModelService", "chatrl.v1.TrainerService", "chatrl.v1.FeedbackService")
+
+# Full method name (without the leading "/") → Rule. Sizes: weight chunks are 1 MiB (+ framing and
+# metadata); Generate ≤ 256 prompts; Score/LogProbs ≤ 4096 items of model-length token ids; the
+# feedback writes are bounded by the store's caps (20k-character prompts, K ≤ max_k).
+METHODS: dict[str, Rule] = {
+    f"{_P}/Generate": Rule(OPEN, 8 * MiB),
+    f"{_P}/GenerateStream": Rule(OPEN, 1 * MiB),
+    f"{_P}/UpdateWeights": Rule(OPERATOR, 4 * MiB),
+    f"{_P}/GetModelInfo": Rule(OPEN, 4 * KiB),
+    f"{_RW}/Score": Rule(OPEN, 32 * MiB),
+    f"{_RW}/LoadModel": Rule(OPERATOR, 16 * KiB),
+    f"{_RW}/GetModelInfo": Rule(OPEN, 4 * KiB),
+    f"{_RF}/LogProbs": Rule(OPEN, 32 * MiB),
+    f"{_RF}/LoadModel": Rule(OPERATOR, 16 * KiB),
+    f"{_RF}/GetModelInfo": Rule(OPEN, 4 * KiB),
+    f"{_T}/StartRun": Rule(OPERATOR, 1 * MiB),
+    f"{_T}/GetRun": Rule(OPEN, 4 * KiB),
+    f"{_T}/ListRuns": Rule(OPEN, 4 * KiB),
+    f"{_T}/WatchRun": Rule(OPEN, 4 * KiB),
+    f"{_T}/CancelRun": Rule(OPERATOR, 4 * KiB),
+    f"{_T}/ListCheckpoints": Rule(OPEN, 4 * KiB),
+    f"{_F}/AddPrompts": Rule(OPERATOR, 24 * MiB),
+    f"{_F}/CreateComparisonTasks": Rule(OPERATOR, 24 * MiB),
+    f"{_F}/NextTask": Rule(LABELER, 4 * KiB),
+    f"{_F}/SubmitRanking": Rule(LABELER, 16 * KiB),
+    f"{_F}/SubmitDemonstration": Rule(LABELER, 1 * MiB),
+    f"{_F}/Export": Rule(OPEN, 4 * KiB),
+    f"{_F}/GetStats": Rule(OPEN, 4 * KiB),
+    "grpc.health.v1.Health/Check": Rule(OPEN, 4 * KiB),
+    "grpc.health.v1.Health/Watch": Rule(OPEN, 4 * KiB),
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Rule(OPEN, 64 * KiB),
+}
+HEALTH_CHECK = "grpc.health.v1.Health/Check"
+
+
+def rule(method: str) -> Rule | None:
+    """The rule of a method, given as ``/pkg.Service/Method`` or ``pkg.Service/Method``."""
+    return METHODS.get(method.lstrip("/"))
+
+
+def is_control(method: str) -> bool:
+    """Operator calls and the health check: served from reserved capacity, never queued behind data."""
+    r = rule(method)
+    return r is not None and (r.role == OPERATOR or method.lstrip("/") == HEALTH_CHECK)
+
+
+def max_request_bytes(service_full_names: list[str]) -> int:
+    """The largest request any method of these services takes (the server's transport-level cap)."""
+    sizes = [r.max_request_bytes for m, r in METHODS.items() if m.split("/")[0] in service_full_names]
+    return max(sizes, default=64 * KiB)
+
+
+class CredentialError(ValueError):
+    """A credential is configured but unusable (missing file, empty value): the service must not start."""
+
+
+def _read_secret(path: str, what: str) -> str:
+    p = Path(path)
+    try:
+        value = p.read_text().strip()
+    except OSError as e:
+        raise CredentialError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not value:
+        raise CredentialError(f"{what}: {path} is empty (an empty value is not a credential)")
+    return value
+
+
+def load_credential(env: str, path: str, what: str) -> str:
+    """A role's credential: the file (a mounted Secret) if ``path`` is set, else the env var named ``env``
+    (from a Secret through secretKeyRef). '' = none configured (an empty env value is none, not a
+    credential that matches an empty header)."""
+    if path:
+        return _read_secret(path, what)
+    return (os.environ.get(env, "") if env else "").strip()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The credential of each role this server knows; none at all = development mode (everything open,
+    allowed on loopback only unless ``allow_insecure``)."""
+
+    operator: str = ""
+    labeler: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.operator or self.labeler)
+
+    def role_of(self, presented: str) -> str | None:
+        """The role whose credential was presented, or None. Every configured credential is compared
+        (hmac.compare_digest), whatever matched, so the time does not tell which one was close."""
+        got = presented.encode()
+        found = None
+        for role, tok in ((OPERATOR, self.operator), (LABELER, self.labeler)):
+            if tok and hmac.compare_digest(got, tok.encode()):
+                found = found or role
+        return found
+
+    def authorize(self, method: str, authorization: str) -> str:
+        """The caller's role for ``method`` (its metadata/header ``authorization: Bearer <token>``), or a
+        ServiceError: UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of a role
+        that may not call ``method`` or for a method missing from the table."""
+        short = method.rsplit("/", 1)[-1]
+        r = rule(method)
+        if r is None:
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"{short}: not in the role table (refused)")
+        if r.role == OPEN or not self.enabled:
+            return OPEN
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
+                               f"{short} needs the {r.role} credential as 'authorization: Bearer <token>'")
+        role = self.role_of(token)
+        if role is None:
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, f"{short}: the credential presented is not valid (it needs the "
+                               f"{r.role} credential as 'authorization: Bearer <token>')")
+        if r.role not in GRANTS[role]:
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{short} needs the {r.role} role; the credential presented is a {role}'s")
+        return role
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name, or '' / '0.0.0.0' / '::' (every interface)
+
+
+def check_exposure(service: str, hosts: list[str], creds: Credentials, allow_insecure: bool) -> None:
+    """Refuse (before anything binds) to listen beyond loopback with no credential: every write would be
+    open to whoever reaches the address. ``allow_insecure: true`` says that is intended."""
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if exposed and not creds.operator and not allow_insecure:
+        raise CredentialError(
+            f"{service}: refusing to listen on {exposed[0]!r} without an operator credential (set the env var "
+            f"named by auth_token_env, or auth_token_file; an empty value is not a credential), or set "
+            f"allow_insecure: true to serve every method unauthenticated")
+    if creds.labeler and not creds.operator:
+        raise CredentialError(f"{service}: a labeler credential without an operator credential would leave "
+                              f"the operator methods unreachable; configure both")

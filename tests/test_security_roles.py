@@ -1,0 +1,211 @@
+"""Roles (issue 11 items 2, 6, 14): one table from every RPC to the role it needs, enforced by the shared
+interceptor for gRPC and by the labeling page for HTTP; credentials per role from env or file; a
+non-loopback bind without credentials is refused before anything binds."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import grpc
+import pytest
+from kit import env_var, rpc_error, tiny_checkpoint
+
+from chatrl.services.core.feedback_store import FeedbackStore
+from chatrl.services.feedback.web import LabelingWeb
+from chatrl.services.policy.server import PolicyConfig
+from chatrl.services.policy.server import build as build_policy
+from chatrl.services.proto.chatrl.v1 import (
+    common_pb2,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    reference_pb2,
+    reward_pb2,
+    reward_pb2_grpc,
+    trainer_pb2,
+)
+from chatrl.services.reward.server import RewardConfig
+from chatrl.services.reward.server import build as build_reward
+from chatrl.services.runtime import roles
+from chatrl.services.runtime.roles import CredentialError, Credentials
+from chatrl.services.runtime.server import ServerConfig, ServiceServer
+
+CODE = grpc.StatusCode
+OP, LAB = "operator-secret", "labeler-secret"
+OP_ENV, LAB_ENV = "CHATRL_TEST_OPERATOR", "CHATRL_TEST_LABELER"
+
+
+def _md(token: str | None):
+    return [("authorization", f"Bearer {token}")] if token is not None else []
+
+
+def _cfg(**kw) -> ServerConfig:
+    return ServerConfig(port=0, auth_token_env=OP_ENV, labeler_token_env=LAB_ENV, grace_seconds=0, **kw)
+
+
+def test_every_rpc_of_every_proto_is_in_the_role_table():
+    for mod in (policy_pb2, reward_pb2, reference_pb2, trainer_pb2, feedback_pb2):
+        for svc in mod.DESCRIPTOR.services_by_name.values():
+            for m in svc.methods:
+                assert roles.rule(f"/{svc.full_name}/{m.name}") is not None, m.full_name
+
+
+def test_the_table_gives_each_write_its_role():
+    creds = Credentials(operator=OP, labeler=LAB)
+    for method in ("chatrl.v1.PolicyInferenceService/UpdateWeights", "chatrl.v1.RewardScoringService/LoadModel",
+                   "chatrl.v1.ReferenceModelService/LoadModel", "chatrl.v1.TrainerService/StartRun",
+                   "chatrl.v1.TrainerService/CancelRun", "chatrl.v1.FeedbackService/CreateComparisonTasks",
+                   "chatrl.v1.FeedbackService/AddPrompts"):
+        assert creds.authorize(method, f"Bearer {OP}") == "operator"
+        with pytest.raises(Exception) as e:
+            creds.authorize(method, f"Bearer {LAB}")
+        assert e.value.code == CODE.PERMISSION_DENIED and "operator" in e.value.message
+        with pytest.raises(Exception) as e:
+            creds.authorize(method, "")
+        assert e.value.code == CODE.UNAUTHENTICATED
+    for method in ("NextTask", "SubmitRanking", "SubmitDemonstration"):
+        assert creds.authorize(f"chatrl.v1.FeedbackService/{method}", f"Bearer {LAB}") == "labeler"
+        assert creds.authorize(f"chatrl.v1.FeedbackService/{method}", f"Bearer {OP}") == "operator"
+    assert creds.authorize("chatrl.v1.PolicyInferenceService/Generate", "") == "open"
+    with pytest.raises(Exception) as e:  # not classified → refused, whoever asks
+        creds.authorize("chatrl.v1.PolicyInferenceService/Unlisted", f"Bearer {OP}")
+    assert e.value.code == CODE.PERMISSION_DENIED
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("sec-policy"))
+    with env_var(OP_ENV, OP), env_var(LAB_ENV, LAB):
+        srv, svc = build_policy(_cfg(), PolicyConfig(checkpoint=str(ckpt), max_new_tokens=4))
+    ch = grpc.insecure_channel(srv.address)
+    yield policy_pb2_grpc.PolicyInferenceServiceStub(ch)
+    ch.close()
+    srv.stop(0)
+    svc.close()
+
+
+def _chunk(version: int = 5) -> policy_pb2.UpdateWeightsRequest:
+    return policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
+        version=version, offset=0, total_bytes=3, sha256="0" * 64, data=b"abc"))
+
+
+def test_a_labeler_cannot_push_weights_and_no_credential_is_unauthenticated(policy):
+    push = lambda tok: policy.UpdateWeights(iter([_chunk()]), metadata=_md(tok), timeout=30)  # noqa: E731
+    code, msg = rpc_error(push, LAB)
+    assert code == CODE.PERMISSION_DENIED and "operator" in msg
+    assert rpc_error(push, None)[0] == CODE.UNAUTHENTICATED
+    assert rpc_error(push, "guess")[0] == CODE.UNAUTHENTICATED
+    # the operator passes the door; the upload itself is then judged (its hash is wrong)
+    code, msg = rpc_error(push, OP)
+    assert code == CODE.INVALID_ARGUMENT and "sha256" in msg
+    # reads stay open
+    req = policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(text="hello there")],
+                                     sampling=common_pb2.SamplingParams(max_new_tokens=2, seed=1))
+    assert len(policy.Generate(req, timeout=30).results) == 1
+
+
+def test_a_labeler_cannot_load_a_reward_model(tmp_path):
+    with env_var(OP_ENV, OP), env_var(LAB_ENV, LAB):
+        srv, svc = build_reward(_cfg(), RewardConfig())
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = reward_pb2_grpc.RewardScoringServiceStub(ch)
+            req = reward_pb2.RewardScoringServiceLoadModelRequest(checkpoint_uri=str(tmp_path / "nothing"))
+            assert rpc_error(stub.LoadModel, req, metadata=_md(LAB), timeout=30)[0] == CODE.PERMISSION_DENIED
+            assert rpc_error(stub.LoadModel, req, metadata=_md(OP), timeout=30)[0] == CODE.NOT_FOUND
+    finally:
+        srv.stop(0)
+        svc.close()
+
+
+def test_credentials_come_from_files_and_an_empty_one_is_refused(tmp_path):
+    op, lab, empty = tmp_path / "op", tmp_path / "lab", tmp_path / "empty"
+    op.write_text(OP + "\n")  # a Secret mounted as a file often ends with a newline
+    lab.write_text(LAB)
+    empty.write_text("\n")
+    srv = ServiceServer("x", ServerConfig(port=0, auth_token_env="", auth_token_file=str(op),
+                                          labeler_token_env="", labeler_token_file=str(lab)))
+    assert srv.creds == Credentials(operator=OP, labeler=LAB)
+    with pytest.raises(CredentialError, match="empty"):
+        ServiceServer("x", ServerConfig(port=0, auth_token_env="", auth_token_file=str(empty)))
+    with pytest.raises(CredentialError, match="cannot read"):
+        ServiceServer("x", ServerConfig(port=0, auth_token_env="", auth_token_file=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "chatrl-policy"])
+def test_a_non_loopback_bind_without_credentials_is_refused_before_binding(host):
+    # the constructor refuses: no socket was created, so nothing here binds beyond loopback
+    with env_var(OP_ENV, ""):  # an empty Secret value is no credential
+        with pytest.raises(CredentialError, match="allow_insecure"):
+            ServiceServer("x", ServerConfig(host=host, port=0, auth_token_env=OP_ENV, labeler_token_env=""))
+        ServiceServer("x", ServerConfig(host=host, port=0, auth_token_env=OP_ENV, labeler_token_env="",
+                                        allow_insecure=True))  # said on purpose: allowed
+    ServiceServer("x", ServerConfig(host="127.0.0.1", port=0, auth_token_env="", labeler_token_env=""))
+    with pytest.raises(CredentialError, match="allow_insecure"):
+        LabelingWeb(FeedbackStore(":memory:"), host=host, port=0)
+
+
+def test_a_labeler_credential_alone_is_refused():
+    with env_var(LAB_ENV, LAB), pytest.raises(CredentialError, match="operator"):
+        ServiceServer("x", ServerConfig(port=0, auth_token_env="", labeler_token_env=LAB_ENV))
+
+
+# -- the feedback service: gRPC and the labeling page ---------------------------------------------------
+
+@pytest.fixture()
+def feedback(tmp_path):
+    from chatrl.services.feedback.server import FeedbackConfig
+    from chatrl.services.feedback.server import build as build_feedback
+
+    with env_var(OP_ENV, OP), env_var(LAB_ENV, LAB):
+        srv, svc = build_feedback(_cfg(), FeedbackConfig(db=str(tmp_path / "fb.db"), web_port=0))
+    tid = svc.store.create_tasks([{"prompt": "p", "responses": ["a", "b"]}])[0]
+    ch = grpc.insecure_channel(srv.address)
+    yield feedback_pb2_grpc.FeedbackServiceStub(ch), svc.web.port, tid
+    ch.close()
+    srv.stop(0)
+    svc.close()
+
+
+def test_labelers_label_and_cannot_create_tasks(feedback):
+    stub, _, tid = feedback
+    got = stub.NextTask(feedback_pb2.NextTaskRequest(labeler_id="al"), metadata=_md(LAB), timeout=30)
+    assert got.task.task_id == tid
+    stub.SubmitRanking(feedback_pb2.SubmitRankingRequest(submission_id="s", task_id=tid, labeler_id="al",
+                                                         ranking=[1, 0]), metadata=_md(LAB), timeout=30)
+    code, _ = rpc_error(stub.AddPrompts, feedback_pb2.AddPromptsRequest(
+        prompts=[feedback_pb2.NewPrompt(text="x")]), metadata=_md(LAB), timeout=30)
+    assert code == CODE.PERMISSION_DENIED
+    assert rpc_error(stub.CreateComparisonTasks, feedback_pb2.CreateComparisonTasksRequest(prompts=["x"], k=2),
+                     metadata=_md(LAB), timeout=30)[0] == CODE.PERMISSION_DENIED
+
+
+def _http(port: int, method: str, path: str, body=None, headers=None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_the_labeling_page_takes_the_labeler_credential_and_checks_browsers(feedback):
+    _, port, tid = feedback
+    lab = {"Authorization": f"Bearer {LAB}"}
+    assert _http(port, "GET", "/api/next?labeler_id=al")[0] == 401
+    status, body = _http(port, "GET", "/api/next?labeler_id=al", headers=lab)
+    assert status == 200 and body["task"]["task_id"] == tid
+    sub = {"submission_id": "w1", "task_id": tid, "labeler_id": "al", "ranking": [0, 1]}
+    # a cross-site form post: not JSON → 415; a foreign Origin → 403; a rebinding name for loopback → 403
+    assert _http(port, "POST", "/api/rankings", sub, {**lab, "Content-Type": "text/plain"})[0] == 415
+    assert _http(port, "POST", "/api/rankings", sub, {**lab, "Origin": "http://evil.example"})[0] == 403
+    assert _http(port, "POST", "/api/rankings", sub, {**lab, "Host": f"evil.example:{port}"})[0] == 403
+    # a ranking body over SubmitRanking's size limit is refused before it is read
+    huge = {**sub, "ranking": list(range(20_000))}
+    assert _http(port, "POST", "/api/rankings", huge, lab)[0] == 413
+    status, body = _http(port, "POST", "/api/rankings", sub, {**lab, "Origin": f"http://127.0.0.1:{port}"})
+    assert status == 200 and body["pairs"] == 1
