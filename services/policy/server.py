@@ -165,12 +165,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
             raise precondition("no model loaded (start with --checkpoint or push weights with UpdateWeights)")
         return slot
 
-    def _prompt_ids(self, p: common_pb2.Prompt, field: str, tok, vocab: int) -> list[int]:
+    def _prompt_ids(self, p: common_pb2.Prompt, field: str, tok, vocab: int, msl: int) -> list[int]:
         kind = p.WhichOneof("input")
         if kind is None:
             raise invalid(f"{field}.input", "exactly one of text, token_ids or chat must be set")
-        if kind == "token_ids":
-            return check_token_ids(p.token_ids.ids, vocab, f"{field}.token_ids.ids")
+        if kind == "token_ids":  # counted before copied: a longer prompt cannot fit the model anyway
+            return check_token_ids(p.token_ids.ids, vocab, f"{field}.token_ids.ids", max_len=msl)
         if tok is None:
             raise precondition("the loaded model has no tokenizer: send token_ids prompts")
         if kind == "text":
@@ -247,7 +247,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
                             f"samples per request; split the batch")
         prompts = []
         for i, p in enumerate(request.prompts):
-            ids = self._prompt_ids(p, f"prompts[{i}]", tok, vocab)
+            ids = self._prompt_ids(p, f"prompts[{i}]", tok, vocab, msl)
             self._check_length(ids, params, default_len, f"prompts[{i}]", msl)
             prompts.append(ids)
             self.metrics.prompt_tokens.observe(len(ids))
@@ -283,7 +283,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         params, _, stop, default_len = self._sampling(request.sampling, vocab)
         if not request.HasField("prompt"):
             raise invalid("prompt", "must be set")
-        ids = self._prompt_ids(request.prompt, "prompt", tok, vocab)
+        ids = self._prompt_ids(request.prompt, "prompt", tok, vocab, msl)
         self._check_length(ids, params, default_len, "prompt", msl)
         self.metrics.prompt_tokens.observe(len(ids))
         try:

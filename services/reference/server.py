@@ -83,8 +83,9 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
         items = []
         for i, s in enumerate(request.sequences):
             f = f"sequences[{i}]"
+            require(len(s.token_ids) <= max_len, f"{f}.token_ids",
+                    f"length {len(s.token_ids)} exceeds the model's {max_len}")  # counted before it is copied
             ids = check_token_ids(s.token_ids, snap.tok.vocab_size, f"{f}.token_ids")
-            require(len(ids) <= max_len, f"{f}.token_ids", f"length {len(ids)} exceeds the model's {max_len}")
             require(1 <= s.response_start <= len(ids), f"{f}.response_start",
                     f"must be in [1, {len(ids)}], got {s.response_start}")
             items.append((snap, ids, s.response_start, float(temp)))

@@ -77,15 +77,18 @@ class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
         require(len(request.items) > 0, "items", "must not be empty")
         require(len(request.items) <= MAX_ITEMS, "items", f"at most {MAX_ITEMS} per call, got {len(request.items)}")
         seqs = []
+        cap = 4 * max_len  # longer pairs are cut to their last max_len tokens; far longer ones are refused
         for i, it in enumerate(request.items):
             f = f"items[{i}]"
             if it.prompt_token_ids:
-                p = check_token_ids(it.prompt_token_ids, tok.vocab_size, f"{f}.prompt_token_ids")
+                p = check_token_ids(it.prompt_token_ids, tok.vocab_size, f"{f}.prompt_token_ids", max_len=cap)
             else:
                 require(bool(it.prompt.strip()), f"{f}.prompt", "must not be empty (or give prompt_token_ids)")
+                require(len(it.prompt) <= 16 * cap, f"{f}.prompt", f"at most {16 * cap} characters")
                 p = tok.prompt_ids(it.prompt)
             if it.response_token_ids:
-                r = check_token_ids(it.response_token_ids, tok.vocab_size, f"{f}.response_token_ids")
+                r = check_token_ids(it.response_token_ids, tok.vocab_size, f"{f}.response_token_ids",
+                                    max_len=cap)
                 ids = p + r
             else:
                 ids = p + tok.encode(it.response) + [tok.end_id]

@@ -6,7 +6,7 @@ generic message: a client never sees a traceback, and the server keeps serving."
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import grpc
 
@@ -75,11 +75,18 @@ def check_range(value: float, lo: float, hi: float, field: str, lo_open: bool = 
         raise invalid(field, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
 
 
-def check_token_ids(ids: Iterable[int], vocab_size: int, field: str, allow_empty: bool = False) -> list[int]:
-    ids = list(ids)
-    if not ids and not allow_empty:
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str, allow_empty: bool = False,
+                    max_len: int | None = None) -> list[int]:
+    """``ids`` (a repeated proto field, or any sized sequence) as a list, after its count is checked
+    against ``max_len`` — before anything is copied — and every id against the vocabulary (min/max run in C;
+    the offending index is searched only on failure)."""
+    n = len(ids)
+    if max_len is not None and n > max_len:
+        raise invalid(field, f"{n} ids exceed the limit of {max_len}")
+    if not n and not allow_empty:
         raise invalid(field, "must not be empty")
-    for i, t in enumerate(ids):
-        if t < 0 or t >= vocab_size:
-            raise invalid(f"{field}[{i}]", f"token id {t} out of range [0, {vocab_size})")
-    return ids
+    out = list(ids)
+    if out and (min(out) < 0 or max(out) >= vocab_size):
+        i, t = next((i, t) for i, t in enumerate(out) if t < 0 or t >= vocab_size)
+        raise invalid(f"{field}[{i}]", f"token id {t} out of range [0, {vocab_size})")
+    return out
