@@ -383,3 +383,123 @@ def test_module_is_pure():
 
     src = inspect.getsource(algos)
     assert "grpc" not in src and "import ray" not in src
+
+
+# ------------------------------------------------------------------------------- critic-free RL and DPO
+
+def test_group_ids_number_prompts_in_order_of_appearance():
+    assert algos.group_ids(["a", "b", "a", "c", "b"]).tolist() == [0, 1, 0, 2, 1]
+
+
+SCORES = [1.0, 3.0, 2.0, 2.0, 5.0]  # group 0: 1, 3, 2 (mean 2, unbiased std 1); group 1: 2, 2; group 2: 5
+GROUPS = [0, 0, 0, 1, 1]
+
+
+def test_grpo_advantages_are_group_standardised():
+    adv = algos.group_advantages(t(SCORES[:4]), torch.tensor([0, 0, 0, 1]), "grpo")
+    # group 0: (r - 2) / 1; group 1: all equal → 0 (not NaN)
+    assert close(adv, [-1.0, 1.0, 0.0, 0.0])
+
+
+def test_rloo_advantages_leave_the_response_out():
+    adv = algos.group_advantages(t(SCORES[:3]), torch.tensor([0, 0, 0]), "rloo")
+    # r_i - mean of the other two: 1 - 2.5, 3 - 1.5, 2 - 2
+    assert close(adv, [-1.5, 1.5, 0.0])
+
+
+def test_reinforce_pp_baseline_is_the_group_mean():
+    adv = algos.group_advantages(t(SCORES), torch.tensor([0, 0, 0, 1, 2]), "reinforce_pp")
+    # group 0 mean 2; group 1 = {2} alone; group 2 = {5} alone → no baseline, advantage 0
+    assert close(adv, [-1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("estimator", algos.GROUP_ESTIMATORS)
+def test_degenerate_groups_teach_nothing(estimator):
+    # all rewards equal, and a group of one sample: every advantage is exactly 0
+    adv = algos.group_advantages(t([4.0, 4.0, 4.0, 7.0]), torch.tensor([0, 0, 0, 1]), estimator)
+    assert adv.tolist() == [0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="estimator"):
+        algos.group_advantages(t([1.0]), torch.tensor([0]), "a2c")
+
+
+def test_returns_to_go_sum_the_future_masked_rewards():
+    r = t([[9.0, 1.0, 2.0, 3.0], [4.0, 5.0, 0.0, 0.0]])
+    m = t([[0, 1, 1, 1], [1, 1, 0, 0]])
+    assert close(algos.returns_to_go(r, m), [[0, 6, 5, 3], [9, 5, 0, 0]])
+    # γ = 0.5: 1 + .5·2 + .25·3 = 2.75, 2 + .5·3 = 3.5
+    assert close(algos.returns_to_go(r, m, 0.5), [[0, 2.75, 3.5, 3], [6.5, 5, 0, 0]])
+
+
+def test_loss_mean_token_vs_sequence():
+    x = t([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+    m = t([[1, 1, 1], [1, 0, 0]])
+    assert close(algos.loss_mean(x, m, "token"), 16 / 4)  # every token weighs the same
+    assert close(algos.loss_mean(x, m, "sequence"), (2.0 + 10.0) / 2)  # every response weighs the same
+    # a row without tokens does not count as a response
+    assert close(algos.loss_mean(t([[1.0, 3.0], [5.0, 5.0]]), t([[1, 1], [0, 0]]), "sequence"), 2.0)
+    with pytest.raises(ValueError, match="loss_norm"):
+        algos.loss_mean(x, m, "row")
+
+
+def test_policy_loss_sequence_normalisation():
+    # on-policy (ratio 1): per-token loss = -A; rows: [-1, -1] and [-4]
+    lp = t([[-1.0, -1.0], [-1.0, -1.0]])
+    adv = t([[1.0, 1.0], [4.0, 0.0]])
+    m = t([[1, 1], [1, 0]])
+    tok, _ = policy_loss(lp, lp, adv, m, 0.2)
+    seq, _ = policy_loss(lp, lp, adv, m, 0.2, loss_norm="sequence")
+    assert close(tok, -(1 + 1 + 4) / 3) and close(seq, -(1 + 4) / 2)
+
+
+def test_kl_loss_k3_hand_values_and_gradient():
+    lp = t([[math.log(0.5), math.log(0.25)]]).requires_grad_()
+    ref = t([[math.log(0.25), math.log(0.25)]])
+    loss = algos.kl_loss(lp, ref, t([[1, 1]]), "k3")
+    # k3 with r = π_ref/π: token 0 r = 0.5 → 0.5 - 1 - log 0.5 = ln2 - 0.5; token 1 r = 1 → 0
+    assert close(loss, (LN2 - 0.5) / 2)
+    loss.backward()
+    # d/dlogπ of (exp(-d) - 1 + d) = 1 - r: token 0 → 0.5, token 1 → 0; / 2 tokens
+    assert close(lp.grad, [[0.25, 0.0]])
+
+
+def test_ranking_pairs_are_all_c_k_2_pairs_best_first():
+    assert algos.ranking_pairs([2, 0, 1]) == [(2, 0), (2, 1), (0, 1)]
+    assert len(algos.ranking_pairs(list(range(5)))) == 10
+    assert algos.ranking_pairs([3]) == []
+
+
+def test_dpo_loss_hand_values():
+    # h = (-1 - -2) - (-3 - -2) = 1 - (-1) = 2; β = 0.5 → -log σ(1)
+    args = (t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]))
+    loss, st = algos.dpo_loss(*args, beta=0.5)
+    assert close(loss, softplus(1.0)) and st["accuracy"] == 1.0
+    assert close(st["margin"], 1.0) and close(st["chosen_reward"], 0.5) and close(st["rejected_reward"], -0.5)
+    # label smoothing ε = 0.1: 0.9·(-log σ(1)) + 0.1·(-log σ(-1))
+    ls, _ = algos.dpo_loss(*args, beta=0.5, label_smoothing=0.1)
+    assert close(ls, 0.9 * softplus(1.0) + 0.1 * softplus(-1.0))
+    # IPO: (h - 1/(2β))² = (2 - 1)² = 1
+    ipo, _ = algos.dpo_loss(*args, beta=0.5, loss="ipo")
+    assert close(ipo, 1.0)
+
+
+def test_dpo_loss_gradient_prefers_the_chosen_response():
+    c, r = t([-1.0]).requires_grad_(), t([-1.0]).requires_grad_()
+    loss, _ = algos.dpo_loss(c, r, t([-1.0]), t([-1.0]), beta=1.0)
+    loss.backward()
+    assert close(loss, LN2) and close(c.grad, [-0.5]) and close(r.grad, [0.5])  # σ(0) = 0.5
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1])
+def test_dpo_loss_refuses_a_non_positive_beta(beta):
+    with pytest.raises(ValueError, match="beta"):
+        algos.dpo_loss(t([0.0]), t([0.0]), t([0.0]), t([0.0]), beta=beta)
+
+
+def test_logprob_gate_counts_same_version_rows_only():
+    served = t([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    recomputed = t([[-1.0, -2.5, 7.0], [-3.0, -1.0, -1.0]])
+    m = t([[1, 1, 0], [1, 1, 1]])
+    g = algos.logprob_gate(recomputed, served, m, torch.tensor([True, False]))
+    # row 1 is from another version (its gap of 2 is staleness); position (0, 2) is off the mask
+    assert g == {"gate_max": 0.5, "gate_mean": 0.25, "gate_tokens": 2.0}
+    assert algos.logprob_gate(recomputed, served, m, torch.tensor([False, False]))["gate_tokens"] == 0.0

@@ -81,9 +81,27 @@ class RewardConfig:
     log_every: int = 10
 
 
+RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
+PIPELINE_METHODS = ("rl", "dpo")
+
+
 @dataclass
 class PPOConfig:
-    iterations: int = 20  # PPO iterations per round (rollout → update → weight push)
+    """The RL round (section name kept from when PPO was the only algorithm)."""
+
+    # ppo: value model + GAE. The critic-free ones build no value model and take their baseline from the
+    # samples_per_prompt (≥ 2) responses of each prompt: grpo (group mean and std), rloo (mean of the
+    # other responses), reinforce_pp (REINFORCE++ with baseline: group mean, then whitened over the batch)
+    algorithm: str = "ppo"
+    # reward: −β·KL on every response token of the reward (InstructGPT); loss: β·KL (kl_estimator, k3 is
+    # GRPO's) added to the policy loss. PPO supports reward only (its critic learns the shaped reward).
+    kl_mode: str = "reward"
+    # how the per-token policy loss is averaged: token = over every response token of the minibatch
+    # (each token weighs the same — a long response is not diluted, no length bias; DAPO / Dr. GRPO);
+    # sequence = per response first, then over responses (the GRPO paper; biased towards short correct
+    # and long wrong answers). token is the default: it is also what PPO used all along.
+    loss_norm: str = "token"
+    iterations: int = 20  # RL iterations per round (rollout → update → weight push)
     prompts_per_iteration: int = 32
     samples_per_prompt: int = 2  # n completions per prompt
     max_new_tokens: int = 48
@@ -118,11 +136,33 @@ class PPOConfig:
     # empty = this run's own sft / reward stage. The pipeline ignores both (it uses its own stages).
     policy_init: str = ""
     reward_model: str = ""
+    # the logprob consistency gate: alert (log line, the k8s rule) when the trainer's recomputed logprobs of
+    # samples drawn by the same weights differ from policy-inference's by more than this (nats, max |Δ|)
+    logprob_gate_threshold: float = 1e-4
+
+
+@dataclass
+class DPOConfig:
+    """pipeline.method: dpo — Direct Preference Optimisation on every pair of each round's K-way rankings,
+    against the frozen reference (the SFT model), instead of reward model + RL."""
+
+    beta: float = 0.1  # β: strength of the implicit KL constraint to the reference (> 0)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo (Azar et al.: squared loss towards margin 1/(2β))
+    label_smoothing: float = 0.0  # ε ∈ [0, 0.5): the assumed probability a ranked pair is flipped
+    reference: str = ""  # the reference checkpoint for a standalone DPO stage; empty = this run's sft stage
+    epochs: int = 2  # passes over the pairs
+    batch_size: int = 16  # pairs per step
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_fraction: float = 0.1  # rankings (all their pairs) held out for the preference accuracy
+    log_every: int = 10
 
 
 @dataclass
 class PipelineConfig:
-    rounds: int = 1  # (comparisons from the current policy → RM → PPO) × rounds
+    rounds: int = 1  # (comparisons from the current policy → RM → RL, or → DPO) × rounds
+    method: str = "rl"  # rl: reward model + ppo.algorithm each round | dpo: DPO on the rankings (no RM)
     eval_prompts: int = 200  # held-out prompts scored by the gold labeler per stage
     # the services of a pipeline or PPO run. start_services: whoever starts the run (the trainer service,
     # `chatrl pipeline run`) launches policy/reward/reference/feedback as local processes on free loopback
@@ -154,7 +194,11 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        validate_methods(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,6 +206,36 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def validate_methods(cfg: RunConfig) -> None:
+    """The RL algorithm and DPO settings, checked when the config is built (before any work starts)."""
+    pc, dc = cfg.ppo, cfg.dpo
+    if pc.algorithm not in RL_ALGORITHMS:
+        raise ValueError(f"ppo.algorithm: unknown algorithm {pc.algorithm!r} (one of {', '.join(RL_ALGORITHMS)})")
+    if pc.algorithm != "ppo" and pc.samples_per_prompt < 2:
+        raise ValueError(f"ppo.samples_per_prompt must be >= 2 for ppo.algorithm {pc.algorithm} (its baseline "
+                         f"is the other responses to the same prompt), got {pc.samples_per_prompt}")
+    if pc.kl_mode not in ("reward", "loss"):
+        raise ValueError(f"ppo.kl_mode must be reward or loss, got {pc.kl_mode!r}")
+    if pc.algorithm == "ppo" and pc.kl_mode == "loss":
+        raise ValueError("ppo.kl_mode: loss needs a critic-free ppo.algorithm (PPO's value model learns the "
+                         "KL-shaped reward)")
+    if pc.kl_mode == "loss" and pc.kl_estimator == "k1":
+        raise ValueError("ppo.kl_estimator: k1 as a loss term has zero expected gradient; use k3 (GRPO) or k2 "
+                         "with ppo.kl_mode: loss")
+    if pc.loss_norm not in ("token", "sequence"):
+        raise ValueError(f"ppo.loss_norm must be token or sequence, got {pc.loss_norm!r}")
+    if pc.kl_estimator not in ("k1", "k2", "k3", "abs"):
+        raise ValueError(f"ppo.kl_estimator must be one of k1, k2, k3, abs, got {pc.kl_estimator!r}")
+    if cfg.pipeline.method not in PIPELINE_METHODS:
+        raise ValueError(f"pipeline.method: unknown method {cfg.pipeline.method!r} (one of {', '.join(PIPELINE_METHODS)})")
+    if not dc.beta > 0:
+        raise ValueError(f"dpo.beta must be > 0, got {dc.beta}")
+    if dc.loss not in ("sigmoid", "ipo"):
+        raise ValueError(f"dpo.loss must be sigmoid or ipo, got {dc.loss!r}")
+    if not 0.0 <= dc.label_smoothing < 0.5:
+        raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {dc.label_smoothing}")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -20,6 +20,10 @@ Stages
 * PPO: :func:`logprobs_from_logits`, :func:`entropy_from_logits`, :func:`kl_penalized_rewards`,
   :func:`gae`, :func:`masked_whiten`, :func:`policy_loss`, :func:`value_loss`, :func:`ppo_ptx_loss`,
   :class:`AdaptiveKLController`, :class:`FixedKLController`
+* critic-free RL (GRPO, RLOO, REINFORCE++ with baseline): :func:`group_ids`, :func:`group_advantages`,
+  :func:`returns_to_go`, :func:`kl_loss`, :func:`loss_mean` (token- vs sequence-level normalisation)
+* DPO / IPO: :func:`ranking_pairs`, :func:`dpo_loss`
+* the logprob consistency gate: :func:`logprob_gate`
 """
 
 from __future__ import annotations
@@ -32,7 +36,18 @@ import torch.nn.functional as F
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "DPO_LOSSES",
+    "GROUP_ESTIMATORS",
     "KL_ESTIMATORS",
+    "LOSS_NORMS",
+    "dpo_loss",
+    "group_advantages",
+    "group_ids",
+    "kl_loss",
+    "logprob_gate",
+    "loss_mean",
+    "ranking_pairs",
+    "returns_to_go",
     "entropy_from_logits",
     "gae",
     "kl_penalized_rewards",
@@ -420,11 +435,14 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    loss_norm: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate loss (to minimise).
+    """PPO clipped surrogate loss (to minimise) — also the objective of GRPO, RLOO and REINFORCE++,
+    which differ from PPO only in their advantages.
 
     ``ratio = exp(logπ - logπ_old)``; per token ``max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε))``;
-    masked mean over all response tokens of the batch.
+    averaged over the response tokens with :func:`loss_mean` (``loss_norm``: ``"token"`` = masked mean
+    over all response tokens of the batch, ``"sequence"`` = mean over responses of their token means).
 
     Args:
         logprobs: ``[B, T]`` current policy logprobs (carries the gradient).
@@ -448,7 +466,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    loss = loss_mean(torch.maximum(pg1, pg2), mask, loss_norm)
     with torch.no_grad():
         stats = {
             "clipfrac": float(masked_mean((pg2 > pg1).float(), mask)),
@@ -456,6 +474,25 @@ def policy_loss(
             "ratio_mean": float(masked_mean(ratio, mask)),
         }
     return loss, stats
+
+
+LOSS_NORMS = ("token", "sequence")
+
+
+def loss_mean(x: torch.Tensor, mask: torch.Tensor, loss_norm: str = "token") -> torch.Tensor:
+    """Average a per-token loss ``x`` ``[B, T]`` over the response tokens (0-d tensor).
+
+    * ``"token"``: ``sum(x·m) / sum(m)`` — every token of the batch weighs the same (DAPO, Dr. GRPO).
+    * ``"sequence"``: ``mean_b( sum_t(x·m) / sum_t(m) )`` over rows with at least one token — every
+      response weighs the same, so a token of a long response weighs less (the GRPO paper's form).
+    """
+    if loss_norm == "token":
+        return masked_mean(x, mask)
+    if loss_norm == "sequence":
+        m = _as_float_mask(mask, x)
+        rows = (m.sum(dim=1) > 0).to(m.dtype)  # [B]
+        return (masked_mean(x, m, dim=1) * rows).sum() / rows.sum().clamp(min=1.0)
+    raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
 
 
 def value_loss(
@@ -534,3 +571,150 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+# --------------------------------------------------------------------------------------------------
+# critic-free RL: GRPO, RLOO, REINFORCE++ (with baseline)
+# --------------------------------------------------------------------------------------------------
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
+def group_ids(keys: Sequence) -> torch.Tensor:
+    """``[B]`` long: the index of each row's key in order of first appearance (``["a", "b", "a"]`` →
+    ``[0, 1, 0]``). Rows with the same prompt form one group, wherever they sit in the batch."""
+    first: dict = {}
+    return torch.tensor([first.setdefault(k, len(first)) for k in keys], dtype=torch.long)
+
+
+def group_advantages(scores: torch.Tensor, groups: torch.Tensor, estimator: str, eps: float = 1e-6
+                     ) -> torch.Tensor:
+    """Sequence-level advantages from the other responses to the same prompt — the baseline a value
+    model would otherwise supply.
+
+    Args:
+        scores: ``[B]`` rewards of the responses.
+        groups: ``[B]`` long, the prompt (group) of each response (:func:`group_ids`).
+        estimator, with ``n`` the group's size, ``mean``/``std`` its reward mean and unbiased std:
+
+            * ``"grpo"`` (Shao et al. 2024): ``(r - mean) / (std + eps)``;
+            * ``"rloo"`` (Ahmadian et al. 2024): ``r - (sum - r) / (n - 1)``, the mean of the *other*
+              responses, so the baseline is independent of the response it judges;
+            * ``"reinforce_pp"`` (REINFORCE++ with baseline, Hu 2025): ``r - mean``; the global batch
+              normalisation of REINFORCE++ comes after the KL shaping (:func:`masked_whiten`).
+
+    Returns:
+        ``[B]``. A group of one response has no baseline: its advantage is 0 (it teaches nothing),
+        as is every advantage of a group whose rewards are all equal.
+    """
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
+    r = scores.to(torch.float64)
+    g = groups.to(device=r.device, dtype=torch.long)
+    k = int(g.max()) + 1 if g.numel() else 0
+    n = torch.zeros(k, dtype=r.dtype, device=r.device).index_add_(0, g, torch.ones_like(r))[g]  # [B]
+    total = torch.zeros(k, dtype=r.dtype, device=r.device).index_add_(0, g, r)[g]
+    mean = total / n
+    alone = n < 2
+    if estimator == "rloo":
+        adv = r - (total - r) / (n - 1).clamp(min=1.0)
+    else:
+        adv = r - mean
+        if estimator == "grpo":
+            sq = torch.zeros(k, dtype=r.dtype, device=r.device).index_add_(0, g, (r - mean) ** 2)[g]
+            std = (sq / (n - 1).clamp(min=1.0)).sqrt()
+            adv = adv / (std + eps)
+    return torch.where(alone, torch.zeros_like(adv), adv).to(scores.dtype)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``G_t = sum_{s >= t} γ^(s-t) r_s`` over the masked tokens of each row (``[B, T]``, 0 off the mask):
+    the advantage of REINFORCE-style methods when the KL penalty is part of the per-token reward. It is
+    :func:`gae` with no value model (V = 0) and λ = 1."""
+    return gae(rewards, torch.zeros(rewards.shape, dtype=torch.float32, device=rewards.device), mask, gamma, 1.0)[0]
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_estimator: str = "k3",
+            loss_norm: str = "token") -> torch.Tensor:
+    """KL(π || π_ref) as a loss term (GRPO): :func:`kl_per_token` of the *current* logprobs (carrying the
+    gradient) against the reference, averaged with :func:`loss_mean`. Multiply by β and add to the
+    policy loss. k3 is GRPO's choice: unbiased, never negative, and its gradient pulls towards π_ref."""
+    kl = kl_per_token(logprobs, ref_logprobs.detach(), kl_estimator)
+    m = _as_float_mask(mask, logprobs) != 0
+    return loss_mean(torch.where(m, kl, torch.zeros_like(kl)), mask, loss_norm)
+
+
+# --------------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------------
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (preferred, rejected) pair a K-way ranking (response indices, best first) implies, C(K,2) of
+    them: ``[2, 0, 1]`` → ``[(2, 0), (2, 1), (0, 1)]``."""
+    r = list(ranking)
+    return [(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Direct preference optimisation (Rafailov et al. 2023) on one preference pair per row.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` summed response logprobs under the policy (with gradient).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the frozen reference.
+        beta: β > 0, the strength of the implicit KL constraint.
+        label_smoothing: ε, the probability that a label is flipped (conservative DPO):
+            ``-(1-ε)·log σ(β·h) - ε·log σ(-β·h)``.
+        loss: ``"sigmoid"`` (DPO) or ``"ipo"`` (Azar et al. 2023): ``(h - 1/(2β))²``, which stops
+            pushing once the margin reaches ``1/(2β)`` instead of driving it to infinity.
+
+    With ``h = (logπ(y_w) - logπ_ref(y_w)) - (logπ(y_l) - logπ_ref(y_l))``. Returns ``(loss, stats)``,
+    loss the mean over rows; stats: ``accuracy`` (h > 0), ``margin`` (mean β·h), ``chosen_reward`` and
+    ``rejected_reward`` (means of the implicit rewards β·(logπ - logπ_ref)).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"loss must be one of {DPO_LOSSES}, got {loss!r}")
+    chosen = chosen_logps - ref_chosen_logps.detach()
+    rejected = rejected_logps - ref_rejected_logps.detach()
+    h = chosen - rejected
+    if loss == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    with torch.no_grad():
+        stats = {"accuracy": float((h > 0).float().mean()), "margin": float((beta * h).mean()),
+                 "chosen_reward": float((beta * chosen).mean()), "rejected_reward": float((beta * rejected).mean())}
+    return losses.mean(), stats
+
+
+# --------------------------------------------------------------------------------------------------
+# the logprob consistency gate
+# --------------------------------------------------------------------------------------------------
+
+
+def logprob_gate(recomputed: torch.Tensor, served: torch.Tensor, mask: torch.Tensor, same_version: torch.Tensor
+                 ) -> dict[str, float]:
+    """How far the trainer's logprobs of sampled tokens are from what the sampler returned, on samples the
+    sampler drew with *the same weights* the trainer holds (staleness is not a disagreement).
+
+    Args:
+        recomputed, served: ``[B, T]`` logprobs of the sampled tokens (trainer forward, policy-inference).
+        mask: ``[B, T]`` response mask.
+        same_version: ``[B]`` bool, rows sampled by the trainer's current version.
+
+    Returns:
+        ``gate_max`` (max |difference|, nats), ``gate_mean`` (mean over tokens) and ``gate_tokens`` (how
+        many tokens were compared; 0 → both statistics 0).
+    """
+    m = (_as_float_mask(mask, recomputed) != 0) & same_version.to(recomputed.device).bool()[:, None]
+    n = int(m.sum())
+    if n == 0:
+        return {"gate_max": 0.0, "gate_mean": 0.0, "gate_tokens": 0.0}
+    d = (recomputed.detach().double() - served.detach().double()).abs()[m]
+    return {"gate_max": float(d.max()), "gate_mean": float(d.mean()), "gate_tokens": float(n)}

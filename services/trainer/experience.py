@@ -33,7 +33,7 @@ class Experience:
 
 @dataclass
 class ExperienceBatch:
-    """B samples right-padded to length L. The first six fields come from the rollout (:func:`make_batch`);
+    """B samples right-padded to length L. The first eight fields come from the rollout (:func:`make_batch`);
     the rest are None until the trainer's make-experience phase computes them."""
 
     ids: torch.Tensor  # [B, L] long, prompt+response, right-padded with pad_id
@@ -42,6 +42,8 @@ class ExperienceBatch:
     logprobs: torch.Tensor  # [B, L-1] behaviour-policy logprobs (0 off the response)
     ref_logprobs: torch.Tensor  # [B, L-1] reference logprobs (0 off the response)
     scores: torch.Tensor  # [B] reward-model scores
+    versions: torch.Tensor | None = None  # [B] long, the policy version that sampled each row
+    groups: torch.Tensor | None = None  # [B] long, rows with the same prompt share a group (critic-free baselines)
     # --- make experience (trainer) ---
     old_logprobs: torch.Tensor | None = None  # [B, L-1] π_old: recomputed by the trainer, or = logprobs
     values: torch.Tensor | None = None  # [B, L-1] value-model estimates V(s_t) (0 off the response)
@@ -75,4 +77,8 @@ def make_batch(exps: list[Experience], pad_id: int) -> ExperienceBatch:
         mask[i, p - 1: p - 1 + r] = 1
         behaviour[i, p - 1: p - 1 + r] = torch.tensor(e.logprobs, dtype=torch.float32)
         ref[i, p - 1: p - 1 + r] = torch.tensor(e.ref_logprobs, dtype=torch.float32)
-    return ExperienceBatch(ids, att, mask, behaviour, ref, torch.tensor([e.score for e in exps], dtype=torch.float32))
+    from chatrl.services.trainer.algos import group_ids
+
+    return ExperienceBatch(ids, att, mask, behaviour, ref, torch.tensor([e.score for e in exps], dtype=torch.float32),
+                           torch.tensor([e.version for e in exps], dtype=torch.long),
+                           group_ids([tuple(e.prompt_ids) for e in exps]))

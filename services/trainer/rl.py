@@ -7,9 +7,10 @@ One iteration, in the order :meth:`RLLoop.iteration` runs it:
 2. **score** — the same source scores each response with the reward model and gets the reference
    model's logprobs of its tokens (both on the rollout side: workers ask the two services at once);
 3. **make experience** — the trainer drops stale and empty samples, pads the rest into an
-   :class:`~chatrl.services.trainer.experience.ExperienceBatch` and computes old logprobs, values,
-   KL-penalised rewards and GAE advantages (:meth:`PPOTrainer.make_experience`);
-4. **update** — PPO epochs over minibatches, the adaptive β (:meth:`PPOTrainer.update`);
+   :class:`~chatrl.services.trainer.experience.ExperienceBatch` and computes old logprobs, the KL and the
+   advantages of ``ppo.algorithm`` — PPO's values and GAE, or a critic-free group baseline (GRPO, RLOO,
+   REINFORCE++) — and the logprob consistency gate (:meth:`PPOTrainer.make_experience`);
+4. **update** — clipped-ratio epochs over minibatches, the adaptive β (:meth:`PPOTrainer.update`);
 5. **push** — the new weights go to the weight sink as version + 1.
 
 Two named interfaces make the loop independent of where the models run:
@@ -166,6 +167,10 @@ class RLLoop:
         batch = tr.make_experience(make_batch(fresh, tr.tok.pad_id))
         # 4. update
         metrics = tr.update(batch)
+        if metrics.get("logprob_gate_max", 0.0) > pc.logprob_gate_threshold:
+            self.reporter.log(f"{self.name}: logprob gate {metrics['logprob_gate_max']:.3g} nats > "
+                              f"ppo.logprob_gate_threshold {pc.logprob_gate_threshold:g}: policy-inference and the "
+                              f"trainer disagree on the same weights")
         metrics.update({"response_len": float(np.mean([len(e.response_ids) for e in fresh])),
                         "finished": float(np.mean([e.finished for e in fresh]))})
         if self.observe is not None:
