@@ -53,7 +53,8 @@ DESIGN_SERVICES = {
 }
 AUTOSCALED = ("policy-inference", "reward-scoring")
 # Secrets the operator creates (never committed): name → keys the manifests may read
-EXTERNAL_SECRETS = {"chatrl-auth": {"token"}, "chatrl-labeler": {"token"}}  # operator, labeler credentials
+# operator and labeler credentials (services/runtime/roles.py), Ray's token (RayCluster authOptions)
+EXTERNAL_SECRETS = {"chatrl-auth": {"token"}, "chatrl-labeler": {"token"}, "chatrl-ray-auth": {"auth_token"}}
 CONFIG_PATH = "/etc/chatrl/services.yaml"
 RUN_CONFIG = "run.yaml"
 SERVICES_CONFIG = "services.yaml"
@@ -382,6 +383,69 @@ def check_network_policies(docs: list[dict], pods: list[Pod]) -> list[str]:
                         problems.append(f"{oid(n)}: {direction}[{i}] port {pn!r} is not a container port name of "
                                         f"any of {sorted(p.owner for p in dest)}")
     return problems
+
+
+NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set by the API server on every namespace: cannot be forged
+RAY_DASHBOARD_PORT = ("dashboard", 8265)  # the job-submission API: whoever reaches it runs code on the head
+# the only peers that may reach it: the KubeRay operator (in its namespace) and the RayJob submitter pods
+RAY_DASHBOARD_PEERS = ({"app.kubernetes.io/name": "kuberay-operator"},
+                       {"app.kubernetes.io/component": "ray-job-submitter"})
+
+
+def check_peer_isolation(docs: list[dict], pods: list[Pod]) -> list[str]:
+    """Least privilege in the NetworkPolicies: a peer in another namespace names that namespace (by
+    ``kubernetes.io/metadata.name``) and its pods (by label) — ``namespaceSelector: {}`` or a
+    namespace picked by a forgeable label admits a look-alike pod from anywhere; the Ray head's dashboard
+    port admits only :data:`RAY_DASHBOARD_PEERS`; the RayCluster runs Ray's token auth."""
+    problems = []
+    for n in _objs(docs, "NetworkPolicy"):
+        spec = n.get("spec") or {}
+        for direction, key in (("ingress", "from"), ("egress", "to")):
+            for i, rule in enumerate(spec.get(direction) or []):
+                for j, peer in enumerate(rule.get(key) or []):
+                    if "namespaceSelector" not in peer:
+                        continue
+                    nss = peer.get("namespaceSelector") or {}
+                    pinned = set((nss.get("matchLabels") or {})) == {NAMESPACE_NAME} and not nss.get("matchExpressions")
+                    if not pinned:
+                        problems.append(f"{oid(n)}: {direction}[{i}].{key}[{j}] namespaceSelector {nss} must pin "
+                                        f"the namespace by {NAMESPACE_NAME} (matchLabels, nothing else)")
+                    if not (peer.get("podSelector") or {}).get("matchLabels") and \
+                            not (peer.get("podSelector") or {}).get("matchExpressions"):
+                        problems.append(f"{oid(n)}: {direction}[{i}].{key}[{j}] admits every pod of a namespace: "
+                                        f"add a podSelector")
+        own = _selected(pods, ns_of(n), spec.get("podSelector"))
+        if not any(p.component() == "ray-head" for p in own):
+            continue
+        for i, rule in enumerate(spec.get("ingress") or []):
+            if not _covers_port(rule.get("ports"), *RAY_DASHBOARD_PORT):
+                continue
+            for j, peer in enumerate(rule.get("from") or [{}]):
+                labels = (peer.get("podSelector") or {}).get("matchLabels") or {}
+                if not any(labels == allowed for allowed in RAY_DASHBOARD_PEERS) or \
+                        (peer.get("podSelector") or {}).get("matchExpressions"):
+                    problems.append(f"{oid(n)}: ingress[{i}] peer {j} reaches the Ray dashboard port (job "
+                                    f"submission runs code): only the KubeRay operator and the RayJob submitter may")
+    for rc in _objs(docs, "RayCluster"):
+        if ((rc.get("spec") or {}).get("authOptions") or {}).get("mode") != "token":
+            problems.append(f"{oid(rc)}: spec.authOptions.mode must be token (Ray's own auth on the dashboard, "
+                            f"GCS and client server)")
+    return problems
+
+
+def _covers_port(ports: list[dict] | None, name: str, number: int) -> bool:
+    """Whether a NetworkPolicy rule's ports admit the port ``name``/``number`` (no ports = all ports)."""
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        port = p.get("port")
+        if port is None or port == name or port == number:
+            return True
+        if isinstance(port, int) and port <= number <= int(p.get("endPort") or port):
+            return True
+    return False
 
 
 def _data_keys(obj: dict) -> set[str]:
@@ -728,6 +792,7 @@ def cross_reference(docs: list[dict], design: bool = True) -> list[str]:
     pods = pod_templates(docs)
     problems = (check_workloads(docs, pods) + check_services(docs, pods) + check_service_monitors(docs)
                 + check_hpas(docs, pods) + check_pdbs(docs, pods) + check_network_policies(docs, pods)
+                + check_peer_isolation(docs, pods)
                 + check_references(docs, pods) + check_security(pods) + check_service_config(docs, pods))
     if design:
         problems += check_design(docs, pods)
