@@ -36,7 +36,7 @@ from chatrl.services.core.formats import load_prompts
 from chatrl.services.trainer import labels
 from chatrl.services.trainer.rl import PolicyServiceSink, RLLoop, RoundResult
 from chatrl.services.trainer.rollout import Endpoints, RayRollout
-from chatrl.services.trainer.stages import ppo, pretrain, reward_model, sft
+from chatrl.services.trainer.stages import dpo, ppo, pretrain, reward_model, sft
 from chatrl.services.trainer.stages.common import (
     Reporter,
     previous_stage,
@@ -132,6 +132,34 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
     return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold)).run(version)
 
 
+METHOD_LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
+
+
+def round_stage(cfg: RunConfig, r: int) -> tuple[str, str]:
+    """(checkpoint stage, report label) of round ``r``: the RL round (whatever ``ppo.algorithm``) or DPO."""
+    if cfg.pipeline.method == "dpo":
+        return dpo.stage_name(r), f"DPO round {r}"
+    return ppo.stage_name(r), f"{METHOD_LABELS[cfg.ppo.algorithm]} round {r}"
+
+
+def dpo_round(cfg: RunConfig, reporter: Reporter, svc: Services, round_: int, policy_ckpt: Path, rankings,
+              version: int, push_meta: dict[str, str]) -> RoundResult:
+    """One DPO round (``pipeline.method: dpo``): DPO of ``policy_ckpt`` on this round's rankings against the
+    reference-model service (the SFT model), then the new weights go to every policy replica as one version."""
+    from chatrl.clients.lib import ReferenceClient
+
+    ep = svc.endpoints  # a data-plane call: the service's address (ready replicas), not the replica group
+    ref = ReferenceClient(ep.reference, token=ep.token, timeout=600.0, retries=8)
+    try:
+        res = dpo.run(cfg, reporter, str(policy_ckpt), rankings, dpo.service_reference(ref), round_)
+    finally:
+        ref.close()
+    version += 1
+    svc.policy.update_weights(load_checkpoint(res.checkpoint).model_state(), version,
+                              metadata={**push_meta, "round": str(round_)})
+    return RoundResult(res.checkpoint, version, [{"iteration": 1, **res.metrics, "policy_version": float(version)}])
+
+
 def run_ppo_stage(cfg: RunConfig, reporter: Reporter, endpoints: Endpoints) -> RoundResult:
     """``StartRun(STAGE_PPO)``: one PPO round (``ppo_r0``) from ``ppo.policy_init`` (an SFT checkpoint; default
     this run's ``sft`` stage) against the reward model ``ppo.reward_model`` (default this run's ``reward``
@@ -221,14 +249,15 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
     try:
         seed_models(svc, sft_res.checkpoint, reporter)
         t = time.perf_counter()
-        source = RayRollout(endpoints, cfg.ppo)
-        reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
+        if cfg.pipeline.method == "rl":  # DPO samples nothing itself (the feedback service samples the tasks)
+            source = RayRollout(endpoints, cfg.ppo)
+            reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
         policy_ckpt = sft_res.checkpoint
         version = max(svc.policy.model_versions().values())
         push_meta = policy_metadata(sft_res.checkpoint)
         pushed = False  # whether this invocation has put a PPO policy on policy-inference yet
         for r in range(cfg.pipeline.rounds):
-            name = ppo.stage_name(r)
+            name, _ = round_stage(cfg, r)
             done = stage_done(stage_dir(cfg, name))
             if done is not None:
                 policy_ckpt = done.path
@@ -240,11 +269,14 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
                 pushed = True
             rankings = timed(f"labels_r{r}", labels.collect_rankings, cfg, labels.ServiceLabels(svc.feedback),
                              prompts, gold, f"r{r}", run_dir(cfg) / "data" / f"rankings_r{r}.jsonl", reporter)
-            rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
-                       rankings=rankings, stage=f"reward_r{r}")
-            serve_reward_model(svc, rm.checkpoint, reporter)
-            res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version, prompts,
-                        push_meta, gold)
+            if cfg.pipeline.method == "dpo":  # the rankings train the policy directly: no reward model, no RL
+                res = timed(name, dpo_round, cfg, reporter, svc, r, policy_ckpt, rankings, version, push_meta)
+            else:
+                rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
+                           rankings=rankings, stage=f"reward_r{r}")
+                serve_reward_model(svc, rm.checkpoint, reporter)
+                res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version,
+                            prompts, push_meta, gold)
             state["history"][name] = res.history or state["history"].get(name, [])
             policy_ckpt, version, pushed = res.checkpoint, res.version, True
             write_json(state_file, state)
@@ -258,7 +290,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
     if gold is not None:
         last_rm = stage_done(stage_dir(cfg, f"reward_r{cfg.pipeline.rounds - 1}"))
         stages = [("base (pre-trained)", "pretrain"), ("SFT", "sft")] + [
-            (f"PPO round {r}", ppo.stage_name(r)) for r in range(cfg.pipeline.rounds)]
+            round_stage(cfg, r)[::-1] for r in range(cfg.pipeline.rounds)]
         for label, st in stages:
             if label in state["evals"]:
                 continue
