@@ -17,12 +17,31 @@ from chatrl.services.core.scoring import right_pad
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
 from chatrl.services.proto.codecs import tensor_to_proto as to_proto
 from chatrl.services.runtime.batcher import MicroBatcher
-from chatrl.services.runtime.errors import check_range, check_token_ids, require
+from chatrl.services.runtime.errors import check_range, check_token_ids, precondition, require
 from chatrl.services.runtime.main import run_service
 from chatrl.services.runtime.model_host import ModelHost, ServedModel
 from chatrl.services.runtime.server import ServerConfig, ServiceServer
 
 MAX_SEQUENCES = 4096
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   max_elems: int = 1 << 24) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[b, t, targets[b, t]]`` as ``logit - logsumexp``, in chunks of
+    at most ``max_elems`` fp32 logits, so no full fp32 ``[B, T, V]`` copy (nor its softmax) is built: with a
+    152k vocabulary that copy is 600 kB per token.
+
+    Args: logits ``[B, T, V]`` (any float dtype; position t scores ``targets[:, t]``), targets ``[B, T]``.
+    Returns: ``[B, T]`` float32.
+    """
+    b, t, v = logits.shape
+    out = torch.empty(b, t, dtype=torch.float32, device=logits.device)
+    step = max(1, max_elems // max(1, v))  # (row, position) pairs per chunk
+    flat, tgt, dst = logits.reshape(b * t, v), targets.reshape(b * t), out.view(b * t)
+    for s in range(0, b * t, step):
+        chunk = flat[s:s + step].float() / temperature  # [step, V] fp32
+        dst[s:s + step] = chunk.gather(-1, tgt[s:s + step, None]).squeeze(-1) - torch.logsumexp(chunk, -1)
+    return out
 
 
 @dataclass
@@ -32,16 +51,20 @@ class ReferenceConfig:
     dtype: str = "fp32"
     threads: int = 1
     max_batch: int = 64  # sequences per forward pass
+    max_batch_tokens: int = 16384  # tokens (summed lengths) per forward pass; a longer sequence goes alone
     max_wait_ms: float = 5.0
     max_queue: int = 4096
+    logprob_chunk_elems: int = 1 << 24  # fp32 logits per chunk of the log-prob gather (64 MiB)
 
 
 class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
     def __init__(self, cfg: ReferenceConfig, registry) -> None:
         self.cfg = cfg
         self.host = ModelHost("reference-model", scalar_head=False, device=cfg.device, dtype=cfg.dtype)
+        # cost: a sequence's tokens (the batch's logits are B x T_max x V)
         self.batcher = MicroBatcher(self._batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
-                                    name="reference-batcher")
+                                    name="reference-batcher", cost=lambda it: len(it[1]),
+                                    max_cost=cfg.max_batch_tokens)
         self.m_tokens = Counter("chatrl_reference_tokens_total", "response tokens scored", registry=registry)
         self.m_batch = Histogram("chatrl_reference_batch_size", "sequences per forward pass",
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
@@ -60,9 +83,8 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
             snap = items[idx[0]][0]
             ids, mask = right_pad([items[i][1] for i in idx], snap.tok.pad_id, self.cfg.device)
             with torch.no_grad(), autocast(self.cfg.dtype, self.cfg.device.split(":")[0]):
-                logits = snap.model(ids, mask).logits
-            lp = torch.log_softmax(logits.float()[:, :-1] / temp, dim=-1)
-            tok_lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+                logits = snap.model(ids, mask).logits  # [B, T, V] in the model's dtype
+                tok_lp = token_logprobs(logits[:, :-1], ids[:, 1:], temp, self.cfg.logprob_chunk_elems).cpu()
             for row, i in enumerate(idx):
                 _, seq, start, _ = items[i]
                 out[i] = tok_lp[row, start - 1: len(seq) - 1].clone()
@@ -90,6 +112,10 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
                     f"must be in [1, {len(ids)}], got {s.response_start}")
             items.append((snap, ids, s.response_start, float(temp)))
         res = self.batcher.submit(items)
+        for i, t in enumerate(res):
+            if not torch.isfinite(t).all():  # an overflow (bf16, a tiny temperature) must not pass as data
+                raise precondition(f"sequences[{i}]: the reference model produced non-finite log-probs "
+                                   f"(temperature {temp:g}, dtype {self.cfg.dtype})")
         n = sum(t.numel() for t in res)
         self.m_tokens.inc(n)
         return reference_pb2.LogProbsResponse(logprobs=[to_proto(t) for t in res], model_version=snap.version)

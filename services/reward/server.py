@@ -31,6 +31,7 @@ class RewardConfig:
     dtype: str = "fp32"
     threads: int = 1  # torch threads of this process
     max_batch: int = 64  # pairs per forward pass
+    max_batch_tokens: int = 16384  # tokens (summed lengths) per forward pass; a longer pair goes alone
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests to join a batch
     max_queue: int = 4096  # pairs waiting; beyond → RESOURCE_EXHAUSTED
 
@@ -40,7 +41,8 @@ class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
         self.cfg = cfg
         self.host = ModelHost("reward-model", scalar_head=True, device=cfg.device, dtype=cfg.dtype)
         self.batcher = MicroBatcher(self._score_batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
-                                    name="reward-batcher")
+                                    name="reward-batcher", cost=lambda it: len(it[1]),
+                                    max_cost=cfg.max_batch_tokens)
         self.m_scored = Counter("chatrl_reward_pairs_scored_total", "pairs scored", registry=registry)
         self.m_batch = Histogram("chatrl_reward_batch_size", "pairs per forward pass",
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)

@@ -62,6 +62,13 @@ def already_exists(why: str) -> ServiceError:
     return domain_error("conflict", why)
 
 
+def clip(value: object, n: int = 160) -> str:
+    """A caller's value for a message or a log line: repr'd and cut to ``n`` characters (a 200,000-character
+    path must not come back whole, nor fill the log)."""
+    r = repr(value)
+    return r if len(r) <= n else f"{r[:n]}… ({len(r)} characters)"
+
+
 def require(cond: bool, field: str, why: str) -> None:
     if not cond:
         raise invalid(field, why)

@@ -14,12 +14,15 @@ from pathlib import Path
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chatrl.services.core.build import model_from_checkpoint, tokenizer_from_checkpoint
 from chatrl.services.core.checkpoint import CheckpointError, load_checkpoint
 from chatrl.services.core.hf import is_hf_dir
-from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.model import GPT
 from chatrl.services.core.tokenizer import SPECIAL_TOKENS, ChatTokenizer
 from chatrl.services.proto.chatrl.v1 import common_pb2
-from chatrl.services.runtime.errors import invalid, not_found, precondition
+from chatrl.services.runtime.errors import clip, invalid, not_found, precondition
+
+MAX_URI_CHARS = 4096  # PATH_MAX: anything longer cannot name a file
 
 
 @dataclass(frozen=True)
@@ -50,15 +53,31 @@ class ModelHost:
         return self._cur.version if self._cur else 0
 
     def load(self, uri: str, version: int = 0, sha256: str = "") -> Loaded:
-        """Load a checkpoint directory (or a stage dir with LATEST); version 0 = current + 1."""
+        """Load a checkpoint directory (or a stage dir with LATEST); version 0 = current + 1. Nothing is
+        trusted: the path is checked before it touches the file system, the weights must match the
+        architecture exactly and be finite, and ``sha256`` (when given) must be the weights' hash. Any
+        failure leaves the current model serving."""
         if not uri:
             raise invalid("checkpoint_uri", "must not be empty")
+        if len(uri) > MAX_URI_CHARS or "\x00" in uri:
+            raise invalid("checkpoint_uri", f"must be a path of at most {MAX_URI_CHARS} characters without NUL, "
+                          f"got {clip(uri, 80)}")
+        if sha256 and (len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256)):
+            raise invalid("sha256", f"must be 64 lowercase hex digits, got {clip(sha256, 80)}")
         path = Path(uri.removeprefix("file://"))
-        if not path.exists():
-            raise not_found(f"checkpoint_uri: {uri} does not exist")
+        try:
+            exists = path.exists()
+        except OSError as e:  # ENAMETOOLONG for a path component, ELOOP, …
+            raise invalid("checkpoint_uri", f"{clip(uri)} is not a usable path: {e.strerror}") from None
+        if not exists:
+            raise not_found(f"checkpoint_uri: {clip(uri)} does not exist")
         model, tok, where, digest, meta = (self._load_hf(path) if is_hf_dir(path) else self._load_chatrl(path))
         if sha256 and sha256 != digest:
             raise invalid("sha256", f"checkpoint weights hash {digest[:12]}… differs from {sha256[:12]}…")
+        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                   None)
+        if bad is not None:
+            raise invalid("checkpoint_uri", f"{clip(where)}: tensor {bad} holds non-finite values (NaN/inf)")
         model.to(self.device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -74,14 +93,24 @@ class ModelHost:
             ck = load_checkpoint(path)
         except CheckpointError as e:
             raise invalid("checkpoint_uri", str(e)) from None
-        state = ck.model_state(self.device)
-        if self.scalar_head and "scalar_head.weight" not in state:
+        from safetensors import safe_open
+
+        with safe_open(str(ck.path / "model.safetensors"), framework="pt") as f:  # names only, no tensors
+            has_head = any(k.startswith("scalar_head.") for k in f.keys())
+        if self.scalar_head and not has_head:
             raise invalid("checkpoint_uri", f"{ck.path} has no scalar head (not a reward model checkpoint)")
-        model = GPT(GPTConfig.from_dict(ck.manifest["model_config"]), scalar_head=self.scalar_head)
-        if not self.scalar_head:
-            state = {k: v for k, v in state.items() if not k.startswith("scalar_head.")}
-        model.load_state_dict(state, strict=False)
-        return model, ChatTokenizer.load(ck.path / "tokenizer.json"), str(ck.path), ck.sha256, ck.manifest.get("meta", {})
+        try:  # GPT or HF (architecture "hf", LoRA adapters included), as the manifest says
+            model = model_from_checkpoint(ck, self.scalar_head, self.device)
+            tok = tokenizer_from_checkpoint(ck)
+        except ImportError as e:  # transformers is an optional extra
+            raise precondition(f"checkpoint_uri: {ck.path} holds a Hugging Face model, which needs the "
+                               f"transformers extra (pip install 'chatrl[hf]'): {e}") from None
+        except (ValueError, KeyError) as e:
+            raise invalid("checkpoint_uri", f"{ck.path}: {clip(str(e), 400)}") from None
+        except RuntimeError as e:  # load_state_dict: a tensor's shape differs from the architecture's
+            raise invalid("checkpoint_uri", f"{ck.path}: weights do not fit the model config (shape mismatch): "
+                          f"{clip(str(e), 400)}") from None
+        return model, tok, str(ck.path), ck.sha256, ck.manifest.get("meta", {})
 
     def _load_hf(self, path: Path):
         """A local Hugging Face model directory (AutoModelForCausalLM + tokenizer), no hub access."""
@@ -116,9 +145,12 @@ def model_info(name: str, model: GPT, tok: ChatTokenizer, version: int, uri: str
                dtype: str | None, loaded_at: Timestamp | None = None) -> common_pb2.ModelInfo:
     import hashlib
 
+    hf_tok = getattr(tok, "hf", None)  # an HFChatTokenizer: the model's own tokenizer and chat template
     tinfo = common_pb2.TokenizerInfo(
-        kind="bytelevel-bpe", vocab_size=tok.vocab_size, eos_token_id=tok.end_id, pad_token_id=tok.pad_id,
-        special_tokens=SPECIAL_TOKENS, chat_template="chatrl: <|role|>content<|end|>",
+        kind=f"hf:{type(hf_tok).__name__}" if hf_tok is not None else "bytelevel-bpe", vocab_size=tok.vocab_size,
+        eos_token_id=tok.end_id, pad_token_id=tok.pad_id,
+        special_tokens=list(hf_tok.all_special_tokens) if hf_tok is not None else SPECIAL_TOKENS,
+        chat_template=tok.chat_template if hf_tok is not None else "chatrl: <|role|>content<|end|>",
         sha256=hashlib.sha256(tok.to_str().encode()).hexdigest())
     return common_pb2.ModelInfo(
         name=name, model_version=version, loaded=True, architecture=model.cfg.to_dict().get("architecture", "gpt"),

@@ -56,10 +56,10 @@ METHODS: dict[str, Rule] = {
     f"{_P}/UpdateWeights": Rule(OPERATOR, 4 * MiB),
     f"{_P}/GetModelInfo": Rule(OPEN, 4 * KiB),
     f"{_RW}/Score": Rule(OPEN, 32 * MiB),
-    f"{_RW}/LoadModel": Rule(OPERATOR, 16 * KiB),
+    f"{_RW}/LoadModel": Rule(OPERATOR, 256 * KiB),  # an over-long path answers INVALID_ARGUMENT itself
     f"{_RW}/GetModelInfo": Rule(OPEN, 4 * KiB),
     f"{_RF}/LogProbs": Rule(OPEN, 32 * MiB),
-    f"{_RF}/LoadModel": Rule(OPERATOR, 16 * KiB),
+    f"{_RF}/LoadModel": Rule(OPERATOR, 256 * KiB),
     f"{_RF}/GetModelInfo": Rule(OPEN, 4 * KiB),
     f"{_T}/StartRun": Rule(OPERATOR, 1 * MiB),
     f"{_T}/GetRun": Rule(OPEN, 4 * KiB),
