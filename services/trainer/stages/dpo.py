@@ -35,7 +35,13 @@ from chatrl.services.trainer.stages.common import (
     tokenizer_from_checkpoint,
 )
 from chatrl.services.trainer.stages.ppo import policy_forward
-from chatrl.services.trainer.stages.supervised import Schedule, SupervisedTask, finished, shuffled_batch, train
+from chatrl.services.trainer.stages.supervised import (
+    Schedule,
+    SupervisedTask,
+    finished,
+    shuffled_batch,
+    train,
+)
 
 # (token ids of prompt+response per sequence, where each response starts) → summed response logprob each
 RefLogprobs = Callable[[list[list[int]], list[int]], list[float]]
@@ -95,8 +101,8 @@ def encode_pairs(tok: ChatTokenizer, rankings: list[Ranking], max_len: int, refe
     out = []
     for r, row in zip(rankings, seqs):
         pairs = []
-        for w, l in algos.ranking_pairs(r.ranking):
-            (cw, sw), (cl, sl) = row[w], row[l]
+        for w, lo in algos.ranking_pairs(r.ranking):
+            (cw, sw), (cl, sl) = row[w], row[lo]
             if sw < len(cw) and sl < len(cl):
                 pairs.append(((cw, sw), (cl, sl), ref[(tuple(cw), sw)], ref[(tuple(cl), sl)]))
         out.append(pairs)
