@@ -54,6 +54,7 @@ from chatrl.services.proto.enums import FINISH_REASON, ROLE
 from chatrl.services.runtime.errors import (
     ServiceError,
     check_token_ids,
+    clip,
     exhausted,
     invalid,
     precondition,
@@ -88,7 +89,7 @@ class PolicyConfig:
     max_n: int = 64  # samples per prompt
     max_request_samples: int = 1024  # prompts × n per Generate request; beyond → RESOURCE_EXHAUSTED
     max_stop_strings: int = 16  # entries of sampling.stop
-    max_weights_mb: int = 4096  # largest UpdateWeights payload accepted
+    max_weights_mb: int = 1024  # largest UpdateWeights payload accepted (its staging buffer: keep below the pod's memory)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -142,6 +143,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         self._weights_lock = threading.Lock()
         self._staging: bytearray | None = None  # the last upload's buffer, reused by the next of equal size
         self.metrics = PolicyMetrics(registry, lambda: self.engine)
+        Gauge("chatrl_policy_weight_staging_bytes", "bytes held for receiving weight uploads",
+              registry=registry).set_function(lambda: len(self._staging) if self._staging is not None else 0)
         model = tok = None
         meta: dict = {}
         if cfg.checkpoint:
@@ -315,6 +318,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         try:
             out = self._update_weights(request_iterator)
         except ServiceError:
+            self._staging = None  # a rejected upload keeps no buffer (the next one allocates its own size)
             self.metrics.updates.labels("rejected").inc()
             raise
         self.metrics.updates.labels("ok").inc()
@@ -375,8 +379,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
         except WeightsFormatError as e:
             raise invalid("chunk.data", f"not a valid safetensors payload: {e}") from None
         meta = dict(first.metadata)
-        slot_meta = {"checkpoint_uri": f"push:{first.version}", "weights_sha256": sha,
-                     **{k: v for k, v in meta.items() if k not in ("config_json", "tokenizer_json")}}
+        # the server's own facts last: a client's metadata cannot claim another hash or origin
+        slot_meta = {**{k: v for k, v in meta.items() if k not in ("config_json", "tokenizer_json")},
+                     "checkpoint_uri": f"push:{first.version}", "weights_sha256": sha}
         was_loaded = self.engine.loaded
         if meta.get("weights") == "adapter":
             state = self._with_base(state, meta)
@@ -423,14 +428,30 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
                 "no model is loaded: the first upload needs metadata config_json (the model config)")
         require(meta.get("weights") != "adapter", "chunk.metadata.weights",
                 "no model is loaded: the first upload must carry the full weights, not an adapter")
+        field = "chunk.metadata.config_json"
         try:
             mcfg = json.loads(meta["config_json"])
+        except ValueError as e:
+            raise invalid(field, f"not JSON: {e}") from None
+        require(isinstance(mcfg, dict), field, "must be a JSON object (the model config)")
+        for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):  # a GPT's sizes
+            v = mcfg.get(key, 1)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, field,
+                    f"{key} must be a positive integer, got {clip(v, 40)}")
+        try:
+            # the payload must fit the config before anything is allocated for it: compare on the meta device
+            with torch.device("meta"):
+                shapes = {k: tuple(t.shape) for k, t in build_model(mcfg, device="meta").state_dict().items()}
+            for k, t in state.items():
+                if k in shapes and tuple(t.shape) != shapes[k]:
+                    raise invalid(field, f"does not fit the payload (shape mismatch): weights[{clip(k, 80)}] is "
+                                  f"{list(t.shape)}, the config makes it {list(shapes[k])}")
             fresh = build_model(mcfg)
         except ImportError as e:
             raise precondition(f"chunk.metadata.config_json: a Hugging Face model needs the transformers extra: "
                                f"{e}") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise invalid("chunk.metadata.config_json", str(e)) from None
+        except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+            raise invalid(field, clip(str(e), 300)) from None
         tok = None
         if "tokenizer_json" in meta:
             try:
