@@ -209,3 +209,18 @@ def test_the_labeling_page_takes_the_labeler_credential_and_checks_browsers(feed
     assert _http(port, "POST", "/api/rankings", huge, lab)[0] == 413
     status, body = _http(port, "POST", "/api/rankings", sub, {**lab, "Origin": f"http://127.0.0.1:{port}"})
     assert status == 200 and body["pairs"] == 1
+
+
+def test_each_rpc_comment_states_the_role_the_table_enforces():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "protos" / "chatrl" / "v1"
+    seen = 0
+    for proto in ("policy", "reward", "reference", "trainer", "feedback"):
+        text = (root / f"{proto}.proto").read_text()
+        svc = re.search(r"^service (\w+) \{", text, re.M).group(1)
+        for role, rpc in re.findall(r"// Role: (\w+)[^\n]*\n  rpc (\w+)\(", text):
+            assert roles.rule(f"chatrl.v1.{svc}/{rpc}").role == role, (svc, rpc)
+            seen += 1
+    assert seen == sum(1 for m in roles.METHODS if m.startswith("chatrl.v1."))

@@ -28,6 +28,9 @@ if _version_not_supported:
 class FeedbackServiceStub:
     """Collects human (or simulated-labeler) data: prompts, demonstrations and rankings of K sampled
     responses. Submissions are idempotent on the client-chosen submission_id.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def __init__(self, channel):
@@ -76,10 +79,14 @@ class FeedbackServiceStub:
 class FeedbackServiceServicer:
     """Collects human (or simulated-labeler) data: prompts, demonstrations and rankings of K sampled
     responses. Submissions are idempotent on the client-chosen submission_id.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def AddPrompts(self, request, context):
         """Adds prompts to the prompt pool (deduplicated by text).
+        Role: operator credential; requests up to 24 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +96,7 @@ class FeedbackServiceServicer:
         """Samples K responses per prompt from policy-inference and creates one ranking task per prompt.
         Errors: INVALID_ARGUMENT (k < 2, no prompts), NOT_FOUND (unknown prompt_id),
         UNAVAILABLE (policy-inference unreachable).
+        Role: operator credential; requests up to 24 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +104,7 @@ class FeedbackServiceServicer:
 
     def NextTask(self, request, context):
         """Hands a labeler the next open task (never one they have already ranked), leasing it to them.
+        Role: labeler (or operator) credential; requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +113,7 @@ class FeedbackServiceServicer:
     def SubmitRanking(self, request, context):
         """Records a ranking of a task's responses. Errors: INVALID_ARGUMENT (not a permutation),
         NOT_FOUND (task), ALREADY_EXISTS (submission_id reused with different content).
+        Role: labeler (or operator) credential; requests up to 16 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +122,7 @@ class FeedbackServiceServicer:
     def SubmitDemonstration(self, request, context):
         """Records a demonstration: a conversation whose last turn is the ideal assistant reply.
         Errors: INVALID_ARGUMENT (empty, or last message not ASSISTANT), ALREADY_EXISTS (as above).
+        Role: labeler (or operator) credential; requests up to 1 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +132,7 @@ class FeedbackServiceServicer:
         """Streams stored records as JSONL lines (see ExportKind for each line's fields), in the order they
         were stored. Follow new records with a cursor: pass the last line's "sequence" (or
         GetStatsResponse.rankings_sequence) as after_sequence, and wait_seconds to block until one exists.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +140,7 @@ class FeedbackServiceServicer:
 
     def GetStats(self, request, context):
         """Counts of stored records and open tasks (for the labeling page and the pipeline).
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +195,9 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
 class FeedbackService:
     """Collects human (or simulated-labeler) data: prompts, demonstrations and rankings of K sampled
     responses. Submissions are idempotent on the client-chosen submission_id.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     @staticmethod

@@ -28,6 +28,9 @@ if _version_not_supported:
 class PolicyInferenceServiceStub:
     """Serves the current policy (the chat model being trained), versioned, and takes new weights from the
     trainer with an atomic swap: a request is served entirely by one model_version.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def __init__(self, channel):
@@ -61,12 +64,16 @@ class PolicyInferenceServiceStub:
 class PolicyInferenceServiceServicer:
     """Serves the current policy (the chat model being trained), versioned, and takes new weights from the
     trainer with an atomic swap: a request is served entirely by one model_version.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def Generate(self, request, context):
         """Samples n completions for each prompt of a batch, with token ids and per-token logprobs.
         Errors: INVALID_ARGUMENT (bad prompt/params), FAILED_PRECONDITION (no model loaded, or
         expected_model_version differs), RESOURCE_EXHAUSTED (batch too large or queue full).
+        Role: open (no credential; bounded); requests up to 8 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,6 +81,7 @@ class PolicyInferenceServiceServicer:
 
     def GenerateStream(self, request, context):
         """Samples one completion and streams it as it is produced (for chat); the last message is `end`.
+        Role: open (no credential; bounded); requests up to 1 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +90,7 @@ class PolicyInferenceServiceServicer:
     def UpdateWeights(self, request_iterator, context):
         """Receives a full set of weights as a client stream of chunks, verifies size and SHA-256, then
         atomically swaps them in. Nothing changes unless the whole payload arrived intact.
+        Role: operator credential; requests up to 4 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +98,7 @@ class PolicyInferenceServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Describes the loaded model.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +138,9 @@ def add_PolicyInferenceServiceServicer_to_server(servicer, server):
 class PolicyInferenceService:
     """Serves the current policy (the chat model being trained), versioned, and takes new weights from the
     trainer with an atomic swap: a request is served entirely by one model_version.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     @staticmethod

@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class ReferenceModelServiceStub:
     """Serves the frozen reference model (the SFT policy) for the PPO KL penalty.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def __init__(self, channel):
@@ -54,12 +57,16 @@ class ReferenceModelServiceStub:
 
 class ReferenceModelServiceServicer:
     """Serves the frozen reference model (the SFT policy) for the PPO KL penalty.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def LogProbs(self, request, context):
         """Per-token log-probabilities of the response part of each sequence.
         Errors: INVALID_ARGUMENT (e.g. response_start out of range), FAILED_PRECONDITION (no model),
         RESOURCE_EXHAUSTED.
+        Role: open (no credential; bounded); requests up to 32 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -67,6 +74,7 @@ class ReferenceModelServiceServicer:
 
     def LoadModel(self, request, context):
         """Loads a checkpoint (safetensors + JSON manifest) as the reference and swaps it in atomically.
+        Role: operator credential; requests up to 256 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,6 +82,7 @@ class ReferenceModelServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Describes the loaded model.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +116,9 @@ def add_ReferenceModelServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ReferenceModelService:
     """Serves the frozen reference model (the SFT policy) for the PPO KL penalty.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     @staticmethod

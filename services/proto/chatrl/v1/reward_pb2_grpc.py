@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class RewardScoringServiceStub:
     """Serves the reward model: a scalar score for a (prompt, response) pair.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def __init__(self, channel):
@@ -54,11 +57,15 @@ class RewardScoringServiceStub:
 
 class RewardScoringServiceServicer:
     """Serves the reward model: a scalar score for a (prompt, response) pair.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def Score(self, request, context):
         """Scores a batch of (prompt, response) pairs.
         Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (no model loaded), RESOURCE_EXHAUSTED.
+        Role: open (no credential; bounded); requests up to 32 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -67,6 +74,7 @@ class RewardScoringServiceServicer:
     def LoadModel(self, request, context):
         """Loads a reward-model checkpoint (safetensors + JSON manifest) and swaps it in atomically.
         Errors: NOT_FOUND (no such checkpoint), INVALID_ARGUMENT (bad manifest or sha256 mismatch).
+        Role: operator credential; requests up to 256 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,6 +82,7 @@ class RewardScoringServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Describes the loaded model.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +116,9 @@ def add_RewardScoringServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RewardScoringService:
     """Serves the reward model: a scalar score for a (prompt, response) pair.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     @staticmethod

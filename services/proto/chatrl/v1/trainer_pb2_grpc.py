@@ -28,6 +28,9 @@ if _version_not_supported:
 class TrainerServiceStub:
     """Runs training: one stage or the whole pipeline, from a YAML config; reports progress and
     checkpoints. Runs execute in the background; the RPCs return at once.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def __init__(self, channel):
@@ -71,11 +74,15 @@ class TrainerServiceStub:
 class TrainerServiceServicer:
     """Runs training: one stage or the whole pipeline, from a YAML config; reports progress and
     checkpoints. Runs execute in the background; the RPCs return at once.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     def StartRun(self, request, context):
         """Starts a run. Errors: INVALID_ARGUMENT (bad stage/config/override, naming the field),
         ALREADY_EXISTS (run_id taken by a different run), RESOURCE_EXHAUSTED (too many active runs).
+        Role: operator credential; requests up to 1 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +90,7 @@ class TrainerServiceServicer:
 
     def GetRun(self, request, context):
         """Returns a run's current state. Errors: NOT_FOUND.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +98,7 @@ class TrainerServiceServicer:
 
     def ListRuns(self, request, context):
         """Lists runs, newest first.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +107,7 @@ class TrainerServiceServicer:
     def WatchRun(self, request, context):
         """Streams a run's events: buffered ones after `after_sequence`, then live ones; the stream ends
         after the event that moves the run to a terminal state. Errors: NOT_FOUND.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +116,7 @@ class TrainerServiceServicer:
     def CancelRun(self, request, context):
         """Asks a run to stop; asynchronous (the run reaches CANCELLED shortly after). Cancelling a finished
         run changes nothing. Errors: NOT_FOUND.
+        Role: operator credential; requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +124,7 @@ class TrainerServiceServicer:
 
     def ListCheckpoints(self, request, context):
         """Lists the checkpoints a run has written, oldest first. Errors: NOT_FOUND.
+        Role: open (no credential; bounded); requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +174,9 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 class TrainerService:
     """Runs training: one stage or the whole pipeline, from a YAML config; reports progress and
     checkpoints. Runs execute in the background; the RPCs return at once.
+    Who may call each RPC, and its request-size limit, is the one table in services/runtime/roles.py
+    (UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of the wrong role,
+    RESOURCE_EXHAUSTED over the size limit); the Role line of each RPC repeats it.
     """
 
     @staticmethod
