@@ -24,6 +24,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chatrl.services.runtime.config import SERVICES, load_services_config
 
 UP = ("SERVING", "NOT_SERVING")  # answers health: the process is up (a model service may still be empty)
+# How long services may take to come up. Generous: on a busy machine (CI, two CPU-bound jobs beside it)
+# importing torch and binding takes tens of seconds; a slow start must not fail a run or a test.
+START_TIMEOUT_ENV = "CHATRL_SERVICE_START_TIMEOUT"
+
+
+def start_timeout(default: float = 600.0) -> float:
+    """Seconds to wait for services to come up: ``$CHATRL_SERVICE_START_TIMEOUT`` or ``default``."""
+    raw = os.environ.get(START_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"${START_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
 
 
 def free_ports(n: int) -> list[int]:
@@ -82,11 +94,13 @@ class LocalCluster:
     def log_path(self, name: str) -> Path | None:
         return self.log_dir / f"{name}.log" if self.log_dir else None
 
-    def start(self, timeout: float = 120.0, wait_for: list[str] | None = None, serving: bool = True
+    def start(self, timeout: float | None = None, wait_for: list[str] | None = None, serving: bool = True
               ) -> LocalCluster:
         """Start every service and wait until each of ``wait_for`` (default: all) is up: SERVING, or with
         ``serving=False`` answering health at all (a model service started without a checkpoint stays
-        NOT_SERVING until LoadModel/UpdateWeights). Stops everything it started if that fails."""
+        NOT_SERVING until LoadModel/UpdateWeights) — for ``timeout`` seconds (None: :func:`start_timeout`).
+        Stops everything it started if that fails."""
+        timeout = start_timeout() if timeout is None else timeout
         # CHATRL_PARENT_PID: a service drains and exits if this process dies, even by kill -9
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
                "TOKENIZERS_PARALLELISM": "false", "CHATRL_PARENT_PID": str(os.getpid())}
@@ -133,8 +147,12 @@ class LocalCluster:
                 status = {n: health(channels[n]) for n in pending}
                 pending = {n for n, st in status.items() if st not in ok}
                 if pending and time.monotonic() > deadline:
-                    raise TimeoutError(f"not {'SERVING' if serving else 'up'} after {timeout:.0f}s: "
-                                       + ", ".join(f"{n} ({status[n]})" for n in sorted(pending)))
+                    logs = f"; their logs are in {self.log_dir}" if self.log_dir else ""
+                    raise TimeoutError(
+                        f"not {'SERVING' if serving else 'up'} after {timeout:g}s: "
+                        + ", ".join(f"{n} ({status[n]})" for n in sorted(pending))
+                        + f". The processes are alive, only slow: on a busy machine raise ${START_TIMEOUT_ENV} "
+                        f"(seconds){logs}")
                 if pending:
                     time.sleep(0.1)
         finally:
@@ -190,4 +208,4 @@ def launch_pipeline_services(services_yaml: str, overrides: list[str], run_dir: 
     over += [f"feedback.db={run_dir / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
              "feedback.web_port=-1"]
     cluster = LocalCluster(services_yaml, over + list(overrides), only=names, log_dir=run_dir / "logs")
-    return cluster.start(120, serving=False)
+    return cluster.start(serving=False)  # start_timeout(): generous, $CHATRL_SERVICE_START_TIMEOUT
