@@ -38,6 +38,8 @@ SERVER_COMMANDS = {
     "demo": "run the main job on the embedded default",
     "pipeline": "the whole RLHF pipeline through the services and Ray (run, resume)",
     "sample": "sample responses from a checkpoint in-process",
+    "export": "write a checkpoint of an HF-based run as a plain Hugging Face directory",
+    "model": "embedded real models: `chatrl model fetch smollm2-135m-instruct`",
     "serve": "run one service until SIGTERM",
     "up": "start all services locally, wait until healthy, stop them on Ctrl-C",
 }

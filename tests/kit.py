@@ -120,6 +120,47 @@ def tiny_gpt(vocab_size: int, seed: int = 0, max_seq_len: int = 64, scalar_head:
     return GPT(conf, scalar_head=scalar_head).eval()
 
 
+# a ChatML-style template, as real instruct models have (SmolLM2's minus its default system turn)
+HF_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_llama_config(vocab: int, **ids):
+    """A 2-layer Llama, hidden size 32 — small enough for every stage in seconds."""
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    initializer_range=0.3, tie_word_embeddings=False, **ids)
+
+
+def hf_tokenizer(template: str | None = HF_TEMPLATE):
+    """A transformers fast tokenizer over the kit's BPE, with chatrl's special tokens and ``template``."""
+    import transformers
+
+    from chatrl.services.core.tokenizer import SPECIAL_TOKENS
+
+    ht = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer().tok, eos_token="<|endoftext|>",
+                                              pad_token="<|pad|>", additional_special_tokens=SPECIAL_TOKENS[2:])
+    if template is not None:
+        ht.chat_template = template
+    return ht
+
+
+def tiny_hf_dir(path: Path, seed: int = 0, template: str | None = HF_TEMPLATE) -> Path:
+    """A random 2-layer Llama + a BPE tokenizer with a chat template, saved as a local HF directory."""
+    import torch
+    import transformers
+
+    ht = hf_tokenizer(template)
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(len(ht), eos_token_id=ht.eos_token_id, bos_token_id=ht.eos_token_id,
+                            pad_token_id=ht.pad_token_id)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+    ht.save_pretrained(str(path))
+    return path
+
+
 def save_tiny_checkpoint(root: Path, model, tok, stage: str = "sft", name: str = "final") -> Path:
     """``model`` + ``tok`` as a checkpoint under ``root``; returns ``root`` (what servers take)."""
     from chatrl.services.core.checkpoint import save_checkpoint

@@ -17,7 +17,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from kit import CHILD_ENV, save_tiny_checkpoint, tiny_gpt, tiny_tokenizer  # noqa: E402
+from kit import (  # noqa: E402
+    CHILD_ENV,
+    HF_TEMPLATE,
+    save_tiny_checkpoint,
+    tiny_gpt,
+    tiny_hf_dir,
+    tiny_tokenizer,
+)
 
 from chatrl.services.core.build import model_from_checkpoint, open_model, tokenizer_from_checkpoint  # noqa: E402
 from chatrl.services.core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -46,39 +53,10 @@ torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-# a ChatML-style template, as real instruct models have (SmolLM2's minus its default system turn)
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = HF_TEMPLATE
 MSGS = [{"role": "user", "content": "what did you think of the movie?"},
         {"role": "assistant", "content": "the film was warm and funny"}]
 Q_V = LoraConfig(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
-
-
-def tiny_llama_config(vocab: int, **ids):
-    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    initializer_range=0.3, tie_word_embeddings=False, **ids)
-
-
-def hf_tokenizer(template: str | None = TEMPLATE):
-    from chatrl.services.core.tokenizer import SPECIAL_TOKENS
-
-    ht = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer().tok, eos_token="<|endoftext|>",
-                                              pad_token="<|pad|>", additional_special_tokens=SPECIAL_TOKENS[2:])
-    if template is not None:
-        ht.chat_template = template
-    return ht
-
-
-def tiny_hf_dir(path: Path, seed: int = 0, template: str | None = TEMPLATE) -> Path:
-    """A random 2-layer Llama + a BPE tokenizer with a chat template, saved as an HF directory."""
-    ht = hf_tokenizer(template)
-    torch.manual_seed(seed)
-    cfg = tiny_llama_config(len(ht), eos_token_id=ht.eos_token_id, bos_token_id=ht.eos_token_id,
-                            pad_token_id=ht.pad_token_id)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
-    ht.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture()
@@ -304,8 +282,8 @@ def test_lengths_beyond_the_context_are_refused(hf_dir):
     check_context(64, {"sft.max_len": 64})  # exactly the context fits
     with pytest.raises(ValueError, match=r"ppo.prompt_len \+ ppo.max_new_tokens = 65 exceeds .*64 tokens"):
         check_context(64, {"sft.max_len": 32, "ppo.prompt_len + ppo.max_new_tokens": 65})
-    with pytest.raises(ValueError, match=r"sft.max_len = 128 exceeds the context of model.path"):
-        check_hf_model(hf_dir, lengths={"sft.max_len": 128})  # 64 from config.json, no weights loaded
+    with pytest.raises(ValueError, match=r"sft.max_len = 129 exceeds the context of model.path"):
+        check_hf_model(hf_dir, lengths={"sft.max_len": 129})  # 128 from config.json, no weights loaded
 
 
 # --- the embedded model: GGUF → HF directory ------------------------------------------------------------------

@@ -16,7 +16,19 @@ from typing import Any
 
 import yaml
 
+from chatrl.services.core.lora import LoraConfig
 from chatrl.services.core.model import GPTConfig
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    """``model:`` — chatrl's own GPT (the fields of :class:`GPTConfig`, trained from scratch), or, with
+    ``path``, a local Hugging Face causal LM that every stage starts from (the GPT fields are then unused)."""
+    path: str = ""  # a local HF model directory (AutoModelForCausalLM + tokenizer with a chat template);
+    #                 never a hub name. Set: pre-training imports it as the base checkpoint instead of training
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
 
 
 @dataclass
@@ -187,7 +199,8 @@ class RunConfig:
     device: str = "cpu"  # "cpu" or "cuda[:N]" — the same config scales without code changes
     dtype: str = "bf16"  # compute dtype under autocast: fp32 | bf16 (fp16 only on GPU)
     threads: int = 2  # torch threads of the training process (keep ≤ cores)
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters for SFT, RM and PPO (HF models only)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

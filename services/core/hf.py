@@ -258,6 +258,12 @@ class HFCausalLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection (GPT's ``lm_head``): applied to ``forward(..., lm_head=False).hidden`` it
+        gives the logits, so PPO can project response positions only."""
+        return self.hf.get_output_embeddings()
+
     def _attn_mask(self, mask: torch.Tensor, past_valid: torch.Tensor) -> torch.Tensor:
         b, t = mask.shape
         dev = mask.device

@@ -135,6 +135,11 @@ def _is_adapter_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def is_adapter_state(state: dict) -> bool:
+    """Whether a state dict holds LoRA adapter weights only (what :func:`adapter_state_dict` returns)."""
+    return bool(state) and all(_is_adapter_key(k) for k in state)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights only (``…lora_A.default.weight`` / ``…lora_B.default.weight``): what a weight
     push carries for a LoRA policy — the receiver holds the same base weights."""

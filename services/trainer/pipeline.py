@@ -86,8 +86,11 @@ def policy_metadata(ckpt: Path) -> dict[str, str]:
     """What a policy-inference replica with no model needs besides the weights (sent with every push, so a
     replica that joined mid-training can start from any push)."""
     ck = load_checkpoint(ckpt)
-    return {"config_json": json.dumps(ck.manifest["model_config"]),
+    meta = {"config_json": json.dumps(ck.manifest["model_config"]),
             "tokenizer_json": (Path(ck.path) / "tokenizer.json").read_text()}
+    if ck.manifest["model_config"].get("lora"):  # pushes carry only the adapters, applied to this base
+        meta["lora_base"] = ck.sha256
+    return meta
 
 
 def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> bool:

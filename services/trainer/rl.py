@@ -79,14 +79,23 @@ class NullSink:
 
 class PolicyServiceSink:
     """``UpdateWeights`` to policy-inference: ``target`` is a ``ReplicaGroup`` (every replica) or one
-    ``PolicyClient``. ``metadata`` (the GPT config and tokenizer, the round) goes with every push, so a
-    replica that joined mid-training — or started with no model — can load any push."""
+    ``PolicyClient``. ``metadata`` (the model config and tokenizer, the round) goes with every push, so a
+    replica that joined mid-training — or started with no model — can load any push. A LoRA adapter push
+    (only ``lora_A`` / ``lora_B`` keys) says so (``weights: adapter``) next to the base it applies to
+    (``lora_base``, in ``metadata``): the replica checks it holds that base and keeps its base weights."""
 
     def __init__(self, target, metadata: dict[str, str] | None = None) -> None:
         self.target, self.metadata = target, dict(metadata or {})
 
     def push(self, state_dict: dict, version: int) -> None:
-        self.target.update_weights(state_dict, version, metadata=self.metadata)
+        from chatrl.services.core.lora import is_adapter_state
+
+        meta = self.metadata
+        if is_adapter_state(state_dict):
+            if "lora_base" not in meta:
+                raise ValueError("an adapter push needs metadata lora_base (the base weights it applies to)")
+            meta = {**meta, "weights": "adapter"}
+        self.target.update_weights(state_dict, version, metadata=meta)
 
 
 Observe = Callable[[list[Experience]], dict[str, float]]  # extra metrics of a batch (e.g. the gold score)
@@ -128,7 +137,7 @@ class RLLoop:
             tr.restore(done)
             rep.log(f"{self.name}: resuming after iteration {tr.iteration}")
             tr.version = max(tr.version, start_version) + 1
-            self.sink.push(tr.policy.state_dict(), tr.version)  # the policy service serves the restored weights
+            self.sink.push(tr.push_state(), tr.version)  # the policy service serves the restored weights
         if self.overlap:
             rep.log(f"{self.name}: async_rollout: the next rollout overlaps each update (ppo.old_logprobs=service)")
         history: list[dict] = []
@@ -178,8 +187,10 @@ class RLLoop:
         # 5. push
         t_push = time.perf_counter()
         tr.version += 1
-        self.sink.push(tr.policy.state_dict(), tr.version)
+        state = tr.push_state()  # the adapters only, for a LoRA policy
+        self.sink.push(state, tr.version)
         metrics.update({"rollout_s": t_upd - t_roll, "update_s": t_push - t_upd, "push_s": time.perf_counter() - t_push,
+                        "push_bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
                         "samples_per_s": len(exps) / max(1e-9, t_upd - t_roll), "dropped_stale": float(len(stale)),
                         "policy_version": float(tr.version)})
         return metrics

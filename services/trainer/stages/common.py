@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from chatrl.services.core import build
 from chatrl.services.core.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from chatrl.services.core.config import RunConfig
-from chatrl.services.core.model import GPT, GPTConfig
+from chatrl.services.core.model import GPT
+from chatrl.services.core.seeding import derive_seed
 from chatrl.services.core.tokenizer import ChatTokenizer
 
 
@@ -113,24 +115,55 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def model_from_checkpoint(ckpt: Checkpoint, scalar_head: bool = False, device: str = "cpu") -> GPT:
-    """Build a GPT from a checkpoint; a scalar head absent from the checkpoint is freshly initialised
-    (reward model and value head start from the SFT weights)."""
-    cfg = GPTConfig.from_dict(ckpt.manifest["model_config"])
-    model = GPT(cfg, scalar_head=scalar_head)
-    state = ckpt.model_state()
-    if not scalar_head:
-        state = {k: v for k, v in state.items() if not k.startswith("scalar_head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.startswith("scalar_head.") and m != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt.path} does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
-    return model.to(device)
+def model_from_checkpoint(ckpt: Checkpoint, scalar_head: bool = False, device: str = "cpu") -> torch.nn.Module:
+    """The checkpoint's model, GPT or HF (with its LoRA adapters, if trained with them); a scalar head absent
+    from the checkpoint is freshly initialised (reward model and value head start from the SFT weights).
+    One place builds models: :func:`chatrl.services.core.build.model_from_checkpoint`."""
+    return build.model_from_checkpoint(ckpt, scalar_head=scalar_head, device=device)
 
 
-def tokenizer_from_checkpoint(ckpt: Checkpoint) -> ChatTokenizer:
-    return ChatTokenizer.load(ckpt.path / "tokenizer.json")
+def tokenizer_from_checkpoint(ckpt: Checkpoint):
+    """ChatTokenizer or HFChatTokenizer, as the checkpoint records."""
+    return build.tokenizer_from_checkpoint(ckpt)
+
+
+def run_lengths(cfg: RunConfig) -> dict[str, int]:
+    """Every token length the run's stages will ask of the model, by config field (checked against an HF
+    model's context before anything loads)."""
+    return {"sft.max_len": cfg.sft.max_len,
+            "ppo.max_new_tokens (+ the prompt)": cfg.ppo.max_new_tokens + 16,
+            "reward.max_new_tokens (+ the prompt)": cfg.reward.max_new_tokens + 16}
+
+
+def check_run_model(cfg: RunConfig) -> dict | None:
+    """Refuse bad model input before any expensive work: with ``model.path``, an HF model directory with a
+    chat template, a context that holds the configured lengths and LoRA targets that exist (errors name
+    the config field); ``lora.enabled`` without ``model.path`` is refused (LoRA needs an HF model)."""
+    if not cfg.model.path:
+        if cfg.lora.enabled:
+            raise ValueError("lora.enabled: LoRA applies to Hugging Face models; set model.path to a local HF "
+                             "model directory (chatrl's own GPT trains every weight)")
+        return None
+    from chatrl.services.core.hf import check_hf_model
+
+    return check_hf_model(cfg.model.path, run_lengths(cfg), field="model.path", lora=cfg.lora,
+                          lora_field="lora.target_modules")
+
+
+def with_lora(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The model a stage trains: with ``lora.enabled``, LoRA adapters on an HF model (its base weights frozen;
+    a model that already carries adapters — a checkpoint trained with them — keeps and trains them)."""
+    from chatrl.services.core.lora import apply_lora, is_lora
+
+    if cfg.lora.enabled and not is_lora(model):
+        if build.architecture(model.cfg.to_dict()) != "hf":
+            raise ValueError("lora.enabled: LoRA applies to Hugging Face models, this checkpoint holds chatrl's GPT")
+        # A starts random: drawn from the run's seed (not the process's RNG state), so a resumed or re-run
+        # stage builds the same adapters; the global RNG is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
+            apply_lora(model, cfg.lora)
+    return model
 
 
 def stage_done(root: Path) -> Checkpoint | None:

@@ -49,6 +49,7 @@ from chatrl.services.trainer.stages.common import (
     model_from_checkpoint,
     stage_dir,
     tokenizer_from_checkpoint,
+    with_lora,
 )
 
 
@@ -131,9 +132,21 @@ class PPOTrainer:
 
             ptx = torch.from_numpy(corpus_tokens(cfg, tok).astype(np.int64))
         if cfg.ppo.algorithm != "ppo":  # critic-free: no value model is built (value_init is not read)
-            return cls(cfg, model_from_checkpoint(policy_init, device=cfg.device), None, tok, round_, ptx)
-        return cls(cfg, model_from_checkpoint(policy_init, device=cfg.device),
-                   model_from_checkpoint(value_init, scalar_head=True, device=cfg.device), tok, round_, ptx)
+            return cls(cfg, with_lora(cfg, model_from_checkpoint(policy_init, device=cfg.device)), None, tok, round_, ptx)
+        # The value model is a second network (the reward model's backbone + scalar head), not a value head on
+        # the policy's trunk: InstructGPT initialises it from the RM, so V starts out knowing what scores well,
+        # and the policy's gradient never has to share a trunk with a regression target. Under LoRA its
+        # cost is one more forward/backward through frozen weights (and one more copy of them in memory).
+        return cls(cfg, with_lora(cfg, model_from_checkpoint(policy_init, device=cfg.device)),
+                   with_lora(cfg, model_from_checkpoint(value_init, scalar_head=True, device=cfg.device)),
+                   tok, round_, ptx)
+
+    def push_state(self) -> dict[str, torch.Tensor]:
+        """What a weight push carries: the LoRA adapters only when the policy has them (policy-inference
+        holds the same base weights and applies them), else the whole state dict."""
+        from chatrl.services.core.lora import adapter_state_dict, is_lora
+
+        return adapter_state_dict(self.policy) if is_lora(self.policy) else self.policy.state_dict()
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, final: bool = False, metrics: dict | None = None) -> Checkpoint:

@@ -15,11 +15,11 @@ import torch
 from chatrl.services.core.checkpoint import atomic_write_bytes
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.formats import read_corpus
-from chatrl.services.core.model import GPT, GPTConfig, autocast
+from chatrl.services.core.model import GPT, autocast
 from chatrl.services.core.seeding import derive_seed
 from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.trainer import algos
-from chatrl.services.trainer.stages.common import Reporter, StageResult, run_dir
+from chatrl.services.trainer.stages.common import Reporter, StageResult, check_run_model, run_dir, save_stage
 from chatrl.services.trainer.stages.data import resolve_data
 from chatrl.services.trainer.stages.supervised import Schedule, SupervisedTask, finished, train
 
@@ -105,11 +105,30 @@ def lm_window_loss(model: GPT, xb: torch.Tensor, cfg: RunConfig) -> torch.Tensor
     return algos.lm_loss(logits.float(), xb[:, 1:])
 
 
+def import_hf(cfg: RunConfig, reporter: Reporter) -> StageResult:
+    """``model.path`` set: the pre-trained model *is* the HF model — it is imported as this stage's final
+    checkpoint (architecture "hf" in the manifest, weights as loaded, no training), so SFT starts from a
+    checkpoint like any other and the evaluation has its "base" row."""
+    from chatrl.services.core.build import open_model
+
+    t0 = time.perf_counter()
+    model, tok = open_model(cfg.model.path)
+    metrics = {"params": float(model.num_params()), "seconds": time.perf_counter() - t0}
+    ck = save_stage(cfg, STAGE, 0, model, tok, None, {"metrics": metrics, "imported_from": str(cfg.model.path)},
+                    final=True)
+    reporter.log(f"pretrain: imported {cfg.model.path} ({model.cfg.model_type}, {model.num_params() / 1e6:.1f}M "
+                 f"params) as {ck.path} in {metrics['seconds']:.1f}s — no pre-training")
+    return StageResult(STAGE, ck.path, metrics, metrics["seconds"])
+
+
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or Reporter()
     pc = cfg.pretrain
     if (done := finished(cfg, STAGE, reporter)) is not None:
         return done
+    if cfg.model.path:
+        check_run_model(cfg)
+        return import_hf(cfg, reporter)
     tok = build_tokenizer(cfg, reporter)
     if cfg.model.vocab_size != tok.vocab_size:
         cfg.model.vocab_size = tok.vocab_size
@@ -119,7 +138,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> StageResult:
     n_eval = max(pc.seq_len * 8, len(data) // 50)
     train_tokens, held = data[:-n_eval], data[-n_eval:]
     torch.manual_seed(derive_seed(cfg.seed, STAGE, "init"))  # the initial weights depend on the seed only
-    model = GPT(GPTConfig(**cfg.model.to_dict())).to(cfg.device)
+    model = GPT(cfg.model.gpt_config()).to(cfg.device)
     sched = Schedule(pc.steps, pc.lr, pc.warmup_steps, pc.min_lr_ratio, pc.weight_decay, pc.grad_clip,
                      pc.log_every, pc.ckpt_every)
     return train(cfg, PretrainTask(cfg, train_tokens, held), model, tok, sched, reporter,

@@ -30,10 +30,12 @@ from chatrl.services.trainer import algos, labels
 from chatrl.services.trainer.stages.common import (
     Reporter,
     StageResult,
+    check_run_model,
     model_from_checkpoint,
     previous_stage,
     run_dir,
     tokenizer_from_checkpoint,
+    with_lora,
 )
 from chatrl.services.trainer.stages.data import resolve_data
 from chatrl.services.trainer.stages.supervised import (
@@ -112,6 +114,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None, init: str | None = Non
     rc = cfg.reward
     if (done := finished(cfg, stage, reporter)) is not None:
         return done
+    check_run_model(cfg)
     base = previous_stage(cfg, "sft", init)
     tok = tokenizer_from_checkpoint(base)
     if rankings is None:
@@ -122,7 +125,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None, init: str | None = Non
     if len(rankings) < 2:
         raise ValueError(f"reward model needs at least 2 rankings, got {len(rankings)}")
     torch.manual_seed(derive_seed(cfg.seed, stage, "init"))  # the fresh scalar head depends on the seed only
-    model = model_from_checkpoint(base, scalar_head=True, device=cfg.device)
+    model = with_lora(cfg, model_from_checkpoint(base, scalar_head=True, device=cfg.device))
     enc = encode_rankings(tok, rankings, model.cfg.max_seq_len)
     perm = torch.randperm(len(enc), generator=torch.Generator().manual_seed(
         derive_seed(cfg.seed, stage, "held-out"))).tolist()

@@ -17,9 +17,11 @@ from chatrl.services.trainer import algos
 from chatrl.services.trainer.stages.common import (
     Reporter,
     StageResult,
+    check_run_model,
     model_from_checkpoint,
     previous_stage,
     tokenizer_from_checkpoint,
+    with_lora,
 )
 from chatrl.services.trainer.stages.data import resolve_data
 from chatrl.services.trainer.stages.supervised import (
@@ -103,9 +105,10 @@ def run(cfg: RunConfig, reporter: Reporter | None = None, init: str | None = Non
     sc = cfg.sft
     if (done := finished(cfg, STAGE, reporter)) is not None:
         return done
+    check_run_model(cfg)
     base = previous_stage(cfg, "pretrain", init)
     tok = tokenizer_from_checkpoint(base)
-    model = model_from_checkpoint(base, device=cfg.device)
+    model = with_lora(cfg, model_from_checkpoint(base, device=cfg.device))
     data = encode_conversations(tok, load_sft(resolve_data(cfg).sft), min(sc.max_len, model.cfg.max_seq_len))
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(
         derive_seed(cfg.seed, STAGE, "held-out"))).tolist()
