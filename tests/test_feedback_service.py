@@ -322,7 +322,8 @@ def test_labeling_page(tmp_path):
                 return e.code, e.read().decode()
 
         status, page = req("/")
-        assert status == 200 and "Rank the responses" in page and "/api/rankings" in page
+        assert status == 200 and "chatrl labeling" in page and "/static/app.js" in page
+        assert "/api/rankings" in req("/static/app.js")[1]
         assert req("/api/next?labeler_id=web-alice", token="")[0] == 401  # leasing needs the token too
         status, body = req("/api/next?labeler_id=web-alice")
         task = json.loads(body)["task"]

@@ -94,7 +94,7 @@ def test_rank_flow_and_stats(store):
     t1, t2 = _task(store, "p1", k=4), _task(store, "p2", k=2)
     st = store.stats()
     assert st == {"prompts": 2, "open_tasks": 2, "tasks": 2, "rankings": 0, "demonstrations": 0,
-                  "rankings_sequence": 0}
+                  "rankings_sequence": 0, "skips": 0}
     task, remaining = store.next_task("alice")
     assert task["task_id"] == t1 and remaining == 1 and task["prompt"] == "p1"
     assert len(task["responses"]) == 4 and task["policy_model_version"] == 7
@@ -263,7 +263,7 @@ def test_task_and_prompt_errors(store):
     with _err("invalid", "samples[0].responses"):
         store.create_comparison_tasks(["p"], [], 4, lambda t, k: ([["a"]], [[True]], 1))
     assert store.stats() == {"prompts": 0, "open_tasks": 0, "tasks": 0, "rankings": 0, "demonstrations": 0,
-                             "rankings_sequence": 0}
+                             "rankings_sequence": 0, "skips": 0}
 
 
 def test_export_errors(store):

@@ -53,6 +53,7 @@ EXPECTED = {
             "NextTask": (False, False),
             "SubmitRanking": (False, False),
             "SubmitDemonstration": (False, False),
+            "SkipTask": (False, False),
             "Export": (False, True),
             "GetStats": (False, False),
         }

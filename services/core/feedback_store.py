@@ -12,7 +12,16 @@ of ``services/trainer/labels.py``.
   *open* while it has fewer than ``rankings_per_task`` rankings. ``next_task`` leases an open task to
   one labeler for ``lease_seconds``; while the lease runs no other labeler receives it; an expired lease
   returns the task to the pool. A labeler never receives a task they have already ranked.
-- **Rankings**: a permutation of 0..K-1, best first; one per (task, labeler).
+- **Multi-turn prompts**: a prompt may be a conversation ending with a user turn (``messages``; its
+  ``text`` is the rendering "User: …\n\nAssistant: …"); the K responses are candidate next assistant
+  turns. A single-turn prompt is one user message.
+- **Rankings**: a permutation of 0..K-1, best first; one per (task, labeler); optionally ties
+  (``tied_with_next``: K-1 booleans, a tied pair yields no preference pair) and a per-response
+  assessment (a 1..7 rating, 0 = unrated, and flags from :data:`FLAGS`).
+- **Skips**: a labeler passes on a task with a reason; it is not offered to them again.
+- **Overlap** (agreement): a fraction ``overlap_fraction`` of new tasks, chosen by their id, stays
+  open until ``overlap_labelers`` distinct labelers ranked it, so that :meth:`agreement` has pairs of
+  rankings of the same task to compare (``services/core/agreement.py``).
 - **Demonstrations**: a conversation whose last message is the ideal assistant turn.
 - **Idempotency**: every submission carries a client-chosen ``submission_id``. Re-submitting the same
   content returns the original id with ``duplicate=True``; the same id with different content is a
@@ -44,8 +53,12 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROLES = ("system", "user", "assistant")
+# what can be wrong with a response (feedback.proto ResponseFlag, lower-case without the prefix)
+FLAGS = ("fails_instruction", "made_up_facts", "harmful", "unfinished")
+MAX_RATING = 7  # ratings are 1..MAX_RATING; 0 = not rated
+MAX_REASON_CHARS = 1000  # a skip's reason
 EXPORT_KINDS = ("rankings", "demonstrations", "prompts")
 MAX_PROMPT_CHARS = 20_000
 # caps on what a caller may store (issue 11): every field is bounded before it reaches the database lock
@@ -99,8 +112,26 @@ CREATE TABLE demonstrations (
 CREATE INDEX demonstrations_created ON demonstrations(created_us);
 """
 
+# Issue 13: conversations as prompts, ties/ratings/flags, skips, tasks that need several labelers.
+_SCHEMA_V2 = """
+ALTER TABLE prompts ADD COLUMN messages TEXT;          -- JSON conversation (ends with a user turn), NULL = text
+ALTER TABLE tasks ADD COLUMN needed INTEGER NOT NULL DEFAULT 0;  -- rankings it needs, 0 = rankings_per_task
+ALTER TABLE rankings ADD COLUMN tied_with_next TEXT;    -- JSON list of K-1 booleans, NULL = no ties
+ALTER TABLE rankings ADD COLUMN assessments TEXT;       -- JSON list of K {"rating","flags"}, NULL = none
+CREATE TABLE skips (
+    id             TEXT PRIMARY KEY,
+    task_id        TEXT NOT NULL REFERENCES tasks(id),
+    labeler_id     TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    submission_id  TEXT NOT NULL UNIQUE,
+    created_us     INTEGER NOT NULL,
+    UNIQUE (task_id, labeler_id)
+);
+CREATE INDEX rankings_labeler ON rankings(labeler_id);
+"""
+
 # version -> SQL that upgrades the schema from version-1 to version.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 class StoreError(Exception):
@@ -181,8 +212,9 @@ def check_ranking(ranking: Sequence[int], k: int, field: str = "ranking") -> lis
     return r
 
 
-def check_messages(messages, field: str = "messages") -> list[dict]:
-    """Conversation as [{"role","content"}]: non-empty, known roles, non-empty contents, last turn assistant."""
+def check_messages(messages, field: str = "messages", last: str = "assistant") -> list[dict]:
+    """Conversation as [{"role","content"}]: non-empty, known roles, non-empty contents, last turn ``last``
+    (a demonstration ends with the assistant turn; a prompt with the user turn the responses answer)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise _invalid(field, "must be a non-empty list of messages")
     if len(messages) > MAX_MESSAGES:
@@ -204,10 +236,61 @@ def check_messages(messages, field: str = "messages") -> list[dict]:
         if total > MAX_DEMO_CHARS:
             raise _invalid(field, f"must be at most {MAX_DEMO_CHARS} characters in all")
         out.append({"role": role, "content": content})
-    if out[-1]["role"] != "assistant":
-        raise _invalid(f"{field}[{len(out) - 1}].role", "the last message must be the assistant turn, "
+    if out[-1]["role"] != last:
+        raise _invalid(f"{field}[{len(out) - 1}].role", f"the last message must be the {last} turn, "
                        f"got {out[-1]['role']!r}")
     return out
+
+
+def render_conversation(messages: Sequence[dict]) -> str:
+    """A conversation prompt as one text (its prompt-pool key and what a plain-text reader sees)."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def check_ties(tied_with_next, k: int, field: str = "tied_with_next") -> list[bool] | None:
+    """None/empty (no ties) or K-1 booleans."""
+    if not tied_with_next:
+        return None
+    if isinstance(tied_with_next, (str, bytes)) or len(tied_with_next) != k - 1 or \
+            not all(isinstance(b, bool) for b in tied_with_next):
+        raise _invalid(field, f"must be empty or {k - 1} booleans (one per adjacent pair of the ranking)")
+    return list(tied_with_next) if any(tied_with_next) else None
+
+
+def check_assessments(assessments, k: int, field: str = "assessments") -> list[dict] | None:
+    """None/empty or K {"rating": 0..7, "flags": [distinct names from FLAGS]} (by response index)."""
+    if not assessments:
+        return None
+    if isinstance(assessments, (str, bytes, dict)) or len(assessments) != k:
+        raise _invalid(field, f"must be empty or {k} assessments (one per response)")
+    out = []
+    for i, a in enumerate(assessments):
+        if not isinstance(a, dict):
+            raise _invalid(f"{field}[{i}]", "must be an object with rating and flags")
+        rating, flags = a.get("rating", 0), a.get("flags", [])
+        if isinstance(rating, bool) or not isinstance(rating, int) or not 0 <= rating <= MAX_RATING:
+            raise _invalid(f"{field}[{i}].rating", f"must be an integer 1..{MAX_RATING} (0 = not rated), got "
+                           f"{str(rating)[:20]!r}")
+        if not isinstance(flags, (list, tuple)) or len(flags) > len(FLAGS) or \
+                not all(isinstance(f, str) and f in FLAGS for f in flags) or len(set(flags)) != len(flags):
+            raise _invalid(f"{field}[{i}].flags", f"must be distinct names from {list(FLAGS)}")
+        out.append({"rating": rating, "flags": sorted(flags, key=FLAGS.index)})
+    return out
+
+
+def untied_pairs(k: int, tied_with_next: Sequence[bool] | None) -> int:
+    """Preference pairs a ranking yields: C(K,2) less the pairs inside each group of tied responses."""
+    groups, run = [], 1
+    for tied in tied_with_next or []:
+        if tied:
+            run += 1
+        else:
+            groups.append(run)
+            run = 1
+    groups.append(run)
+    return k * (k - 1) // 2 - sum(g * (g - 1) // 2 for g in groups)
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -227,8 +310,9 @@ def _db_error(e: BaseException) -> StoreError:
     return StoreError("unavailable", "", f"the label database failed ({e}); nothing was stored; retry")
 
 
-Sampler = Callable[[list[str], int], tuple[list[list[str]], list[list[bool]], int]]
-"""(prompt texts, k) → (K responses per prompt, K finished flags per prompt, policy model version)."""
+Sampler = Callable[[list, int], tuple[list[list[str]], list[list[bool]], int]]
+"""(prompts, k) → (K responses per prompt, K finished flags per prompt, policy model version). A prompt is
+its text (one user turn), or for a multi-turn prompt the conversation: a list of {"role","content"}."""
 
 
 class FeedbackStore:
@@ -237,10 +321,17 @@ class FeedbackStore:
 
     def __init__(self, path: str | Path, *, lease_seconds: float = 600.0, rankings_per_task: int = 1,
                  clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0, max_k: int = MAX_K,
-                 max_db_mb: float = 0) -> None:
+                 max_db_mb: float = 0, overlap_fraction: float = 0.0, overlap_labelers: int = 2) -> None:
         """``max_k``: most responses per task (and entries per ranking); ``max_db_mb`` > 0 caps the
         database file (SQLite ``max_page_count``): a write that does not fit answers ``exhausted``, as a
-        full disk does, and later writes that fit work (keep it below the volume's size)."""
+        full disk does, and later writes that fit work (keep it below the volume's size).
+        ``overlap_fraction`` of new tasks need ``overlap_labelers`` distinct rankings (agreement)."""
+        if not 0.0 <= overlap_fraction <= 1.0:
+            raise ValueError(f"overlap_fraction must be in [0, 1], got {overlap_fraction}")
+        if overlap_labelers < 2:
+            raise ValueError(f"overlap_labelers must be >= 2, got {overlap_labelers}")
+        self.overlap_fraction, self.overlap_labelers = float(overlap_fraction), int(overlap_labelers)
+        self._agreement_cache: tuple[int, dict] | None = None
         if lease_seconds <= 0 or not math.isfinite(lease_seconds):
             raise ValueError(f"lease_seconds must be a positive number, got {lease_seconds}")
         if rankings_per_task < 1:
@@ -276,6 +367,10 @@ class FeedbackStore:
     def _migrate(self) -> None:
         with self._tx() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            # idempotency keys of CreateComparisonTasks → the JSON of the first result (outside the
+            # numbered migrations: any schema version may gain it)
+            db.execute("CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, result TEXT NOT NULL, "
+                       "created_us INTEGER NOT NULL)")
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             have = int(row[0]) if row else 0
             if have > SCHEMA_VERSION:
@@ -352,13 +447,26 @@ class FeedbackStore:
             raise _invalid(field, f"is too long ({len(text)} characters, at most {MAX_PROMPT_CHARS})")
         return text
 
-    def _upsert_prompt(self, db: sqlite3.Connection, text: str, source: str, now: int) -> tuple[str, bool]:
+    def _upsert_prompt(self, db: sqlite3.Connection, text: str, source: str, now: int,
+                       messages: list[dict] | None = None) -> tuple[str, bool]:
+        """``messages``: a multi-turn prompt (``text`` is then its rendering, the pool's key)."""
         row = db.execute("SELECT id FROM prompts WHERE text=?", (text,)).fetchone()
         if row:
             return row[0], False
         pid = _new_id("p")
-        db.execute("INSERT INTO prompts(id, text, source, created_us) VALUES (?,?,?,?)", (pid, text, source, now))
+        multi = messages is not None and render_conversation(messages) != messages[-1]["content"]
+        db.execute("INSERT INTO prompts(id, text, source, created_us, messages) VALUES (?,?,?,?,?)",
+                   (pid, text, source, now, json.dumps(messages, ensure_ascii=False) if multi else None))
         return pid, True
+
+    @staticmethod
+    def _check_conversation(messages, field: str) -> tuple[str, list[dict]]:
+        """(its text, the checked conversation) of a multi-turn prompt, which ends with a user turn."""
+        msgs = check_messages(messages, field, last="user")
+        text = render_conversation(msgs)
+        if len(text) > MAX_DEMO_CHARS:
+            raise _invalid(field, f"must be at most {MAX_DEMO_CHARS} characters in all")
+        return text, msgs
 
     def add_prompts(self, prompts: Sequence[str | tuple[str, str]], field: str = "prompts") -> tuple[list[str], int]:
         """Adds prompts (text, or (text, source)); returns (one id per prompt in order, how many were new)."""
@@ -399,17 +507,28 @@ class FeedbackStore:
             raise _invalid(f"{field}.finished", f"must be {k} booleans")
         return list(responses), fin
 
+    def _overlaps(self, task_id: str) -> bool:
+        """Whether a new task goes to several labelers: its random id decides, so a fraction
+        ``overlap_fraction`` of tasks does, with no state to keep."""
+        return int(task_id.rsplit("_", 1)[-1][:8], 16) / 0x100000000 < self.overlap_fraction
+
     def _insert_task(self, db, prompt_id: str, k: int, responses, finished, version: int, now: int) -> str:
         tid = _new_id("t")
-        db.execute("INSERT INTO tasks(id, prompt_id, k, responses, finished, policy_model_version, created_us) "
-                   "VALUES (?,?,?,?,?,?,?)",
+        needed = self.overlap_labelers if self._overlaps(tid) else 0
+        db.execute("INSERT INTO tasks(id, prompt_id, k, responses, finished, policy_model_version, created_us, "
+                   "needed) VALUES (?,?,?,?,?,?,?,?)",
                    (tid, prompt_id, k, json.dumps(responses, ensure_ascii=False), json.dumps(finished),
-                    int(version), now))
+                    int(version), now, needed))
         return tid
 
-    def create_tasks(self, tasks: Sequence[dict], policy_model_version: int = 0) -> list[str]:
-        """Creates ranking tasks from ready samples. Each item: {"prompt" or "prompt_id", "responses",
-        optional "finished", optional "source"}. K is len(responses) and must be >= 2."""
+    def create_tasks(self, tasks: Sequence[dict], policy_model_version: int = 0,
+                     lease_to: str | None = None) -> list[str]:
+        """Creates ranking tasks from ready samples. Each item: {"prompt" (text), "messages" (a multi-turn
+        prompt ending with a user turn) or "prompt_id", "responses", optional "finished", optional
+        "source"}. K is len(responses) and must be >= 2. ``lease_to``: lease them to this labeler at once
+        (the labeling app's chat-then-compare: the labeler who asked for alternatives ranks them)."""
+        if lease_to is not None:
+            _nonempty(lease_to, "labeler_id")
         if not tasks:
             raise _invalid("tasks", "must not be empty")
         checked = []
@@ -423,6 +542,9 @@ class FeedbackStore:
             resp, fin = self._check_samples(k, resp, t.get("finished"), f"tasks[{i}]")
             if t.get("prompt_id"):
                 checked.append(("id", t["prompt_id"], k, resp, fin, i))
+            elif t.get("messages") is not None:
+                text, msgs = self._check_conversation(t["messages"], f"tasks[{i}].messages")
+                checked.append(("chat", (text, t.get("source") or "", msgs), k, resp, fin, i))
             else:
                 text = self._check_prompt(t.get("prompt"), f"tasks[{i}].prompt")
                 if len(str(t.get("source") or "")) > MAX_SOURCE_CHARS:
@@ -437,31 +559,43 @@ class FeedbackStore:
                         raise StoreError("not_found", f"tasks[{i}].prompt_id", f"no prompt with id {p!r}")
                     pid = p
                 else:
-                    pid, _ = self._upsert_prompt(db, p[0], p[1], now)
+                    pid, _ = self._upsert_prompt(db, p[0], p[1], now, p[2] if how == "chat" else None)
                 ids.append(self._insert_task(db, pid, k, resp, fin, policy_model_version, now))
+            if lease_to is not None:
+                db.executemany("UPDATE tasks SET lease_labeler=?, lease_expires_us=? WHERE id=?",
+                               [(lease_to, now + self.lease_us, tid) for tid in ids])
         return ids
 
     def create_comparison_tasks(self, prompts: Sequence[str], prompt_ids: Sequence[str], k: int,
-                                sampler: Sampler, source: str = "") -> tuple[list[str], int]:
+                                sampler: Sampler, source: str = "", conversations: Sequence = (),
+                                request_id: str = "") -> tuple[list[str], int]:
         """Validates the request, asks ``sampler`` for K samples per prompt (outside the lock), then
-        stores new prompt texts and one task per prompt in one transaction. Returns (task ids in request
-        order: prompts first, then prompt_ids; the policy model version)."""
+        stores new prompts and one task per prompt in one transaction. ``conversations``: multi-turn
+        prompts (lists of {"role","content"} ending with a user turn). Returns (task ids in request
+        order: prompts, then prompt_ids, then conversations; the policy model version). A ``request_id``
+        seen before returns that request's result and creates nothing (a client's retry)."""
+        if request_id:
+            _nonempty(request_id, "request_id", 64)
+            first = self._request_result(request_id)
+            if first is not None:
+                return first
         if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= self.max_k:
             raise _invalid("k", f"must be in [2, {self.max_k}] (responses to rank per prompt), got {k}")
         if len(source) > MAX_SOURCE_CHARS:
             raise _invalid("source", f"must be at most {MAX_SOURCE_CHARS} characters")
-        if not prompts and not prompt_ids:
-            raise _invalid("prompts", "no prompts given (set prompts or prompt_ids)")
+        if not prompts and not prompt_ids and not conversations:
+            raise _invalid("prompts", "no prompts given (set prompts, prompt_ids or conversations)")
         texts = [self._check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        chats = [self._check_conversation(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
         for i, pid in enumerate(prompt_ids):
             _nonempty(pid, f"prompt_ids[{i}]")
-        rows = {r["id"]: r["text"] for r in self._read(
-            f"SELECT id, text FROM prompts WHERE id IN ({','.join('?' * len(prompt_ids))})", list(prompt_ids))} \
-            if prompt_ids else {}
+        rows = {r["id"]: (r["text"] if r["messages"] is None else json.loads(r["messages"])) for r in self._read(
+            f"SELECT id, text, messages FROM prompts WHERE id IN ({','.join('?' * len(prompt_ids))})",
+            list(prompt_ids))} if prompt_ids else {}
         for i, pid in enumerate(prompt_ids):
             if pid not in rows:
                 raise StoreError("not_found", f"prompt_ids[{i}]", f"no prompt with id {pid!r}")
-        all_texts = texts + [rows[pid] for pid in prompt_ids]
+        all_texts = texts + [rows[pid] for pid in prompt_ids] + [m for _, m in chats]
         responses, finished, version = sampler(all_texts, k)
         if len(responses) != len(all_texts) or len(finished) != len(all_texts):
             raise StoreError("unavailable", "", f"policy returned samples for {len(responses)} prompts, "
@@ -470,30 +604,53 @@ class FeedbackStore:
                    enumerate(zip(responses, finished))]
         ids = []
         with self._tx() as db:
+            if request_id:  # an attempt of the same request committed while this one sampled
+                row = db.execute("SELECT result FROM requests WHERE id=?", (request_id,)).fetchone()
+                if row is not None:
+                    first = json.loads(row[0])
+                    return first["task_ids"], first["version"]
             now = self._now()
-            pids = [self._upsert_prompt(db, t, source, now)[0] for t in texts] + list(prompt_ids)
+            pids = [self._upsert_prompt(db, t, source, now)[0] for t in texts] + list(prompt_ids) + \
+                [self._upsert_prompt(db, t, source, now, m)[0] for t, m in chats]
             for pid, (resp, fin) in zip(pids, samples):
                 ids.append(self._insert_task(db, pid, k, resp, fin, version, now))
+            if request_id:
+                db.execute("INSERT INTO requests(id, result, created_us) VALUES (?,?,?)",
+                           (request_id, json.dumps({"task_ids": ids, "version": int(version)}), now))
         return ids, int(version)
+
+    def _request_result(self, request_id: str) -> tuple[list[str], int] | None:
+        rows = self._read("SELECT result FROM requests WHERE id=?", (request_id,))
+        if not rows:
+            return None
+        first = json.loads(rows[0][0])
+        return first["task_ids"], first["version"]
+
+    @staticmethod
+    def _messages(text: str, messages: str | None) -> list[dict]:
+        return json.loads(messages) if messages else [{"role": "user", "content": text}]
 
     @staticmethod
     def _task_dict(r: sqlite3.Row) -> dict:
         return {"task_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["text"],
+                "messages": FeedbackStore._messages(r["text"], r["messages"]),
                 "responses": json.loads(r["responses"]), "finished": json.loads(r["finished"]),
                 "policy_model_version": r["policy_model_version"], "created_us": r["created_us"],
                 "lease_labeler": r["lease_labeler"], "lease_expires_us": r["lease_expires_us"],
                 "n_rankings": r["n_rankings"]}
 
     def get_task(self, task_id: str) -> dict:
-        rows = self._read("SELECT t.*, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id WHERE t.id=?",
+        rows = self._read("SELECT t.*, p.text, p.messages FROM tasks t JOIN prompts p ON p.id = t.prompt_id WHERE t.id=?",
                           (task_id,))
         if not rows:
             raise StoreError("not_found", "task_id", f"no task with id {task_id!r}")
         return self._task_dict(rows[0])
 
-    # Tasks a labeler may receive: open, not ranked by them, not leased to someone else right now.
-    _AVAILABLE = ("FROM tasks t WHERE t.n_rankings < ? "
+    # Tasks a labeler may receive: open (fewer rankings than it needs), not ranked or skipped by them, not
+    # leased to someone else right now. Arguments: rankings_per_task, labeler x3, now.
+    _AVAILABLE = ("FROM tasks t WHERE t.n_rankings < MAX(t.needed, ?) "
                   "AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.task_id = t.id AND r.labeler_id = ?) "
+                  "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.task_id = t.id AND s.labeler_id = ?) "
                   "AND (t.lease_labeler IS NULL OR t.lease_labeler = ? OR t.lease_expires_us <= ?)")
 
     def next_task(self, labeler_id: str) -> tuple[dict | None, int]:
@@ -502,7 +659,7 @@ class FeedbackStore:
         _nonempty(labeler_id, "labeler_id")
         with self._tx() as db:
             now = self._now()
-            args = (self.rankings_per_task, labeler_id, labeler_id, now)
+            args = (self.rankings_per_task, labeler_id, labeler_id, labeler_id, now)
             row = db.execute(f"SELECT t.id {self._AVAILABLE} ORDER BY COALESCE(t.lease_labeler = ? AND "
                              "t.lease_expires_us > ?, 0) DESC, t.created_us, t.rowid LIMIT 1",
                              (*args, labeler_id, now)).fetchone()
@@ -511,23 +668,30 @@ class FeedbackStore:
                 return None, 0
             db.execute("UPDATE tasks SET lease_labeler=?, lease_expires_us=? WHERE id=?",
                        (labeler_id, now + self.lease_us, row[0]))
-            task = db.execute("SELECT t.*, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id "
+            task = db.execute("SELECT t.*, p.text, p.messages FROM tasks t JOIN prompts p ON p.id = t.prompt_id "
                               "WHERE t.id=?", (row[0],)).fetchone()
             return self._task_dict(task), total - 1
 
     # -- submissions ---------------------------------------------------------------------------
 
-    def _other_kind_uses(self, db, table: str, submission_id: str) -> None:
-        if db.execute(f"SELECT 1 FROM {table} WHERE submission_id=?", (submission_id,)).fetchone():
-            raise StoreError("conflict", "submission_id",
-                             f"{submission_id!r} was already used for a {table[:-1]} submission")
+    def _other_kind_uses(self, db, own: str, submission_id: str) -> None:
+        for table in ("rankings", "demonstrations", "skips"):
+            if table != own and db.execute(f"SELECT 1 FROM {table} WHERE submission_id=?",
+                                           (submission_id,)).fetchone():
+                raise StoreError("conflict", "submission_id",
+                                 f"{submission_id!r} was already used for a {table[:-1]} submission")
 
-    def submit_ranking(self, submission_id: str, task_id: str, labeler_id: str,
-                       ranking: Sequence[int]) -> tuple[str, bool, int]:
-        """Stores a ranking (best first). Returns (ranking id, duplicate, preference pairs C(K,2)).
+    def submit_ranking(self, submission_id: str, task_id: str, labeler_id: str, ranking: Sequence[int],
+                       tied_with_next: Sequence[bool] | None = None, assessments: Sequence[dict] | None = None
+                       ) -> tuple[str, bool, int]:
+        """Stores a ranking (best first), its ties (K-1 booleans) and assessments (K {"rating","flags"}),
+        both optional. Returns (ranking id, duplicate, preference pairs: C(K,2) less tied pairs).
         Everything about the request is checked before the lock (sizes first); under it only the
         comparison with the task's K, in O(K)."""
         ranking = _bounded_ranking(ranking, self.max_k)
+        for name, v in (("tied_with_next", tied_with_next), ("assessments", assessments)):
+            if v is not None and (isinstance(v, (str, bytes, dict)) or len(v) > self.max_k):
+                raise _invalid(name, f"must be a list of at most {self.max_k} entries")
         _nonempty(submission_id, "submission_id")
         _nonempty(task_id, "task_id")
         _nonempty(labeler_id, "labeler_id")
@@ -535,29 +699,67 @@ class FeedbackStore:
             prev = db.execute("SELECT r.*, t.k FROM rankings r JOIN tasks t ON t.id = r.task_id "
                               "WHERE r.submission_id=?", (submission_id,)).fetchone()
             if prev is not None:
+                k = prev["k"]
+                ties = check_ties(tied_with_next, k) if len(ranking) == k else "mismatch"
                 same = (prev["task_id"] == task_id and prev["labeler_id"] == labeler_id
-                        and json.loads(prev["ranking"]) == ranking)
+                        and json.loads(prev["ranking"]) == ranking
+                        and json.loads(prev["tied_with_next"] or "null") == ties
+                        and json.loads(prev["assessments"] or "null") == check_assessments(assessments, k))
                 if not same:
                     raise StoreError("conflict", "submission_id", f"{submission_id!r} was already used for a "
-                                     "different ranking (task, labeler or order differ)")
-                return prev["id"], True, prev["k"] * (prev["k"] - 1) // 2
-            self._other_kind_uses(db, "demonstrations", submission_id)
+                                     "different ranking (task, labeler, order, ties or assessments differ)")
+                return prev["id"], True, untied_pairs(k, ties)
+            self._other_kind_uses(db, "rankings", submission_id)
             task = db.execute("SELECT id, k, lease_labeler FROM tasks WHERE id=?", (task_id,)).fetchone()
             if task is None:
                 raise StoreError("not_found", "task_id", f"no task with id {task_id!r}")
             k = task["k"]
             ranking = check_ranking(ranking, k)
+            ties = check_ties(tied_with_next, k)
+            judged = check_assessments(assessments, k)
             if db.execute("SELECT 1 FROM rankings WHERE task_id=? AND labeler_id=?",
                           (task_id, labeler_id)).fetchone():
                 raise StoreError("conflict", "task_id", f"task {task_id!r} was already ranked by labeler "
                                  f"{labeler_id!r} (under another submission_id)")
             rid = _new_id("r")
-            db.execute("INSERT INTO rankings(id, task_id, labeler_id, ranking, submission_id, created_us) "
-                       "VALUES (?,?,?,?,?,?)",
-                       (rid, task_id, labeler_id, json.dumps(ranking), submission_id, self._now()))
+            db.execute("INSERT INTO rankings(id, task_id, labeler_id, ranking, submission_id, created_us, "
+                       "tied_with_next, assessments) VALUES (?,?,?,?,?,?,?,?)",
+                       (rid, task_id, labeler_id, json.dumps(ranking), submission_id, self._now(),
+                        None if ties is None else json.dumps(ties),
+                        None if judged is None else json.dumps(judged)))
             lease_clear = ", lease_labeler=NULL, lease_expires_us=NULL" if task["lease_labeler"] == labeler_id else ""
             db.execute(f"UPDATE tasks SET n_rankings = n_rankings + 1{lease_clear} WHERE id=?", (task_id,))
-            return rid, False, k * (k - 1) // 2
+            return rid, False, untied_pairs(k, ties)
+
+    def skip_task(self, submission_id: str, task_id: str, labeler_id: str, reason: str) -> tuple[str, bool]:
+        """Records that ``labeler_id`` passes on a task (and why): it is not offered to them again and their
+        lease ends. Returns (skip id, duplicate)."""
+        _nonempty(submission_id, "submission_id")
+        _nonempty(task_id, "task_id")
+        _nonempty(labeler_id, "labeler_id")
+        reason = _nonempty(reason, "reason", MAX_REASON_CHARS)
+        with self._tx() as db:
+            prev = db.execute("SELECT * FROM skips WHERE submission_id=?", (submission_id,)).fetchone()
+            if prev is not None:
+                if (prev["task_id"], prev["labeler_id"], prev["reason"]) != (task_id, labeler_id, reason):
+                    raise StoreError("conflict", "submission_id", f"{submission_id!r} was already used for a "
+                                     "different skip")
+                return prev["id"], True
+            self._other_kind_uses(db, "skips", submission_id)
+            task = db.execute("SELECT lease_labeler FROM tasks WHERE id=?", (task_id,)).fetchone()
+            if task is None:
+                raise StoreError("not_found", "task_id", f"no task with id {task_id!r}")
+            for table, what in (("rankings", "ranked"), ("skips", "skipped")):
+                if db.execute(f"SELECT 1 FROM {table} WHERE task_id=? AND labeler_id=?",
+                              (task_id, labeler_id)).fetchone():
+                    raise StoreError("conflict", "task_id", f"task {task_id!r} was already {what} by labeler "
+                                     f"{labeler_id!r}")
+            sid = _new_id("s")
+            db.execute("INSERT INTO skips(id, task_id, labeler_id, reason, submission_id, created_us) "
+                       "VALUES (?,?,?,?,?,?)", (sid, task_id, labeler_id, reason, submission_id, self._now()))
+            if task["lease_labeler"] == labeler_id:
+                db.execute("UPDATE tasks SET lease_labeler=NULL, lease_expires_us=NULL WHERE id=?", (task_id,))
+            return sid, False
 
     def submit_demonstration(self, submission_id: str, labeler_id: str, messages) -> tuple[str, bool]:
         """Stores a demonstration ([{"role","content"}], last turn assistant). Returns (id, duplicate)."""
@@ -571,7 +773,7 @@ class FeedbackStore:
                     raise StoreError("conflict", "submission_id", f"{submission_id!r} was already used for a "
                                      "different demonstration")
                 return prev["id"], True
-            self._other_kind_uses(db, "rankings", submission_id)
+            self._other_kind_uses(db, "demonstrations", submission_id)
             did = _new_id("d")
             db.execute("INSERT INTO demonstrations(id, labeler_id, messages, submission_id, created_us) "
                        "VALUES (?,?,?,?,?)",
@@ -601,12 +803,18 @@ class FeedbackStore:
 
     def export_rankings(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
         """Rows in the trainer's rankings format ({"prompt","responses","ranking","finished"}) plus metadata."""
-        sql = ("SELECT x.*, x.rowid AS rid, t.prompt_id, t.responses, t.finished, t.policy_model_version, p.text "
-               "FROM rankings x JOIN tasks t ON t.id = x.task_id JOIN prompts p ON p.id = t.prompt_id")
+        sql = ("SELECT x.*, x.rowid AS rid, t.prompt_id, t.responses, t.finished, t.policy_model_version, t.k, "
+               "p.text, p.messages FROM rankings x JOIN tasks t ON t.id = x.task_id "
+               "JOIN prompts p ON p.id = t.prompt_id")
         for r in self._paged(sql, to_us(since), limit, after_sequence):
+            k = r["k"]
+            judged = json.loads(r["assessments"]) if r["assessments"] else [{"rating": 0, "flags": []}] * k
             yield {"sequence": r["rid"], "ranking_id": r["id"], "task_id": r["task_id"], "prompt_id": r["prompt_id"],
-                   "prompt": r["text"], "responses": json.loads(r["responses"]),
+                   "prompt": r["text"], "messages": self._messages(r["text"], r["messages"]),
+                   "responses": json.loads(r["responses"]),
                    "ranking": json.loads(r["ranking"]), "finished": json.loads(r["finished"]),
+                   "tied_with_next": json.loads(r["tied_with_next"]) if r["tied_with_next"] else [False] * (k - 1),
+                   "ratings": [a["rating"] for a in judged], "flags": [a["flags"] for a in judged],
                    "labeler_id": r["labeler_id"], "submission_id": r["submission_id"],
                    "policy_model_version": r["policy_model_version"], "created_at": rfc3339(r["created_us"])}
 
@@ -668,8 +876,44 @@ class FeedbackStore:
         with self._lock:
             q = lambda sql, *a: self._db.execute(sql, a).fetchone()[0]  # noqa: E731
             return {"prompts": q("SELECT COUNT(*) FROM prompts"),
-                    "open_tasks": q("SELECT COUNT(*) FROM tasks WHERE n_rankings < ?", self.rankings_per_task),
+                    "open_tasks": q("SELECT COUNT(*) FROM tasks WHERE n_rankings < MAX(needed, ?)",
+                                    self.rankings_per_task),
+                    "skips": q("SELECT COUNT(*) FROM skips"),
                     "tasks": q("SELECT COUNT(*) FROM tasks"),
                     "rankings": q("SELECT COUNT(*) FROM rankings"),
                     "demonstrations": q("SELECT COUNT(*) FROM demonstrations"),
                     "rankings_sequence": q("SELECT COALESCE(MAX(rowid), 0) FROM rankings")}
+
+    def agreement(self) -> dict:
+        """Agreement between labelers over every task ranked by two or more of them (services/core/
+        agreement.py): {"overall": {"compared","pairwise","kendall_tau"}, "labelers": {id: the same}}.
+        Recomputed only when a ranking was stored since the last call."""
+        from chatrl.services.core import agreement
+
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM rankings").fetchone()[0]
+            if self._agreement_cache is not None and self._agreement_cache[0] == seq:
+                return self._agreement_cache[1]
+            rows = self._db.execute("SELECT r.task_id, r.labeler_id, r.ranking, r.tied_with_next FROM rankings r "
+                                    "JOIN tasks t ON t.id = r.task_id WHERE t.n_rankings >= 2 "
+                                    "ORDER BY r.rowid").fetchall()
+        overall, per = agreement.summarize(
+            (r["task_id"], r["labeler_id"], agreement.tiers(json.loads(r["ranking"]),
+                                                             json.loads(r["tied_with_next"] or "null")))
+            for r in rows)
+        out = {"overall": overall.as_dict(), "labelers": {k: v.as_dict() for k, v in per.items()}}
+        with self._lock:
+            self._agreement_cache = (seq, out)
+        return out
+
+    def labeler_stats(self, labeler_id: str) -> dict:
+        """One labeler's own counts and agreement with the others (what the labeling app shows them)."""
+        _nonempty(labeler_id, "labeler_id")
+        with self._lock:
+            q = lambda sql: self._db.execute(sql, (labeler_id,)).fetchone()[0]  # noqa: E731
+            counts = {"rankings": q("SELECT COUNT(*) FROM rankings WHERE labeler_id=?"),
+                      "skips": q("SELECT COUNT(*) FROM skips WHERE labeler_id=?"),
+                      "demonstrations": q("SELECT COUNT(*) FROM demonstrations WHERE labeler_id=?")}
+        none = {"compared": 0, "pairwise": 0.0, "kendall_tau": 0.0}
+        return {"labeler_id": labeler_id, **counts,
+                "agreement": self.agreement()["labelers"].get(labeler_id, none)}

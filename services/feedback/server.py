@@ -32,7 +32,7 @@ from chatrl.services.proto.chatrl.v1 import (
     policy_pb2,
     policy_pb2_grpc,
 )
-from chatrl.services.proto.enums import EXPORT_KIND, ROLE
+from chatrl.services.proto.enums import EXPORT_KIND, RESPONSE_FLAG, ROLE
 from chatrl.services.runtime import roles
 from chatrl.services.runtime.errors import ServiceError, domain_error, invalid, require
 from chatrl.services.runtime.logs import event
@@ -43,6 +43,21 @@ log = logging.getLogger("chatrl.feedback")
 
 _EXPORT_KINDS = {EXPORT_KIND.value(k): k for k in EXPORT_KIND.names}
 _ROLE_VALUES = {ROLE.value(r) for r in ROLE.names}
+_FLAG_NUMBERS = {RESPONSE_FLAG.value(f) for f in RESPONSE_FLAG.names}
+
+
+def _conversation(msgs: list[dict]) -> common_pb2.Conversation:
+    return common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=ROLE.value(m["role"]), content=m["content"])
+                                             for m in msgs])
+
+
+def _messages(conv: common_pb2.Conversation, field: str) -> list[dict]:
+    out = []
+    for i, m in enumerate(conv.messages):
+        if m.role not in _ROLE_VALUES:
+            raise invalid(f"{field}[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        out.append({"role": ROLE.name(m.role), "content": m.content})
+    return out
 
 
 @dataclass
@@ -56,12 +71,16 @@ class FeedbackConfig:
     max_prompts: int = 1024  # most prompts per CreateComparisonTasks / AddPrompts call
     lease_seconds: float = 600.0  # how long NextTask reserves a task for its labeler
     rankings_per_task: int = 1  # rankings (by distinct labelers) after which a task is no longer open
+    overlap_fraction: float = 0.0  # fraction of new tasks that go to overlap_labelers labelers (agreement)
+    overlap_labelers: int = 2  # distinct rankings an overlapping task needs (>= 2)
     export_batch_lines: int = 256  # JSONL lines per Export stream message (also capped at ~1 MiB)
     web_host: str = "127.0.0.1"  # labeling page bind address
     web_port: int = -1  # labeling page port; -1 = off, 0 = pick a free port
     web_allowed_hosts: list[str] = field(default_factory=list)  # Host names of the page (an ingress's); empty:
     #   loopback names on a loopback bind, any elsewhere
     web_max_threads: int = 32  # labeling-page requests handled at once (beyond: 503)
+    web_chat_max_new_tokens: int = 128  # longest reply the app's chat (and its alternatives) samples
+    web_alternatives_k: int = 4  # K of a chat-then-compare task: the shown reply + K-1 alternatives
     max_db_mb: float = 0  # > 0: cap the database file; writes beyond answer RESOURCE_EXHAUSTED (disk full)
 
 
@@ -91,6 +110,9 @@ class Metrics:
                                   "time to sample K responses for one CreateComparisonTasks call",
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
                                   registry=registry)
+        self.labels_by_labeler = Counter("chatrl_feedback_labeler_submissions_total",
+                                         "new labels stored through the labeling app, by kind", ["kind"],
+                                         registry=registry)
         registry.register(_StoreCounts(store))
 
     def submitted(self, kind: str, duplicate: bool) -> None:
@@ -115,10 +137,28 @@ class _StoreCounts:
         return fams
 
     def describe(self):  # names only: registering must not query the database
-        return self._families(None)
+        return (*self._families(None), *self._agreement({"overall": {"pairwise": 0, "kendall_tau": 0,
+                                                                     "compared": 0}, "labelers": {}}))
 
     def collect(self):
-        return self._families(self.store.stats())
+        yield from self._families(self.store.stats())
+        yield from self._agreement(self.store.agreement())
+
+    @staticmethod
+    def _agreement(a: dict):
+        """Agreement between labelers, overall and per labeler (InstructGPT reports ~73% pairwise)."""
+        pw = GaugeMetricFamily("chatrl_feedback_agreement_ratio", "mean pairwise agreement between labelers on "
+                               "the tasks several ranked (scope: overall, or one labeler vs the others)",
+                               labels=["scope"])
+        tau = GaugeMetricFamily("chatrl_feedback_kendall_tau", "mean Kendall's tau-b between labelers' "
+                                "rankings of the same task", labels=["scope"])
+        n = GaugeMetricFamily("chatrl_feedback_agreement_comparisons", "pairs of rankings of one task by two "
+                              "labelers compared", labels=["scope"])
+        for scope, v in [("overall", a["overall"]), *a["labelers"].items()]:
+            pw.add_metric([scope], v["pairwise"])
+            tau.add_metric([scope], v["kendall_tau"])
+            n.add_metric([scope], v["compared"])
+        return pw, tau, n
 
 
 class PolicySampler:
@@ -169,9 +209,9 @@ class PolicySampler:
         for off in range(0, len(texts), step):
             if sp.HasField("seed") and off:
                 sampling.seed = sp.seed + off * k  # distinct samples for every prompt, still reproducible
-            req = policy_pb2.GenerateRequest(
-                prompts=[common_pb2.Prompt(chat=common_pb2.Conversation(messages=[
-                    common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=t)])) for t in texts[off: off + step]],
+            req = policy_pb2.GenerateRequest(  # a text is one user turn; a list of messages, a conversation
+                prompts=[common_pb2.Prompt(chat=_conversation([{"role": "user", "content": t}] if isinstance(t, str)
+                                                               else t)) for t in texts[off: off + step]],
                 sampling=sampling, expected_model_version=version)
             try:
                 res = self.stub.Generate(req, timeout=timeout or self.cfg.policy_timeout_s, metadata=self._md)
@@ -185,6 +225,21 @@ class PolicySampler:
                 responses.append([c.text for c in r.completions])
                 finished.append([c.finish_reason == common_pb2.FINISH_REASON_STOP for c in r.completions])
         return responses, finished, version
+
+    def stream(self, messages: list[dict], sp: common_pb2.SamplingParams, timeout: float | None):
+        """One reply to a conversation over ``GenerateStream``: yields {"delta": text} events, then
+        {"end": {"text","finished","model_version"}}; errors are ServiceErrors as for ``sample``."""
+        req = policy_pb2.GenerateStreamRequest(prompt=common_pb2.Prompt(chat=_conversation(messages)), sampling=sp)
+        try:
+            for res in self.stub.GenerateStream(req, timeout=timeout or self.cfg.policy_timeout_s, metadata=self._md):
+                if res.HasField("delta"):
+                    if res.delta.text:
+                        yield {"delta": res.delta.text}
+                else:
+                    yield {"end": {"text": res.end.text, "model_version": res.model_version,
+                                   "finished": res.end.finish_reason == common_pb2.FINISH_REASON_STOP}}
+        except grpc.RpcError as e:
+            raise self._map(e, 0) from None
 
     def _map(self, e: grpc.RpcError, pinned: int) -> Exception:
         code, msg = e.code(), e.details() or ""
@@ -204,12 +259,27 @@ class _VersionChanged(Exception):
     pass
 
 
+class ChatPolicy:
+    """What the labeling app asks of policy-inference (``web.LabelingWeb``'s ``policy``): a streamed reply
+    for its chat and K − 1 alternatives to rank, with the service's sampler and deadline."""
+
+    def __init__(self, sampler: PolicySampler) -> None:
+        self.sampler = sampler
+
+    def stream(self, messages: list[dict], max_new_tokens: int):
+        return self.sampler.stream(messages, common_pb2.SamplingParams(max_new_tokens=max_new_tokens), None)
+
+    def sample(self, prompts: list, k: int, max_new_tokens: int):
+        return self.sampler.sample(prompts, k, common_pb2.SamplingParams(max_new_tokens=max_new_tokens), None)
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, cfg: FeedbackConfig, registry, store: FeedbackStore | None = None) -> None:
         self.cfg = cfg
         self.store = store or FeedbackStore(cfg.db, lease_seconds=cfg.lease_seconds,
                                             rankings_per_task=cfg.rankings_per_task, max_k=cfg.max_k,
-                                            max_db_mb=cfg.max_db_mb)
+                                            max_db_mb=cfg.max_db_mb, overlap_fraction=cfg.overlap_fraction,
+                                            overlap_labelers=cfg.overlap_labelers)
         self.metrics = Metrics(registry, self.store)
         self.sampler = PolicySampler(cfg)
         self.web = None
@@ -237,7 +307,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         k = request.k
         require(k >= 2, "k", f"must be >= 2 (responses to rank per prompt), got {k}")
         require(k <= self.cfg.max_k, "k", f"must be <= {self.cfg.max_k}, got {k}")
-        n = len(request.prompts) + len(request.prompt_ids)
+        n = len(request.prompts) + len(request.prompt_ids) + len(request.conversations)
         require(n <= self.cfg.max_prompts, "prompts", f"at most {self.cfg.max_prompts} prompts per call, got {n}")
         sp = request.sampling
         require(sp.max_new_tokens >= 0, "sampling.max_new_tokens", f"must be >= 0, got {sp.max_new_tokens}")
@@ -251,7 +321,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
         try:
             ids, version = self.store.create_comparison_tasks(list(request.prompts), list(request.prompt_ids), k,
-                                                              sample, source="comparison-request")
+                                                              sample, source="comparison-request",
+                                                              request_id=request.request_id,
+                                                              conversations=[_messages(c, f"conversations[{i}]")
+                                                                             for i, c in enumerate(request.conversations)])
         except StoreError as e:
             raise _abort(e) from None
         self.metrics.tasks.inc(len(ids))
@@ -272,23 +345,36 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         return feedback_pb2.ComparisonTask(
             task_id=t["task_id"], prompt_id=t["prompt_id"], prompt=t["prompt"], responses=t["responses"],
             policy_model_version=t["policy_model_version"], created_at=_ts(t["created_us"]),
-            lease_expires_at=_ts(t["lease_expires_us"]), responses_finished=t["finished"])
+            lease_expires_at=_ts(t["lease_expires_us"]), responses_finished=t["finished"],
+            conversation=_conversation(t["messages"]))
 
     def SubmitRanking(self, request, context):
         try:
+            assessments = []
+            for i, a in enumerate(request.assessments):
+                flags = [RESPONSE_FLAG.name(f) if f in _FLAG_NUMBERS else "" for f in a.flags]
+                if "" in flags:
+                    raise invalid(f"assessments[{i}].flags", "must be RESPONSE_FLAG_* values other than UNSPECIFIED")
+                assessments.append({"rating": a.rating, "flags": flags})
             rid, dup, pairs = self.store.submit_ranking(request.submission_id, request.task_id,
-                                                        request.labeler_id, list(request.ranking))
+                                                        request.labeler_id, list(request.ranking),
+                                                        list(request.tied_with_next), assessments)
         except StoreError as e:
             raise _abort(e) from None
         self.metrics.submitted("ranking", dup)
         return feedback_pb2.SubmitRankingResponse(ranking_id=rid, duplicate=dup, pairs=pairs)
 
+    def SkipTask(self, request, context):
+        try:
+            sid, dup = self.store.skip_task(request.submission_id, request.task_id, request.labeler_id,
+                                            request.reason)
+        except StoreError as e:
+            raise _abort(e) from None
+        self.metrics.submitted("skip", dup)
+        return feedback_pb2.SkipTaskResponse(skip_id=sid, duplicate=dup)
+
     def SubmitDemonstration(self, request, context):
-        msgs = []
-        for i, m in enumerate(request.messages):
-            if m.role not in _ROLE_VALUES:
-                raise invalid(f"messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-            msgs.append({"role": ROLE.name(m.role), "content": m.content})
+        msgs = _messages(request, "messages")
         try:
             did, dup = self.store.submit_demonstration(request.submission_id, request.labeler_id, msgs)
         except StoreError as e:
@@ -327,7 +413,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             raise _abort(e) from None
 
     def GetStats(self, request, context):
-        return feedback_pb2.GetStatsResponse(**self.store.stats())
+        a = self.store.agreement()
+        return feedback_pb2.GetStatsResponse(
+            **self.store.stats(), agreement=feedback_pb2.Agreement(**a["overall"]),
+            labelers=[feedback_pb2.LabelerAgreement(labeler_id=who, agreement=feedback_pb2.Agreement(**v))
+                      for who, v in a["labelers"].items()])
 
 
 def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer, FeedbackServicer]:
@@ -343,7 +433,9 @@ def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer,
 
         svc.web = LabelingWeb(svc.store, cfg.web_host, cfg.web_port, auth=srv.creds, metrics=svc.metrics,
                               allowed_hosts=cfg.web_allowed_hosts, max_threads=cfg.web_max_threads,
-                              allow_insecure=server_cfg.allow_insecure)
+                              allow_insecure=server_cfg.allow_insecure, policy=ChatPolicy(svc.sampler),
+                              chat_max_new_tokens=cfg.web_chat_max_new_tokens,
+                              alternatives_k=cfg.web_alternatives_k)
         svc.web.start()
         log.info("labeling page at %s", svc.web.url)
     srv.set_serving(True)  # the store is open: nothing else to load

@@ -1,26 +1,43 @@
-"""The labeling page: one HTML page + a small JSON API over the same :class:`FeedbackStore`.
+"""The labeling app: a page (``static/``: html, js, css — no browser dependencies) and a JSON API over the
+same :class:`FeedbackStore` and policy-inference as the gRPC service.
 
 Stdlib ``http.server`` on a loopback port by default (``web_port`` in the feedback config; off unless
-set). A person enters a labeler id, gets the next task (leased to them, as ``NextTask``), drags the
-responses into order (best on top) and submits. Each shown task gets one client-side submission id, so
-a retried submit never stores the ranking twice.
+set). A labeler signs in with their id and the labeler credential, then:
 
-API (JSON):
-- ``GET  /api/next?labeler_id=ID`` → ``{"task": {...} | null, "remaining": n}`` (leases the task: NextTask)
-- ``POST /api/rankings`` ``{"submission_id","task_id","labeler_id","ranking"}`` →
-  ``{"ranking_id","duplicate","pairs"}`` (SubmitRanking)
-- ``GET  /api/stats`` → the store's counts (GetStats: open, a few COUNT queries)
-Each endpoint is the RPC it names, with that RPC's role and request-size limit from
-:data:`chatrl.services.runtime.roles.METHODS` (``Authorization: Bearer <labeler or operator token>``).
-Errors: ``{"error": message}`` with 400 (invalid, naming the field) / 401 (no valid credential) / 403 (a
-credential of the wrong role, a foreign Origin, an unexpected Host) / 404 / 409 (conflict) / 413 / 415
-(not JSON) / 503 (every handler thread busy).
+- *Compare*: the next task (leased to them, as ``NextTask``): the prompt (a conversation) and K responses;
+  a 1–7 rating and flags per response, a full ranking with ties, by keyboard or by dragging; or a skip
+  with a reason.
+- *Write*: a demonstration — they write both roles over several turns, or edit a reply sampled from the
+  policy — stored as ``SubmitDemonstration`` (exported as chat ``messages`` JSONL for the next SFT).
+- *Chat, then compare*: they talk with the live policy (streamed, multi-turn); at any assistant turn they
+  ask for alternatives: the policy samples K − 1 more replies to the same history and a task whose prompt
+  is that history is created and leased to them to rank.
+
+API (JSON; ``Authorization: Bearer <labeler or operator credential>`` except ``/api/stats``):
+- ``GET  /api/me?labeler_id=ID`` → that labeler's own counts and agreement (the sign-in check)
+- ``GET  /api/next?labeler_id=ID`` → ``{"task": {...} | null, "remaining": n}`` (NextTask: leases it)
+- ``POST /api/rankings`` ``{"submission_id","task_id","labeler_id","ranking","tied_with_next"?,"assessments"?}``
+  → ``{"ranking_id","duplicate","pairs"}`` (SubmitRanking)
+- ``POST /api/skips`` ``{"submission_id","task_id","labeler_id","reason"}`` → ``{"skip_id","duplicate"}`` (SkipTask)
+- ``POST /api/demonstrations`` ``{"submission_id","labeler_id","messages"}`` → ``{"demonstration_id","duplicate"}``
+- ``POST /api/chat`` ``{"labeler_id","messages"}`` (ends with a user turn) → NDJSON lines ``{"delta": text}``…
+  then ``{"end": {"text","finished","model_version"}}`` (or ``{"error"}``), from policy ``GenerateStream``
+- ``POST /api/alternatives`` ``{"labeler_id","messages","reply","finished"?}`` → ``{"task": {...}}``: the
+  reply plus ``alternatives_k`` − 1 samples from policy ``Generate``, a task leased to the caller
+- ``GET  /api/stats`` → the store's counts (GetStats without the per-labeler figures)
+Each endpoint takes the role and request-size limit of the RPC it is (:data:`ROUTES`) from
+:data:`chatrl.services.runtime.roles.METHODS`; chat and alternatives spend policy compute on a labeler's
+behalf, so they are labeler calls with SubmitDemonstration's limit. Errors: ``{"error": message}`` with
+400 (invalid, naming the field) / 401 (no valid credential) / 403 (a credential of the wrong role, a
+foreign Origin, an unexpected Host) / 404 / 409 (conflict) / 413 / 415 (not JSON) / 503 (every handler
+thread busy, or policy-inference unreachable).
 
 Browser-facing defences: a POST must be ``application/json`` (a cross-site form cannot send that without
 a CORS preflight, which is never granted) and, when it carries an ``Origin``, come from this page's
 origin; on a loopback bind the ``Host`` must be a loopback name (a DNS-rebinding page cannot reach the
 labeler's local server under its own name), elsewhere one of ``allowed_hosts`` when given. Sockets time
-out after ``SOCKET_TIMEOUT_S``, and at most ``max_threads`` requests are handled at once.
+out after ``SOCKET_TIMEOUT_S``, and at most ``max_threads`` requests are handled at once. Only the three
+files of ``static/`` are served (read once at start), with a Content-Security-Policy of 'self'.
 """
 
 from __future__ import annotations
@@ -29,9 +46,10 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from chatrl.services.core.feedback_store import FeedbackStore, StoreError
+from chatrl.services.core.feedback_store import FeedbackStore, StoreError, check_messages
 from chatrl.services.runtime import roles
 from chatrl.services.runtime.errors import ServiceError, http_status
 
@@ -40,125 +58,42 @@ log = logging.getLogger("chatrl.feedback.web")
 SOCKET_TIMEOUT_S = 30.0  # a client that sends nothing for this long is dropped (it held a thread)
 _RPC = "chatrl.v1.FeedbackService/"
 # (HTTP method, path) → the RPC it is: its role and size limit come from the one table
-ROUTES = {("GET", "/api/next"): _RPC + "NextTask", ("POST", "/api/rankings"): _RPC + "SubmitRanking",
+ROUTES = {("GET", "/api/next"): _RPC + "NextTask", ("GET", "/api/me"): _RPC + "NextTask",
+          ("POST", "/api/rankings"): _RPC + "SubmitRanking", ("POST", "/api/skips"): _RPC + "SkipTask",
+          ("POST", "/api/demonstrations"): _RPC + "SubmitDemonstration",
+          ("POST", "/api/chat"): _RPC + "SubmitDemonstration",
+          ("POST", "/api/alternatives"): _RPC + "SubmitDemonstration",
           ("GET", "/api/stats"): _RPC + "GetStats"}
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+STATIC = Path(__file__).resolve().parent / "static"
+_TYPES = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/static/app.css": ("app.css", "text/css; charset=utf-8")}
+_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; frame-ancestors 'none'"
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>chatrl · rank responses</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body{font:15px/1.45 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
- header{display:flex;gap:.5rem;align-items:center;flex-wrap:wrap}
- input{padding:.3rem .5rem} button{padding:.35rem .8rem;cursor:pointer}
- #prompt{background:#f3f5f8;border-radius:6px;padding:.7rem 1rem;white-space:pre-wrap}
- ol{padding-left:1.6rem} li{border:1px solid #ccd;border-radius:6px;margin:.4rem 0;padding:.5rem .7rem;
- background:#fff;cursor:grab;white-space:pre-wrap;display:flex;gap:.6rem;align-items:flex-start}
- li.dragging{opacity:.4} li .txt{flex:1} li .unfinished{color:#a60;font-size:.8em}
- li .mv{display:flex;flex-direction:column} li .mv button{padding:0 .4rem;font-size:.8em}
- #msg{margin:.6rem 0;min-height:1.2em} .err{color:#b00} .ok{color:#070} small{color:#666}
-</style></head><body>
-<h1>Rank the responses</h1>
-<header>
- <label>Labeler id <input id="labeler" autocomplete="username"></label>
- <label>Token <input id="token" type="password" placeholder="if the service needs one"></label>
- <button id="next">Next task</button> <small id="stats"></small>
-</header>
-<div id="msg"></div>
-<section id="task" hidden>
- <h2>Prompt</h2><div id="prompt"></div>
- <h2>Responses <small>— drag (or use ▲▼) so the best is on top</small></h2>
- <ol id="list"></ol>
- <button id="submit">Submit ranking</button> <small id="meta"></small>
-</section>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let task = null, submissionId = null;
-$("labeler").value = localStorage.getItem("chatrl.labeler") || "";
-$("token").value = sessionStorage.getItem("chatrl.token") || "";
-function say(text, cls) { $("msg").textContent = text; $("msg").className = cls || ""; }
-function uuid() {
-  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
-  return "s-" + Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
-}
-async function api(path, body) {
-  const headers = {"Content-Type": "application/json"};
-  const tok = $("token").value.trim();
-  if (tok) headers["Authorization"] = "Bearer " + tok;
-  const r = await fetch(path, body === undefined ? {headers} : {method: "POST", headers, body: JSON.stringify(body)});
-  const data = await r.json().catch(() => ({error: r.statusText}));
-  if (!r.ok) throw new Error(data.error || r.statusText);
-  return data;
-}
-async function stats() {
-  try { const s = await api("/api/stats");
-        $("stats").textContent = `${s.open_tasks} open · ${s.rankings} rankings stored`; } catch (e) {}
-}
-function render() {
-  $("prompt").textContent = task.prompt;
-  const list = $("list"); list.replaceChildren();
-  task.responses.forEach((text, i) => {
-    const li = document.createElement("li"); li.draggable = true; li.dataset.index = i;
-    const mv = document.createElement("span"); mv.className = "mv";
-    for (const [label, dir] of [["▲", -1], ["▼", 1]]) {
-      const b = document.createElement("button"); b.textContent = label; b.type = "button";
-      b.onclick = () => { const sib = dir < 0 ? li.previousElementSibling : li.nextElementSibling;
-                          if (sib) list.insertBefore(li, dir < 0 ? sib : sib.nextElementSibling); };
-      mv.append(b);
-    }
-    const t = document.createElement("span"); t.className = "txt"; t.textContent = text || "(empty)";
-    li.append(mv, t);
-    if (task.finished && !task.finished[i]) {
-      const u = document.createElement("span"); u.className = "unfinished"; u.textContent = "cut off"; li.append(u);
-    }
-    li.addEventListener("dragstart", () => li.classList.add("dragging"));
-    li.addEventListener("dragend", () => li.classList.remove("dragging"));
-    list.append(li);
-  });
-  $("meta").textContent = `task ${task.task_id} · policy v${task.policy_model_version}`;
-  $("task").hidden = false;
-}
-$("list").addEventListener("dragover", (e) => {
-  e.preventDefault();
-  const dragging = document.querySelector("li.dragging"); if (!dragging) return;
-  const after = [...$("list").querySelectorAll("li:not(.dragging)")].find(
-    (el) => e.clientY < el.getBoundingClientRect().top + el.offsetHeight / 2);
-  $("list").insertBefore(dragging, after || null);
-});
-async function next() {
-  const who = $("labeler").value.trim();
-  if (!who) { say("Enter a labeler id first.", "err"); return; }
-  localStorage.setItem("chatrl.labeler", who); sessionStorage.setItem("chatrl.token", $("token").value);
-  try {
-    const r = await api("/api/next?labeler_id=" + encodeURIComponent(who));
-    task = r.task; submissionId = uuid();
-    if (!task) { $("task").hidden = true; say("No open tasks for you right now.", "ok"); }
-    else { render(); say(`${r.remaining} more after this one.`); }
-  } catch (e) { say(e.message, "err"); }
-  stats();
-}
-async function submit() {
-  const ranking = [...$("list").children].map((li) => Number(li.dataset.index));
-  $("submit").disabled = true;
-  try {
-    const r = await api("/api/rankings", {submission_id: submissionId, task_id: task.task_id,
-                                          labeler_id: $("labeler").value.trim(), ranking});
-    say(`Saved (${r.pairs} preference pairs${r.duplicate ? ", already saved before" : ""}).`, "ok");
-    await next();
-  } catch (e) { say(e.message, "err"); }
-  finally { $("submit").disabled = false; }
-}
-$("next").onclick = next; $("submit").onclick = submit; stats();
-</script></body></html>
-"""
+
+def load_static() -> dict[str, tuple[bytes, str]]:
+    """URL path → (body, content type) of the app's files, read once (nothing else on disk is served)."""
+    pages = {path: ((STATIC / name).read_bytes(), ctype) for path, (name, ctype) in _TYPES.items()}
+    pages["/index.html"] = pages["/"]
+    return pages
 
 
 def task_json(t: dict) -> dict:
     return {"task_id": t["task_id"], "prompt_id": t["prompt_id"], "prompt": t["prompt"],
-            "responses": t["responses"], "finished": t["finished"],
+            "messages": t["messages"], "responses": t["responses"], "finished": t["finished"],
             "policy_model_version": t["policy_model_version"], "created_us": t["created_us"],
             "lease_expires_us": t["lease_expires_us"]}
+
+
+def _strings(body: dict, *keys: str) -> list[str]:
+    out = []
+    for k in keys:
+        v = body.get(k)
+        if not isinstance(v, str):
+            raise StoreError("invalid", k, "must be a string")
+        out.append(v)
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -169,13 +104,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args) -> None:  # route through logging, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    def _head(self, status: int, ctype: str, length: int | None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", _CSP)
+        self.send_header("Referrer-Policy", "no-referrer")
         self.end_headers()
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self._head(status, ctype, len(body))
         self.wfile.write(body)
 
     def _json(self, status: int, obj) -> None:
@@ -186,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
             fn()
         except StoreError as e:
             self._json(http_status(e.kind), {"error": e.message, "field": e.field})
+        except ServiceError as e:  # policy-inference refused or unreachable (chat, alternatives)
+            status = 400 if e.code.name == "INVALID_ARGUMENT" else 503
+            self._json(status, {"error": e.message})
         except Exception:
             log.exception("labeling page: unhandled error on %s %s", self.command, self.path)
             self._json(500, {"error": "internal error (see server log)"})
@@ -221,12 +165,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _get(self) -> None:
         url = urlparse(self.path)
         store = self.web.store
-        if url.path in ("/", "/index.html"):
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif url.path == "/api/next":  # leases a task: a write, so it needs the labeler role like submitting
+        if url.path in self.web.pages:
+            self._send(200, *self.web.pages[url.path])
+        elif url.path in ("/api/next", "/api/me"):  # /api/next leases a task: a write, so it needs the labeler
             if not self._authorized("GET", url.path):
                 return
             labeler = parse_qs(url.query).get("labeler_id", [""])[0]
+            if url.path == "/api/me":
+                self._json(200, store.labeler_stats(labeler))
+                return
             task, remaining = store.next_task(labeler)
             self._json(200, {"task": task_json(task) if task else None, "remaining": remaining})
         elif url.path == "/api/stats":
@@ -247,41 +194,104 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _post(self) -> None:
-        url = urlparse(self.path)
-        if url.path != "/api/rankings":
-            self._json(404, {"error": f"no such endpoint {url.path}"})
-            return
-        if not self._authorized("POST", url.path):
-            return
-        limit = roles.rule(ROUTES[("POST", url.path)]).max_request_bytes
+    def _body(self, path: str) -> dict | None:
+        """The request's JSON object within the endpoint's size limit, or None after answering the error."""
+        limit = roles.rule(ROUTES[("POST", path)]).max_request_bytes
         try:
             n = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             n = -1
         if not 0 < n <= limit:
             self._json(413 if n > limit else 400, {"error": f"body must be 1..{limit} bytes of JSON"})
-            return
+            return None
         try:
             body = json.loads(self.rfile.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             self._json(400, {"error": "body: invalid JSON"})
-            return
+            return None
         if not isinstance(body, dict):
             self._json(400, {"error": "body: must be a JSON object"})
+            return None
+        return body
+
+    def _post(self) -> None:
+        path = urlparse(self.path).path
+        handler = {"/api/rankings": self._ranking, "/api/skips": self._skip,
+                   "/api/demonstrations": self._demonstration, "/api/chat": self._chat,
+                   "/api/alternatives": self._alternatives}.get(path)
+        if handler is None:
+            self._json(404, {"error": f"no such endpoint {path}"})
             return
+        if not self._authorized("POST", path):
+            return
+        body = self._body(path)
+        if body is not None:
+            handler(body)
+
+    def _submitted(self, kind: str, dup: bool) -> None:
+        if self.web.metrics is not None:
+            self.web.metrics.submitted(kind, dup)
+
+    def _ranking(self, body: dict) -> None:
         ranking = body.get("ranking")
         if not isinstance(ranking, list):
             raise StoreError("invalid", "ranking", "must be a list of integers")
-        args = {k: body.get(k) for k in ("submission_id", "task_id", "labeler_id")}
-        for k, v in args.items():
-            if not isinstance(v, str):
-                raise StoreError("invalid", k, "must be a string")
-        rid, dup, pairs = self.web.store.submit_ranking(args["submission_id"], args["task_id"],
-                                                        args["labeler_id"], ranking)
-        if self.web.metrics is not None:
-            self.web.metrics.submitted("ranking", dup)
+        sid, tid, who = _strings(body, "submission_id", "task_id", "labeler_id")
+        rid, dup, pairs = self.web.store.submit_ranking(sid, tid, who, ranking, body.get("tied_with_next"),
+                                                        body.get("assessments"))
+        self._submitted("ranking", dup)
         self._json(200, {"ranking_id": rid, "duplicate": dup, "pairs": pairs})
+
+    def _skip(self, body: dict) -> None:
+        sid, tid, who, reason = _strings(body, "submission_id", "task_id", "labeler_id", "reason")
+        skip_id, dup = self.web.store.skip_task(sid, tid, who, reason)
+        self._submitted("skip", dup)
+        self._json(200, {"skip_id": skip_id, "duplicate": dup})
+
+    def _demonstration(self, body: dict) -> None:
+        sid, who = _strings(body, "submission_id", "labeler_id")
+        did, dup = self.web.store.submit_demonstration(sid, who, body.get("messages"))
+        self._submitted("demonstration", dup)
+        self._json(200, {"demonstration_id": did, "duplicate": dup})
+
+    def _policy(self):
+        if self.web.policy is None:
+            raise StoreError("unavailable", "", "this labeling page has no policy-inference to chat with")
+        return self.web.policy
+
+    def _conversation(self, body: dict) -> list[dict]:
+        _strings(body, "labeler_id")
+        return check_messages(body.get("messages"), "messages", last="user")
+
+    def _chat(self, body: dict) -> None:
+        """Streams the policy's reply as NDJSON lines over a connection that closes at the end (HTTP/1.0)."""
+        messages, policy = self._conversation(body), self._policy()
+        stream = policy.stream(messages, self.web.chat_max_new_tokens)
+        first = next(stream)  # errors before the first event still answer with a status code
+        self._head(200, "application/x-ndjson; charset=utf-8", None)
+        try:
+            for event in (first, *stream):
+                self.wfile.write(json.dumps(event, ensure_ascii=False).encode() + b"\n")
+                self.wfile.flush()
+        except ServiceError as e:  # after the headers: the error is the last line
+            self.wfile.write(json.dumps({"error": e.message}).encode() + b"\n")
+        self.close_connection = True
+
+    def _alternatives(self, body: dict) -> None:
+        messages, policy = self._conversation(body), self._policy()
+        (who,) = _strings(body, "labeler_id")
+        (reply,) = _strings(body, "reply")
+        finished = body.get("finished", True)
+        if not isinstance(finished, bool):
+            raise StoreError("invalid", "finished", "must be a boolean")
+        store = self.web.store
+        store.labeler_stats(who)  # checks the labeler id before any sampling
+        k = self.web.alternatives_k
+        responses, fins, version = policy.sample([messages], k - 1, self.web.chat_max_new_tokens)
+        (tid,) = store.create_tasks([{"messages": messages, "responses": [reply] + responses[0],
+                                      "finished": [finished] + fins[0], "source": f"chat:{who}"[:256]}],
+                                    policy_model_version=version, lease_to=who)
+        self._json(200, {"task": task_json(store.get_task(tid))})
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -312,17 +322,25 @@ class _BoundedServer(ThreadingHTTPServer):
 
 
 class LabelingWeb:
-    """The page's HTTP server, in a background thread; ``port`` is the bound port (after ``start``).
+    """The app's HTTP server, in a background thread; ``port`` is the bound port (after ``start``).
     ``auth``: the feedback server's credentials (roles.Credentials); ``allowed_hosts``: Host names the page
     answers to (empty: loopback names on a loopback bind, anything elsewhere). Refuses (before binding) a
-    non-loopback ``host`` without an operator credential unless ``allow_insecure``."""
+    non-loopback ``host`` without an operator credential unless ``allow_insecure``. ``policy``: for chat
+    and alternatives, an object with ``stream(messages, max_new_tokens)`` (yields ``{"delta"}`` … ``{"end"}``
+    events) and ``sample(prompts, k, max_new_tokens)`` (→ responses, finished flags, model version), e.g.
+    the service's ``PolicySampler``; None = no chat."""
 
     def __init__(self, store: FeedbackStore, host: str = "127.0.0.1", port: int = 0,
                  auth: roles.Credentials | None = None, metrics=None, allowed_hosts: list[str] | None = None,
-                 max_threads: int = 32, allow_insecure: bool = False) -> None:
+                 max_threads: int = 32, allow_insecure: bool = False, policy=None,
+                 chat_max_new_tokens: int = 128, alternatives_k: int = 4) -> None:
         self.auth = auth or roles.Credentials()
         roles.check_exposure("feedback web page", [host], self.auth, allow_insecure)
-        self.store, self.metrics = store, metrics
+        if alternatives_k < 2:
+            raise ValueError(f"alternatives_k must be >= 2, got {alternatives_k}")
+        self.store, self.metrics, self.policy = store, metrics, policy
+        self.chat_max_new_tokens, self.alternatives_k = int(chat_max_new_tokens), int(alternatives_k)
+        self.pages = load_static()
         self.allowed_hosts = set(allowed_hosts or ()) or (_LOOPBACK_NAMES | {host} if roles.is_loopback(host)
                                                           else set())
         handler = type("Handler", (_Handler,), {"web": self})

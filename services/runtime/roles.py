@@ -7,7 +7,7 @@ Kubernetes Secret, compared in constant time):
   LogProbs), descriptions and progress (Get*, List*, WatchRun, GetStats), Export of the stored labels (the
   feedback port admits only the trainer and the Ray head) and health. Nothing open writes, and every open
   call is bounded (request size here, list and token counts in the service).
-- ``labeler``: leases and submits labels (NextTask, SubmitRanking, SubmitDemonstration, and the labeling
+- ``labeler``: leases and submits labels (NextTask, SubmitRanking, SkipTask, SubmitDemonstration, and the labeling
   page's /api/next and /api/rankings, which are those RPCs over HTTP).
 - ``operator``: changes what is served, trained or labelled: UpdateWeights, LoadModel, StartRun, CancelRun,
   AddPrompts, CreateComparisonTasks. The operator may also do everything a labeler may
@@ -71,6 +71,7 @@ METHODS: dict[str, Rule] = {
     f"{_F}/CreateComparisonTasks": Rule(OPERATOR, 24 * MiB),
     f"{_F}/NextTask": Rule(LABELER, 4 * KiB),
     f"{_F}/SubmitRanking": Rule(LABELER, 16 * KiB),
+    f"{_F}/SkipTask": Rule(LABELER, 16 * KiB),
     f"{_F}/SubmitDemonstration": Rule(LABELER, 1 * MiB),
     f"{_F}/Export": Rule(OPEN, 4 * KiB),
     f"{_F}/GetStats": Rule(OPEN, 4 * KiB),

@@ -26,47 +26,59 @@ from chatrl.services.proto.chatrl.v1 import common_pb2 as chatrl_dot_v1_dot_comm
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatrl/v1/feedback.proto\x12\tchatrl.v1\x1a\x16\x63hatrl/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\tNewPrompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\":\n\x11\x41\x64\x64PromptsRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.chatrl.v1.NewPrompt\"7\n\x12\x41\x64\x64PromptsResponse\x12\x12\n\nprompt_ids\x18\x01 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x05\"{\n\x1c\x43reateComparisonTasksRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.chatrl.v1.SamplingParams\"O\n\x1d\x43reateComparisonTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x02 \x01(\x03\"\xf7\x01\n\x0e\x43omparisonTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12responses_finished\x18\x08 \x03(\x08\"%\n\x0fNextTaskRequest\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\"N\n\x10NextTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.chatrl.v1.ComparisonTask\x12\x11\n\tremaining\x18\x02 \x01(\x05\"c\n\x14SubmitRankingRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0f\n\x07ranking\x18\x04 \x03(\x05\"M\n\x15SubmitRankingResponse\x12\x12\n\nranking_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05pairs\x18\x03 \x01(\x05\"q\n\x1aSubmitDemonstrationRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.chatrl.v1.ChatMessage\"J\n\x1bSubmitDemonstrationResponse\x12\x18\n\x10\x64\x65monstration_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x9c\x01\n\rExportRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.chatrl.v1.ExportKind\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x16\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\"<\n\x0e\x45xportResponse\x12\r\n\x05lines\x18\x01 \x03(\t\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\x8b\x01\n\x10GetStatsResponse\x12\x0f\n\x07prompts\x18\x01 \x01(\x03\x12\x12\n\nopen_tasks\x18\x02 \x01(\x03\x12\r\n\x05tasks\x18\x03 \x01(\x03\x12\x10\n\x08rankings\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65monstrations\x18\x05 \x01(\x03\x12\x19\n\x11rankings_sequence\x18\x06 \x01(\x03*|\n\nExportKind\x12\x1b\n\x17\x45XPORT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45XPORT_KIND_RANKINGS\x10\x01\x12\x1e\n\x1a\x45XPORT_KIND_DEMONSTRATIONS\x10\x02\x12\x17\n\x13\x45XPORT_KIND_PROMPTS\x10\x03\x32\xcd\x04\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12I\n\nAddPrompts\x12\x1c.chatrl.v1.AddPromptsRequest\x1a\x1d.chatrl.v1.AddPromptsResponse\x12j\n\x15\x43reateComparisonTasks\x12\'.chatrl.v1.CreateComparisonTasksRequest\x1a(.chatrl.v1.CreateComparisonTasksResponse\x12\x43\n\x08NextTask\x12\x1a.chatrl.v1.NextTaskRequest\x1a\x1b.chatrl.v1.NextTaskResponse\x12R\n\rSubmitRanking\x12\x1f.chatrl.v1.SubmitRankingRequest\x1a .chatrl.v1.SubmitRankingResponse\x12\x64\n\x13SubmitDemonstration\x12%.chatrl.v1.SubmitDemonstrationRequest\x1a&.chatrl.v1.SubmitDemonstrationResponse\x12?\n\x06\x45xport\x12\x18.chatrl.v1.ExportRequest\x1a\x19.chatrl.v1.ExportResponse0\x01\x12\x43\n\x08GetStats\x12\x1a.chatrl.v1.GetStatsRequest\x1a\x1b.chatrl.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hatrl/v1/feedback.proto\x12\tchatrl.v1\x1a\x16\x63hatrl/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\tNewPrompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\":\n\x11\x41\x64\x64PromptsRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.chatrl.v1.NewPrompt\"7\n\x12\x41\x64\x64PromptsResponse\x12\x12\n\nprompt_ids\x18\x01 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x05\"\xbf\x01\n\x1c\x43reateComparisonTasksRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.chatrl.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\rconversations\x18\x06 \x03(\x0b\x32\x17.chatrl.v1.Conversation\"O\n\x1d\x43reateComparisonTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x02 \x01(\x03\"\xa6\x02\n\x0e\x43omparisonTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x1c\n\x14policy_model_version\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12responses_finished\x18\x08 \x03(\x08\x12-\n\x0c\x63onversation\x18\t \x01(\x0b\x32\x17.chatrl.v1.Conversation\"%\n\x0fNextTaskRequest\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\"N\n\x10NextTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.chatrl.v1.ComparisonTask\x12\x11\n\tremaining\x18\x02 \x01(\x05\"\xaf\x01\n\x14SubmitRankingRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0f\n\x07ranking\x18\x04 \x03(\x05\x12\x16\n\x0etied_with_next\x18\x05 \x03(\x08\x12\x32\n\x0b\x61ssessments\x18\x06 \x03(\x0b\x32\x1d.chatrl.v1.ResponseAssessment\"L\n\x12ResponseAssessment\x12\x0e\n\x06rating\x18\x01 \x01(\x05\x12&\n\x05\x66lags\x18\x02 \x03(\x0e\x32\x17.chatrl.v1.ResponseFlag\"]\n\x0fSkipTaskRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x10SkipTaskResponse\x12\x0f\n\x07skip_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"M\n\x15SubmitRankingResponse\x12\x12\n\nranking_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05pairs\x18\x03 \x01(\x05\"q\n\x1aSubmitDemonstrationRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x12\n\nlabeler_id\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.chatrl.v1.ChatMessage\"J\n\x1bSubmitDemonstrationResponse\x12\x18\n\x10\x64\x65monstration_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x9c\x01\n\rExportRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.chatrl.v1.ExportKind\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x16\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\"<\n\x0e\x45xportResponse\x12\r\n\x05lines\x18\x01 \x03(\t\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xf2\x01\n\x10GetStatsResponse\x12\x0f\n\x07prompts\x18\x01 \x01(\x03\x12\x12\n\nopen_tasks\x18\x02 \x01(\x03\x12\r\n\x05tasks\x18\x03 \x01(\x03\x12\x10\n\x08rankings\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65monstrations\x18\x05 \x01(\x03\x12\x19\n\x11rankings_sequence\x18\x06 \x01(\x03\x12\r\n\x05skips\x18\x07 \x01(\x03\x12\'\n\tagreement\x18\x08 \x01(\x0b\x32\x14.chatrl.v1.Agreement\x12-\n\x08labelers\x18\t \x03(\x0b\x32\x1b.chatrl.v1.LabelerAgreement\"D\n\tAgreement\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x10\n\x08pairwise\x18\x02 \x01(\x01\x12\x13\n\x0bkendall_tau\x18\x03 \x01(\x01\"O\n\x10LabelerAgreement\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\x12\'\n\tagreement\x18\x02 \x01(\x0b\x32\x14.chatrl.v1.Agreement*\xac\x01\n\x0cResponseFlag\x12\x1d\n\x19RESPONSE_FLAG_UNSPECIFIED\x10\x00\x12#\n\x1fRESPONSE_FLAG_FAILS_INSTRUCTION\x10\x01\x12\x1f\n\x1bRESPONSE_FLAG_MADE_UP_FACTS\x10\x02\x12\x19\n\x15RESPONSE_FLAG_HARMFUL\x10\x03\x12\x1c\n\x18RESPONSE_FLAG_UNFINISHED\x10\x04*|\n\nExportKind\x12\x1b\n\x17\x45XPORT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45XPORT_KIND_RANKINGS\x10\x01\x12\x1e\n\x1a\x45XPORT_KIND_DEMONSTRATIONS\x10\x02\x12\x17\n\x13\x45XPORT_KIND_PROMPTS\x10\x03\x32\x92\x05\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12I\n\nAddPrompts\x12\x1c.chatrl.v1.AddPromptsRequest\x1a\x1d.chatrl.v1.AddPromptsResponse\x12j\n\x15\x43reateComparisonTasks\x12\'.chatrl.v1.CreateComparisonTasksRequest\x1a(.chatrl.v1.CreateComparisonTasksResponse\x12\x43\n\x08NextTask\x12\x1a.chatrl.v1.NextTaskRequest\x1a\x1b.chatrl.v1.NextTaskResponse\x12R\n\rSubmitRanking\x12\x1f.chatrl.v1.SubmitRankingRequest\x1a .chatrl.v1.SubmitRankingResponse\x12\x43\n\x08SkipTask\x12\x1a.chatrl.v1.SkipTaskRequest\x1a\x1b.chatrl.v1.SkipTaskResponse\x12\x64\n\x13SubmitDemonstration\x12%.chatrl.v1.SubmitDemonstrationRequest\x1a&.chatrl.v1.SubmitDemonstrationResponse\x12?\n\x06\x45xport\x12\x18.chatrl.v1.ExportRequest\x1a\x19.chatrl.v1.ExportResponse0\x01\x12\x43\n\x08GetStats\x12\x1a.chatrl.v1.GetStatsRequest\x1a\x1b.chatrl.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatrl.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPORTKIND']._serialized_start=1584
-  _globals['_EXPORTKIND']._serialized_end=1708
+  _globals['_RESPONSEFLAG']._serialized_start=2261
+  _globals['_RESPONSEFLAG']._serialized_end=2433
+  _globals['_EXPORTKIND']._serialized_start=2435
+  _globals['_EXPORTKIND']._serialized_end=2559
   _globals['_NEWPROMPT']._serialized_start=96
   _globals['_NEWPROMPT']._serialized_end=137
   _globals['_ADDPROMPTSREQUEST']._serialized_start=139
   _globals['_ADDPROMPTSREQUEST']._serialized_end=197
   _globals['_ADDPROMPTSRESPONSE']._serialized_start=199
   _globals['_ADDPROMPTSRESPONSE']._serialized_end=254
-  _globals['_CREATECOMPARISONTASKSREQUEST']._serialized_start=256
-  _globals['_CREATECOMPARISONTASKSREQUEST']._serialized_end=379
-  _globals['_CREATECOMPARISONTASKSRESPONSE']._serialized_start=381
-  _globals['_CREATECOMPARISONTASKSRESPONSE']._serialized_end=460
-  _globals['_COMPARISONTASK']._serialized_start=463
-  _globals['_COMPARISONTASK']._serialized_end=710
-  _globals['_NEXTTASKREQUEST']._serialized_start=712
-  _globals['_NEXTTASKREQUEST']._serialized_end=749
-  _globals['_NEXTTASKRESPONSE']._serialized_start=751
-  _globals['_NEXTTASKRESPONSE']._serialized_end=829
-  _globals['_SUBMITRANKINGREQUEST']._serialized_start=831
-  _globals['_SUBMITRANKINGREQUEST']._serialized_end=930
-  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=932
-  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=1009
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=1011
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=1124
-  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_start=1126
-  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_end=1200
-  _globals['_EXPORTREQUEST']._serialized_start=1203
-  _globals['_EXPORTREQUEST']._serialized_end=1359
-  _globals['_EXPORTRESPONSE']._serialized_start=1361
-  _globals['_EXPORTRESPONSE']._serialized_end=1421
-  _globals['_GETSTATSREQUEST']._serialized_start=1423
-  _globals['_GETSTATSREQUEST']._serialized_end=1440
-  _globals['_GETSTATSRESPONSE']._serialized_start=1443
-  _globals['_GETSTATSRESPONSE']._serialized_end=1582
-  _globals['_FEEDBACKSERVICE']._serialized_start=1711
-  _globals['_FEEDBACKSERVICE']._serialized_end=2300
+  _globals['_CREATECOMPARISONTASKSREQUEST']._serialized_start=257
+  _globals['_CREATECOMPARISONTASKSREQUEST']._serialized_end=448
+  _globals['_CREATECOMPARISONTASKSRESPONSE']._serialized_start=450
+  _globals['_CREATECOMPARISONTASKSRESPONSE']._serialized_end=529
+  _globals['_COMPARISONTASK']._serialized_start=532
+  _globals['_COMPARISONTASK']._serialized_end=826
+  _globals['_NEXTTASKREQUEST']._serialized_start=828
+  _globals['_NEXTTASKREQUEST']._serialized_end=865
+  _globals['_NEXTTASKRESPONSE']._serialized_start=867
+  _globals['_NEXTTASKRESPONSE']._serialized_end=945
+  _globals['_SUBMITRANKINGREQUEST']._serialized_start=948
+  _globals['_SUBMITRANKINGREQUEST']._serialized_end=1123
+  _globals['_RESPONSEASSESSMENT']._serialized_start=1125
+  _globals['_RESPONSEASSESSMENT']._serialized_end=1201
+  _globals['_SKIPTASKREQUEST']._serialized_start=1203
+  _globals['_SKIPTASKREQUEST']._serialized_end=1296
+  _globals['_SKIPTASKRESPONSE']._serialized_start=1298
+  _globals['_SKIPTASKRESPONSE']._serialized_end=1352
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=1354
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=1431
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=1433
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=1546
+  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_start=1548
+  _globals['_SUBMITDEMONSTRATIONRESPONSE']._serialized_end=1622
+  _globals['_EXPORTREQUEST']._serialized_start=1625
+  _globals['_EXPORTREQUEST']._serialized_end=1781
+  _globals['_EXPORTRESPONSE']._serialized_start=1783
+  _globals['_EXPORTRESPONSE']._serialized_end=1843
+  _globals['_GETSTATSREQUEST']._serialized_start=1845
+  _globals['_GETSTATSREQUEST']._serialized_end=1862
+  _globals['_GETSTATSRESPONSE']._serialized_start=1865
+  _globals['_GETSTATSRESPONSE']._serialized_end=2107
+  _globals['_AGREEMENT']._serialized_start=2109
+  _globals['_AGREEMENT']._serialized_end=2177
+  _globals['_LABELERAGREEMENT']._serialized_start=2179
+  _globals['_LABELERAGREEMENT']._serialized_end=2258
+  _globals['_FEEDBACKSERVICE']._serialized_start=2562
+  _globals['_FEEDBACKSERVICE']._serialized_end=3220
 # @@protoc_insertion_point(module_scope)

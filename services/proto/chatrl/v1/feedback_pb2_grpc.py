@@ -59,6 +59,11 @@ class FeedbackServiceStub:
                 request_serializer=chatrl_dot_v1_dot_feedback__pb2.SubmitRankingRequest.SerializeToString,
                 response_deserializer=chatrl_dot_v1_dot_feedback__pb2.SubmitRankingResponse.FromString,
                 _registered_method=True)
+        self.SkipTask = channel.unary_unary(
+                '/chatrl.v1.FeedbackService/SkipTask',
+                request_serializer=chatrl_dot_v1_dot_feedback__pb2.SkipTaskRequest.SerializeToString,
+                response_deserializer=chatrl_dot_v1_dot_feedback__pb2.SkipTaskResponse.FromString,
+                _registered_method=True)
         self.SubmitDemonstration = channel.unary_unary(
                 '/chatrl.v1.FeedbackService/SubmitDemonstration',
                 request_serializer=chatrl_dot_v1_dot_feedback__pb2.SubmitDemonstrationRequest.SerializeToString,
@@ -119,6 +124,16 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SkipTask(self, request, context):
+        """Records that a labeler passed on a task, and why; the task is not offered to them again and
+        their lease ends. Errors: INVALID_ARGUMENT (empty reason), NOT_FOUND (task), ALREADY_EXISTS
+        (submission_id reused with different content, or the task already ranked by this labeler).
+        Role: labeler (or operator) credential; requests up to 16 KiB (services/runtime/roles.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitDemonstration(self, request, context):
         """Records a demonstration: a conversation whose last turn is the ideal assistant reply.
         Errors: INVALID_ARGUMENT (empty, or last message not ASSISTANT), ALREADY_EXISTS (as above).
@@ -168,6 +183,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.SubmitRanking,
                     request_deserializer=chatrl_dot_v1_dot_feedback__pb2.SubmitRankingRequest.FromString,
                     response_serializer=chatrl_dot_v1_dot_feedback__pb2.SubmitRankingResponse.SerializeToString,
+            ),
+            'SkipTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SkipTask,
+                    request_deserializer=chatrl_dot_v1_dot_feedback__pb2.SkipTaskRequest.FromString,
+                    response_serializer=chatrl_dot_v1_dot_feedback__pb2.SkipTaskResponse.SerializeToString,
             ),
             'SubmitDemonstration': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitDemonstration,
@@ -298,6 +318,33 @@ class FeedbackService:
             '/chatrl.v1.FeedbackService/SubmitRanking',
             chatrl_dot_v1_dot_feedback__pb2.SubmitRankingRequest.SerializeToString,
             chatrl_dot_v1_dot_feedback__pb2.SubmitRankingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SkipTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatrl.v1.FeedbackService/SkipTask',
+            chatrl_dot_v1_dot_feedback__pb2.SkipTaskRequest.SerializeToString,
+            chatrl_dot_v1_dot_feedback__pb2.SkipTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
