@@ -119,6 +119,13 @@ class _Client:
             delay = min(0.5, delay * 1.5)
 
 
+def new_request_id() -> str:
+    """A random idempotency key for one logical request (its retries share it)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def sampling_params(max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
                     top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
                     n: int = 1) -> common_pb2.SamplingParams:
@@ -366,10 +373,11 @@ class TrainerClient(_Client):
         self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
 
     def start_run(self, stage: str, config_yaml: str = "", overrides: dict[str, str] | None = None,
-                  run_id: str = "") -> trainer_pb2.Run:
-        """``stage``: pretrain, sft, reward, ppo or pipeline (the CLI's names; UnknownEnumError otherwise)."""
+                  run_id: str = "", request_id: str = "") -> trainer_pb2.Run:
+        """``stage``: pretrain, sft, reward, ppo or pipeline (the CLI's names; UnknownEnumError otherwise).
+        ``request_id`` (default: a fresh random one) makes the retries of this call start one run."""
         req = trainer_pb2.StartRunRequest(stage=STAGE.value(stage), config_yaml=config_yaml, overrides=overrides or {},
-                                          run_id=run_id)
+                                          run_id=run_id, request_id=request_id or new_request_id())
         return self._call(self.stub.StartRun, req).run
 
     def get_run(self, run_id: str) -> trainer_pb2.Run:
@@ -403,10 +411,12 @@ class FeedbackClient(_Client):
 
     def create_comparison_tasks(self, prompts: Sequence[str], k: int, *, max_new_tokens: int = 0,
                                 temperature: float | None = None, top_p: float | None = None,
-                                seed: int | None = None, timeout: float | None = None
+                                seed: int | None = None, timeout: float | None = None, request_id: str = ""
                                 ) -> feedback_pb2.CreateComparisonTasksResponse:
+        """``request_id`` (default: a fresh random one) makes the retries of this call create the tasks once."""
         req = feedback_pb2.CreateComparisonTasksRequest(
-            prompts=list(prompts), k=k, sampling=sampling_params(max_new_tokens, temperature, 0, top_p, (), seed))
+            prompts=list(prompts), k=k, sampling=sampling_params(max_new_tokens, temperature, 0, top_p, (), seed),
+            request_id=request_id or new_request_id())
         return self._call(self.stub.CreateComparisonTasks, req, timeout)
 
     def next_task(self, labeler_id: str) -> feedback_pb2.NextTaskResponse:

@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -181,7 +182,9 @@ def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin, ray_sessi
         feedback = build_feedback(scfg(), FeedbackConfig(db=str(tmp_path / "feedback.db"),
                                                          policy_address=policy[0].address))
         started.append(feedback)
-        trainer = trainer_server.build(scfg(), trainer_server.TrainerConfig(runs_dir=str(tmp_path / "runs"), threads=1))
+        trainer = trainer_server.build(scfg(), trainer_server.TrainerConfig(  # runs read the test's temporary files
+            runs_dir=str(tmp_path / "runs"), threads=1,
+            data_roots=[tempfile.gettempdir(), *trainer_server.TrainerConfig().data_roots]))
         started.append(trainer)
         servers = dict(zip(JOBS, (policy, reward, reference, trainer, feedback)))
 
@@ -256,6 +259,9 @@ def _drive_traffic(servers, tiny_data, cks, gold) -> int:
             pol.generate([], max_new_tokens=4)  # INVALID_ARGUMENT
     with RewardClient(addr["reward-scoring"], token="tok", timeout=60) as rw:
         rw.score(["How was the film?"], ["It was warm and funny."])
+    services_yaml = tiny_data["dir"] / "prometheus_services.yaml"  # under the trainer's data root
+    services_yaml.write_text(yaml.safe_dump({n: {"auth_token_env": TOKEN_ENV}
+                                             for n in ("policy", "reward", "reference", "feedback")}))
     with TrainerClient(addr["trainer"], token="tok", timeout=60) as tr:
         tr.start_run("pretrain", _micro_yaml(tiny_data), overrides={"pretrain.steps": "6", "pretrain.log_every": "2"},
                      run_id="prom-pretrain")
@@ -265,12 +271,15 @@ def _drive_traffic(servers, tiny_data, cks, gold) -> int:
                     "ppo.max_new_tokens": "8", "ppo.epochs": "1", "ppo.minibatch_size": "8", "ppo.ckpt_every": "10",
                     "ppo.num_workers": "1", "dtype": "fp32", "threads": "1",
                     "ppo.policy_init": str(cks["sft"]), "ppo.reward_model": str(cks["reward"]),
-                    "data.gold_file": str(gold), "pipeline.start_services": "false", "pipeline.services": "''",
+                    "data.gold_file": str(gold), "pipeline.start_services": "false",
+                    # the services' credentials are the operator's: named in a services file under a data
+                    # root, never in the run's own overrides (which may only say where the services are)
+                    "pipeline.services": str(services_yaml),
                     "pipeline.service_overrides": yaml.safe_dump(
                         [f"{n}.{k}" for n, job in (("policy", "policy-inference"), ("reward", "reward-scoring"),
                                                    ("reference", "reference-model"), ("feedback", "feedback"))
-                         for k in (f"host={addr[job].rpartition(':')[0]}", f"port={addr[job].rpartition(':')[2]}",
-                                   f"auth_token_env={TOKEN_ENV}")], default_flow_style=True).strip()}
+                         for k in (f"host={addr[job].rpartition(':')[0]}", f"port={addr[job].rpartition(':')[2]}")],
+                        default_flow_style=True).strip()}
         for run_id, stage, over in (("prom-pretrain", None, None), ("prom-ppo", "ppo", ppo_over)):
             if stage:
                 tr.start_run(stage, _micro_yaml(tiny_data), overrides=over, run_id=run_id)

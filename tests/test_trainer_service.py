@@ -18,8 +18,12 @@ from chatrl.services.trainer.server import TrainerConfig, build
 
 
 def start_trainer(runs_dir):
-    srv, svc = build(ServerConfig(port=0, auth_token_env="CHATRL_TEST_TOKEN"), TrainerConfig(runs_dir=str(runs_dir),
-                                                                                             threads=1))
+    """A trainer whose runs may read the test session's temporary files (the synthetic data) and write
+    under ``runs_dir`` only."""
+    import tempfile
+
+    srv, svc = build(ServerConfig(port=0, auth_token_env="CHATRL_TEST_TOKEN"), TrainerConfig(
+        runs_dir=str(runs_dir), threads=1, data_roots=[tempfile.gettempdir(), *TrainerConfig().data_roots]))
     return srv, svc
 
 
@@ -45,7 +49,7 @@ def test_start_run_runs_each_stage(trainer, tiny_data, tiny_gold, tmp_path, ray_
     from the one before), then STAGE_PPO in its own run given those SFT and reward-model checkpoints: the
     trainer launches the services for it, seeds them, runs the RL loop through Ray, and stops them."""
     srv, _ = trainer
-    shared = tmp_path / "shared"
+    shared = tmp_path / "runs" / "shared"  # a service-started run writes inside the trainer's runs_dir
     with TrainerClient(srv.address, token="tok") as c:
         for stage in ("pretrain", "sft", "reward"):
             c.start_run(stage, micro_yaml(tiny_data, run_dir=str(shared)), run_id=f"each-{stage}")

@@ -21,10 +21,11 @@ IDEMPOTENT: dict[str, tuple[str, ...]] = {
     "PolicyInferenceService": ("Generate", "GenerateStream", "GetModelInfo"),  # no side effects
     "RewardScoringService": ("Score", "GetModelInfo", "LoadModel"),  # LoadModel of the same checkpoint again
     "ReferenceModelService": ("LogProbs", "GetModelInfo", "LoadModel"),
-    "TrainerService": ("GetRun", "ListRuns", "WatchRun", "ListCheckpoints"),  # StartRun/CancelRun: no
-    # SubmitRanking / SubmitDemonstration are keyed by submission_id (a resubmission is a no-op);
-    # AddPrompts, CreateComparisonTasks and NextTask (a lease) are not retried
-    "FeedbackService": ("SubmitRanking", "SubmitDemonstration", "Export", "GetStats"),
+    # StartRun is keyed by request_id (the client library always sends one); cancelling twice changes nothing
+    "TrainerService": ("GetRun", "ListRuns", "WatchRun", "ListCheckpoints", "StartRun", "CancelRun"),
+    # SubmitRanking / SubmitDemonstration are keyed by submission_id (a resubmission is a no-op),
+    # CreateComparisonTasks by request_id; AddPrompts and NextTask (a lease) are not retried
+    "FeedbackService": ("SubmitRanking", "SubmitDemonstration", "Export", "GetStats", "CreateComparisonTasks"),
     "grpc.health.v1.Health": ("Check",),
 }
 MAX_ATTEMPTS = 5  # gRPC's ceiling: a larger maxAttempts is treated as 5

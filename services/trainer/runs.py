@@ -4,7 +4,15 @@ A run is a stage (or the whole pipeline) executed from a config in a background 
 (state, progress, latest metrics, error) is persisted atomically as ``<runs_dir>/<run_id>/run.json`` on
 every state change and periodically, and its events are appended to ``events.jsonl`` — so run state
 survives a trainer restart. Runs that were RUNNING or PENDING when the trainer died are queued again on
-start-up and resume from their checkpoints (every stage resumes where it stopped).
+start-up and resume from their checkpoints (every stage resumes where it stopped). A torn last line of
+``events.jsonl`` (the process died mid-write; the log is not fsynced) is cut off on load, and sequence
+numbers stay strictly increasing across restarts, so ``WatchRun`` never sees a number twice.
+
+A run started through the service is *confined* (:func:`confine`): every path its config names stays inside
+the trainer's runs directory or its configured data roots, and its service overrides cannot change
+credentials, bind/dial hosts, TLS or file locations of the services it launches or dials. ``StartRun`` is
+idempotent by ``request_id`` (a retried request returns the first run), and a cancel that reaches a
+PENDING run is final: the worker claims a run and cancel decides under one lock.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ class RunRecord:
     finished_at: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     restarts: int = 0
+    request_id: str = ""  # the client's idempotency key of the StartRun that created it
+    last_seq: int = 0  # the newest event sequence when the record was saved (a floor after a torn log)
 
 
 @dataclass
@@ -94,8 +104,10 @@ def run_endpoints(cfg: RunConfig, reporter: Reporter) -> Iterator[Endpoints]:
     pc = cfg.pipeline
     secs = load_services_config(pc.services if pc.services and os.path.exists(pc.services) else None,
                                 list(pc.service_overrides))
-    env = secs["policy"].get("auth_token_env", "CHATRL_AUTH_TOKEN")
-    token = os.environ.get(env) if env else None
+    from chatrl.services.runtime import roles
+
+    token = roles.load_credential(secs["policy"].get("auth_token_env", "CHATRL_AUTH_TOKEN"),
+                                  secs["policy"].get("auth_token_file", ""), "operator")
     cluster = None
     if pc.start_services:
         from chatrl.services.runtime.launcher import launch_pipeline_services
@@ -114,6 +126,66 @@ def run_endpoints(cfg: RunConfig, reporter: Reporter) -> Iterator[Endpoints]:
     finally:
         if cluster is not None:
             cluster.stop()
+
+
+# --- confinement of service-started runs ----------------------------------------------------------------
+# Config fields naming files or directories a run reads (anything under the runs directory or a data root).
+READ_PATHS = ("data.sft_file", "data.prompts_file", "data.eval_prompts_file", "data.rankings_file",
+              "data.pairs_file", "data.gold_file", "tokenizer.path", "model.path", "ppo.policy_init",
+              "ppo.reward_model", "dpo.reference", "pipeline.reuse_from", "pipeline.services")
+# Service settings a run may not override: credentials, what is bound or dialled, TLS, files of the services.
+_FORBIDDEN_KEY = re.compile(r"(^|_)(token|auth|tls|host|hosts|insecure|address|db|checkpoint|file|dir|path|ca|"
+                            r"cert|key)(_|$)")
+
+
+def _inside(p: Path, roots: list[Path]) -> bool:
+    return any(p == r or r in p.parents for r in roots)
+
+
+def confine(cfg: RunConfig, runs_dir: Path, run_id: str, data_roots: list[str], dial_hosts: list[str],
+            other_runs: list[str]) -> None:
+    """Refuse (RunError invalid, naming the field) a service-started run whose config reaches outside the
+    trainer's sandbox: ``run_dir`` (written) must be inside ``runs_dir`` and not inside another run's own
+    directory; every path read (:data:`READ_PATHS`, ``data.pretrain_files``) and ``data.cache_dir`` (built
+    there on first use) inside ``runs_dir`` or a data root; ``pipeline.service_overrides`` must not touch
+    credentials, TLS or files, and may set a ``host`` only to one of ``dial_hosts``, as must
+    ``pipeline.replica_hosts``; ``pipeline.services`` (hosts and credentials) must be in a data root.
+    Paths are resolved first (``..`` and symlinks cannot step out)."""
+    runs = runs_dir.resolve()
+    readable = [runs] + [Path(r).resolve() for r in data_roots]
+
+    def get(dotted: str):
+        v = cfg
+        for part in dotted.split("."):
+            v = getattr(v, part)
+        return v
+
+    rd = Path(cfg.run_dir).resolve()
+    if not _inside(rd, [runs]) or rd == runs:
+        raise RunError("invalid", f"run_dir: must be inside the trainer's runs directory {runs}")
+    for other in other_runs:
+        if other != run_id and _inside(rd, [runs / other]):
+            raise RunError("invalid", f"run_dir: inside run {other}'s directory")
+    if cfg.pipeline.services and not _inside(Path(cfg.pipeline.services).resolve(), readable[1:]):
+        raise RunError("invalid", "pipeline.services: must be inside a data root (it names the services' "
+                                  "hosts and credentials)")
+    fields = [(f, get(f)) for f in READ_PATHS] + [("data.cache_dir", cfg.data.cache_dir)]
+    fields += [(f"data.pretrain_files[{i}]", p) for i, p in enumerate(cfg.data.pretrain_files)]
+    for name, value in fields:
+        if value and not _inside(Path(value).resolve(), readable):
+            raise RunError("invalid", f"{name}: must be inside the runs directory or a data root "
+                                      f"({', '.join(map(str, readable))})")
+    for i, ov in enumerate(cfg.pipeline.service_overrides):
+        key, _, value = (x.strip() for x in str(ov).partition("="))
+        if key.rpartition(".")[2] == "host" and value.strip("'\"") in dial_hosts:
+            continue  # where a service is (or binds): one of the operator's hosts
+        if _FORBIDDEN_KEY.search(key.rpartition(".")[2]):
+            raise RunError("invalid", f"pipeline.service_overrides[{i}]: {key[:80]} may not be set by a run "
+                                      "(credentials, hosts, TLS and files of the services are the operator's)")
+    for svc, host in cfg.pipeline.replica_hosts.items():
+        if host not in dial_hosts:
+            raise RunError("invalid", f"pipeline.replica_hosts.{svc[:40]}: {str(host)[:80]} is not one of the "
+                                      f"trainer's dial_hosts")
 
 
 class _RunReporter(Reporter):
@@ -150,12 +222,18 @@ class _RunReporter(Reporter):
 
 
 class RunManager:
-    def __init__(self, runs_dir: Path, runner: StageRunner, max_events: int = 10000) -> None:
+    """Runs of one trainer. ``confined`` (the service): :func:`confine` checks every run's config against
+    ``data_roots`` and ``dial_hosts``; None (a local user's own process) trusts the config."""
+
+    def __init__(self, runs_dir: Path, runner: StageRunner, max_events: int = 10000,
+                 confined: tuple[list[str], list[str]] | None = None) -> None:
         self.dir = Path(runs_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.runner = runner
         self.max_events = max_events
-        self._lock = threading.Lock()
+        self.confined = confined  # (data_roots, dial_hosts)
+        self._seq: dict[str, int] = {}  # run id → the last sequence number given out
+        self._lock = threading.RLock()  # RLock: state changes emit events under the same lock
         self._cv = threading.Condition(self._lock)
         self.runs: dict[str, RunRecord] = {}
         self.events: dict[str, list[Event]] = {}
@@ -176,7 +254,7 @@ class RunManager:
                 log.warning("skipping unreadable run record %s: %s", f, e)
                 continue
             self.runs[rec.run_id] = rec
-            self.events[rec.run_id] = self._read_events(rec.run_id)
+            self.events[rec.run_id] = self._read_events(rec)
         for rec in sorted(self.runs.values(), key=lambda r: r.created_at):
             if rec.state in ("RUNNING", "PENDING"):
                 rec.restarts += 1
@@ -186,24 +264,57 @@ class RunManager:
                                                                 "checkpoints")
                 self._q.put(rec.run_id)
 
-    def _read_events(self, run_id: str) -> list[Event]:
-        f = self.dir / run_id / "events.jsonl"
-        out = []
+    def _read_events(self, rec: RunRecord) -> list[Event]:
+        """The run's logged events. A torn last line (the process died mid-write) is cut off the file, so
+        the next event starts on a line of its own; an unreadable line inside the file (from before that
+        fix) is skipped, and so is an event whose sequence does not increase. The next sequence number is
+        above every one seen, on disk or in the record, plus one for the torn event (a watcher may have
+        received it before the crash)."""
+        f = self.dir / rec.run_id / "events.jsonl"
+        out: list[Event] = []
+        last, torn = rec.last_seq, False
         if f.exists():
-            for line in f.read_text().splitlines():
-                try:
-                    out.append(Event(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError):
-                    break  # a torn last line after a crash
+            data = f.read_bytes()
+            body, _, tail = data.rpartition(b"\n")  # tail: what follows the last newline (b"" if whole)
+            for line in body.split(b"\n") if body else []:
+                ev = self._parse_event(line)
+                if ev is None:
+                    if line.strip():  # a line glued to a torn fragment by an older trainer
+                        log.warning("run %s: skipping an unreadable line in %s", rec.run_id, f)
+                elif ev.seq > (out[-1].seq if out else 0):
+                    out.append(ev)
+            if tail:  # the process died before the newline: cut the fragment off, keep a whole event
+                ev = self._parse_event(tail)
+                with open(f, "r+b") as fh:
+                    fh.truncate(len(data) - len(tail))
+                    if ev is not None:
+                        fh.seek(0, os.SEEK_END)
+                        fh.write(tail + b"\n")
+                if ev is None:
+                    torn = True
+                    log.warning("run %s: cut a torn last line off %s", rec.run_id, f)
+                elif ev.seq > (out[-1].seq if out else 0):
+                    out.append(ev)
+        last = max(last, out[-1].seq if out else 0)
+        self._seq[rec.run_id] = last + 1 if torn else last
         return out[-self.max_events:]
 
+    @staticmethod
+    def _parse_event(line: bytes) -> Event | None:
+        try:
+            return Event(**json.loads(line))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+            return None
+
     def _save(self, rec: RunRecord) -> None:
+        rec.last_seq = self._seq.get(rec.run_id, rec.last_seq)
         atomic_write_text(self.dir / rec.run_id / "run.json", json.dumps(asdict(rec)))
 
     def _emit(self, rec: RunRecord, kind: str, **kw) -> Event:
         with self._cv:
             evs = self.events.setdefault(rec.run_id, [])
-            seq = (evs[-1].seq if evs else 0) + 1
+            seq = max(self._seq.get(rec.run_id, 0), evs[-1].seq if evs else 0) + 1
+            self._seq[rec.run_id] = seq
             ev = Event(seq=seq, time=time.time(), kind=kind, state=rec.state, stage=rec.current_stage or rec.stage,
                        round=rec.round, step=rec.step, total=rec.total_steps, **kw)
             evs.append(ev)
@@ -229,25 +340,32 @@ class RunManager:
         self._emit(rec, "state", prev_state=prev, text=error)
 
     # --- API --------------------------------------------------------------------------------------
-    def start(self, stage: str, config_yaml: str, overrides: dict[str, str], run_id: str = "") -> RunRecord:
+    def start(self, stage: str, config_yaml: str, overrides: dict[str, str], run_id: str = "",
+              request_id: str = "") -> RunRecord:
+        """Queue a run. A repeated ``request_id`` returns the run its first request started (a client's
+        retry after a lost answer), whatever else it says; so does a repeated ``run_id`` with the same
+        request. Nothing is written for a refused request."""
         if stage not in STAGES:
             raise RunError("invalid", f"stage: must be one of {list(STAGES)}, got {stage!r}")
-        if run_id:
-            if not all(c.isalnum() or c in "-_." for c in run_id) or len(run_id) > 64 or run_id.startswith("."):
-                raise RunError("invalid", "run_id: letters, digits, '-', '_' and '.' only, at most 64")
-            with self._lock:
-                old = self.runs.get(run_id)
+        for name, v in (("run_id", run_id), ("request_id", request_id)):
+            if v and (not all(c.isalnum() or c in "-_." for c in v) or len(v) > 64 or v.startswith(".")):
+                raise RunError("invalid", f"{name}: letters, digits, '-', '_' and '.' only, at most 64")
+        with self._lock:  # one start at a time: two attempts of one request must not both create a run
+            if request_id:
+                first = next((r for r in self.runs.values() if r.request_id == request_id), None)
+                if first is not None:
+                    return first
+            old = self.runs.get(run_id) if run_id else None
             if old is not None:
                 if (old.stage, old.config_yaml, old.overrides) == (stage, config_yaml, dict(overrides)):
                     return old  # an idempotent retry of the same StartRun
                 raise RunError("exists", f"run_id: run {run_id} already exists with a different request")
-        run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        cfg = self.parse_config(config_yaml, overrides, run_id)
-        rec = RunRecord(run_id=run_id, stage=stage, config_yaml=config_yaml, overrides=dict(overrides),
-                        output_dir=cfg.run_dir)
-        with self._lock:
+            run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+            cfg = self.parse_config(config_yaml, overrides, run_id)
+            rec = RunRecord(run_id=run_id, stage=stage, config_yaml=config_yaml, overrides=dict(overrides),
+                            output_dir=cfg.run_dir, request_id=request_id)
             self.runs[run_id] = rec
-        self._emit(rec, "state", prev_state="", text="queued")
+            self._emit(rec, "state", prev_state="", text="queued")
         self._q.put(run_id)
         return rec
 
@@ -264,9 +382,12 @@ class RunManager:
         if "run_dir" not in d and "run_dir" not in overrides:
             ov.append(f"run_dir={self.dir / run_id / 'output'}")
         try:
-            return config_from_yaml_text(yaml.safe_dump(d), ov)
-        except ConfigError as e:
+            cfg = config_from_yaml_text(yaml.safe_dump(d), ov)
+        except (ConfigError, ValueError) as e:
             raise RunError("invalid", f"config_yaml: {e}") from None
+        if self.confined is not None:
+            confine(cfg, self.dir, run_id, *self.confined, other_runs=[r for r in self.runs if r != run_id])
+        return cfg
 
     def get(self, run_id: str) -> RunRecord:
         with self._lock:
@@ -281,14 +402,15 @@ class RunManager:
 
     def cancel(self, run_id: str, reason: str = "") -> RunRecord:
         rec = self.get(run_id)
-        if rec.state in TERMINAL:
-            return rec
-        rep = self.reporters.get(run_id)
-        if rec.state == "PENDING" and rep is None:
-            self._set_state(rec, "CANCELLED", reason or "cancelled before it started")
-        elif rep is not None:
-            rep.cancel_event.set()
-            self._emit(rec, "log", text=f"cancel requested{': ' + reason if reason else ''}")
+        with self._lock:  # the worker claims a PENDING run under this lock too: one of us decides
+            if rec.state in TERMINAL:
+                return rec
+            rep = self.reporters.get(run_id)
+            if rep is None:  # not claimed by the worker: final, the worker will skip it
+                self._set_state(rec, "CANCELLED", reason or "cancelled before it started")
+            else:
+                rep.cancel_event.set()
+                self._emit(rec, "log", text=f"cancel requested{': ' + reason if reason else ''}")
         return rec
 
     def events_after(self, run_id: str, after: int, timeout: float) -> tuple[list[Event], bool]:
@@ -309,14 +431,16 @@ class RunManager:
             run_id = self._q.get()
             if run_id is None:
                 return
-            rec = self.runs.get(run_id)
-            if rec is None or rec.state != "PENDING":
-                continue
-            rep = _RunReporter(self, rec)
-            self.reporters[run_id] = rep
+            with self._lock:  # claim: PENDING → RUNNING with its reporter, atomically with respect to cancel
+                rec = self.runs.get(run_id)
+                if rec is None or rec.state != "PENDING":
+                    continue
+                rep = _RunReporter(self, rec)
+                self.reporters[run_id] = rep
+                self._set_state(rec, "RUNNING")
             try:
                 cfg = self.parse_config(rec.config_yaml, rec.overrides, run_id)
-                self._set_state(rec, "RUNNING")
+                rep.check_cancelled()  # a cancel that came in while claiming: the runner never starts
                 self.runner(rec.stage, cfg, rep)
                 self._set_state(rec, "SUCCEEDED")
             except Cancelled:

@@ -6,7 +6,7 @@ checkpoints and state changes), ``CancelRun``, ``ListCheckpoints``. Run manageme
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,12 @@ from chatrl.services.trainer.stages.common import Reporter
 class TrainerConfig:
     runs_dir: str = "runs/trainer"  # run records, events and (by default) each run's output
     threads: int = 2  # torch threads for training
+    # a run started here is confined: it writes only inside runs_dir (never in another run's directory)
+    # and reads only there or under these roots (data files, tokenizer, models, checkpoints, the services
+    # config); the chatrl CLI, a local user's own process, is not confined
+    data_roots: list[str] = field(default_factory=lambda: [".cache/chatrl", "configs"])
+    # hosts a run config may name for the services it dials (pipeline.replica_hosts); loopback always
+    dial_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost"])
 
 
 def run_stage(stage: str, cfg: RunConfig, reporter: Reporter) -> None:
@@ -107,7 +113,7 @@ def _err(e: RunError) -> ServiceError:
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, cfg: TrainerConfig, registry) -> None:
         self.cfg = cfg
-        self.mgr = RunManager(Path(cfg.runs_dir), run_stage)
+        self.mgr = RunManager(Path(cfg.runs_dir), run_stage, confined=(list(cfg.data_roots), list(cfg.dial_hosts)))
         self.g_metric = Gauge("chatrl_trainer_metric", "latest training metric of a run", ["run_id", "stage", "name"],
                               registry=registry)
         self.g_runs = Gauge("chatrl_trainer_runs", "runs by state", ["state"], registry=registry)
@@ -130,7 +136,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if not stage:
             raise invalid("stage", "must be one of PRETRAIN, SFT, REWARD_MODEL, PPO, PIPELINE")
         rec = self._call(self.mgr.start, stage, request.config_yaml,
-                         dict(request.overrides), request.run_id)
+                         dict(request.overrides), request.run_id, request.request_id)
         return trainer_pb2.StartRunResponse(run=run_proto(rec))
 
     def GetRun(self, request, context):
@@ -200,7 +206,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def build(server_cfg: ServerConfig, cfg: TrainerConfig) -> tuple[ServiceServer, TrainerServicer]:
     torch.set_num_threads(max(1, cfg.threads))
-    srv = ServiceServer("trainer", server_cfg, mutating={"StartRun", "CancelRun"})
+    srv = ServiceServer("trainer", server_cfg)
     svc = TrainerServicer(cfg, srv.registry)
     srv.add_service(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, svc,
                     trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatrl/v1/trainer.proto\x12\tchatrl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x08Progress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\"\xc3\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12\x1f\n\x05stage\x18\x03 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.chatrl.v1.Progress\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0elatest_metrics\x18\t \x03(\x0b\x32!.chatrl.v1.Run.LatestMetricsEntry\x12\x13\n\x0b\x63onfig_yaml\x18\n \x01(\t\x12\x12\n\noutput_dir\x18\x0b \x01(\t\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc7\x01\n\x0fStartRunRequest\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12<\n\toverrides\x18\x03 \x03(\x0b\x32).chatrl.v1.StartRunRequest.OverridesEntry\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x10StartRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chatrl.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chatrl.v1.Run\"]\n\x0fListRunsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.chatrl.v1.RunState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.chatrl.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x14\n\x0cinclude_logs\x18\x03 \x01(\x08\"h\n\x07Metrics\x12.\n\x06values\x18\x01 \x03(\x0b\x32\x1e.chatrl.v1.Metrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"y\n\x0bStateChange\x12+\n\x0eprevious_state\x18\x01 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12&\n\tnew_state\x18\x02 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12\x15\n\rerror_message\x18\x03 \x01(\t\"\xa1\x02\n\nCheckpoint\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1f\n\x05stage\x18\x02 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x07metrics\x18\t \x03(\x0b\x32\".chatrl.v1.Checkpoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc4\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12%\n\x08progress\x18\x05 \x01(\x0b\x32\x13.chatrl.v1.Progress\x12%\n\x07metrics\x18\x06 \x01(\x0b\x32\x12.chatrl.v1.MetricsH\x00\x12\x12\n\x08log_line\x18\x07 \x01(\tH\x00\x12.\n\x0cstate_change\x18\x08 \x01(\x0b\x32\x16.chatrl.v1.StateChangeH\x00\x12+\n\ncheckpoint\x18\t \x01(\x0b\x32\x15.chatrl.v1.CheckpointH\x00\x42\t\n\x07payload\"6\n\x10WatchRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.chatrl.v1.RunEvent\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x11\x43\x61ncelRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chatrl.v1.Run\"I\n\x16ListCheckpointsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1f\n\x05stage\x18\x02 \x01(\x0e\x32\x10.chatrl.v1.Stage\"E\n\x17ListCheckpointsResponse\x12*\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x15.chatrl.v1.Checkpoint*|\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_PRETRAIN\x10\x01\x12\r\n\tSTAGE_SFT\x10\x02\x12\x16\n\x12STAGE_REWARD_MODEL\x10\x03\x12\r\n\tSTAGE_PPO\x10\x04\x12\x12\n\x0eSTAGE_PIPELINE\x10\x05*\x9b\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x32\xc2\x03\n\x0eTrainerService\x12\x43\n\x08StartRun\x12\x1a.chatrl.v1.StartRunRequest\x1a\x1b.chatrl.v1.StartRunResponse\x12=\n\x06GetRun\x12\x18.chatrl.v1.GetRunRequest\x1a\x19.chatrl.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.chatrl.v1.ListRunsRequest\x1a\x1b.chatrl.v1.ListRunsResponse\x12\x45\n\x08WatchRun\x12\x1a.chatrl.v1.WatchRunRequest\x1a\x1b.chatrl.v1.WatchRunResponse0\x01\x12\x46\n\tCancelRun\x12\x1b.chatrl.v1.CancelRunRequest\x1a\x1c.chatrl.v1.CancelRunResponse\x12X\n\x0fListCheckpoints\x12!.chatrl.v1.ListCheckpointsRequest\x1a\".chatrl.v1.ListCheckpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatrl/v1/trainer.proto\x12\tchatrl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x08Progress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\"\xc3\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12\x1f\n\x05stage\x18\x03 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.chatrl.v1.Progress\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0elatest_metrics\x18\t \x03(\x0b\x32!.chatrl.v1.Run.LatestMetricsEntry\x12\x13\n\x0b\x63onfig_yaml\x18\n \x01(\t\x12\x12\n\noutput_dir\x18\x0b \x01(\t\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdb\x01\n\x0fStartRunRequest\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12<\n\toverrides\x18\x03 \x03(\x0b\x32).chatrl.v1.StartRunRequest.OverridesEntry\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x10StartRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chatrl.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chatrl.v1.Run\"]\n\x0fListRunsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.chatrl.v1.RunState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.chatrl.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x14\n\x0cinclude_logs\x18\x03 \x01(\x08\"h\n\x07Metrics\x12.\n\x06values\x18\x01 \x03(\x0b\x32\x1e.chatrl.v1.Metrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"y\n\x0bStateChange\x12+\n\x0eprevious_state\x18\x01 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12&\n\tnew_state\x18\x02 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12\x15\n\rerror_message\x18\x03 \x01(\t\"\xa1\x02\n\nCheckpoint\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1f\n\x05stage\x18\x02 \x01(\x0e\x32\x10.chatrl.v1.Stage\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x07metrics\x18\t \x03(\x0b\x32\".chatrl.v1.Checkpoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc4\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.chatrl.v1.RunState\x12%\n\x08progress\x18\x05 \x01(\x0b\x32\x13.chatrl.v1.Progress\x12%\n\x07metrics\x18\x06 \x01(\x0b\x32\x12.chatrl.v1.MetricsH\x00\x12\x12\n\x08log_line\x18\x07 \x01(\tH\x00\x12.\n\x0cstate_change\x18\x08 \x01(\x0b\x32\x16.chatrl.v1.StateChangeH\x00\x12+\n\ncheckpoint\x18\t \x01(\x0b\x32\x15.chatrl.v1.CheckpointH\x00\x42\t\n\x07payload\"6\n\x10WatchRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.chatrl.v1.RunEvent\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x11\x43\x61ncelRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.chatrl.v1.Run\"I\n\x16ListCheckpointsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1f\n\x05stage\x18\x02 \x01(\x0e\x32\x10.chatrl.v1.Stage\"E\n\x17ListCheckpointsResponse\x12*\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x15.chatrl.v1.Checkpoint*|\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_PRETRAIN\x10\x01\x12\r\n\tSTAGE_SFT\x10\x02\x12\x16\n\x12STAGE_REWARD_MODEL\x10\x03\x12\r\n\tSTAGE_PPO\x10\x04\x12\x12\n\x0eSTAGE_PIPELINE\x10\x05*\x9b\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x32\xc2\x03\n\x0eTrainerService\x12\x43\n\x08StartRun\x12\x1a.chatrl.v1.StartRunRequest\x1a\x1b.chatrl.v1.StartRunResponse\x12=\n\x06GetRun\x12\x18.chatrl.v1.GetRunRequest\x1a\x19.chatrl.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.chatrl.v1.ListRunsRequest\x1a\x1b.chatrl.v1.ListRunsResponse\x12\x45\n\x08WatchRun\x12\x1a.chatrl.v1.WatchRunRequest\x1a\x1b.chatrl.v1.WatchRunResponse0\x01\x12\x46\n\tCancelRun\x12\x1b.chatrl.v1.CancelRunRequest\x1a\x1c.chatrl.v1.CancelRunResponse\x12X\n\x0fListCheckpoints\x12!.chatrl.v1.ListCheckpointsRequest\x1a\".chatrl.v1.ListCheckpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICS_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_CHECKPOINT_METRICSENTRY']._loaded_options = None
   _globals['_CHECKPOINT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_STAGE']._serialized_start=2354
-  _globals['_STAGE']._serialized_end=2478
-  _globals['_RUNSTATE']._serialized_start=2481
-  _globals['_RUNSTATE']._serialized_end=2636
+  _globals['_STAGE']._serialized_start=2374
+  _globals['_STAGE']._serialized_end=2498
+  _globals['_RUNSTATE']._serialized_start=2501
+  _globals['_RUNSTATE']._serialized_end=2656
   _globals['_PROGRESS']._serialized_start=71
   _globals['_PROGRESS']._serialized_end=164
   _globals['_RUN']._serialized_start=167
@@ -51,43 +51,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_start=566
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_end=618
   _globals['_STARTRUNREQUEST']._serialized_start=621
-  _globals['_STARTRUNREQUEST']._serialized_end=820
-  _globals['_STARTRUNREQUEST_OVERRIDESENTRY']._serialized_start=772
-  _globals['_STARTRUNREQUEST_OVERRIDESENTRY']._serialized_end=820
-  _globals['_STARTRUNRESPONSE']._serialized_start=822
-  _globals['_STARTRUNRESPONSE']._serialized_end=869
-  _globals['_GETRUNREQUEST']._serialized_start=871
-  _globals['_GETRUNREQUEST']._serialized_end=902
-  _globals['_GETRUNRESPONSE']._serialized_start=904
-  _globals['_GETRUNRESPONSE']._serialized_end=949
-  _globals['_LISTRUNSREQUEST']._serialized_start=951
-  _globals['_LISTRUNSREQUEST']._serialized_end=1044
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1046
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1119
-  _globals['_WATCHRUNREQUEST']._serialized_start=1121
-  _globals['_WATCHRUNREQUEST']._serialized_end=1200
-  _globals['_METRICS']._serialized_start=1202
-  _globals['_METRICS']._serialized_end=1306
-  _globals['_METRICS_VALUESENTRY']._serialized_start=1261
-  _globals['_METRICS_VALUESENTRY']._serialized_end=1306
-  _globals['_STATECHANGE']._serialized_start=1308
-  _globals['_STATECHANGE']._serialized_end=1429
-  _globals['_CHECKPOINT']._serialized_start=1432
-  _globals['_CHECKPOINT']._serialized_end=1721
-  _globals['_CHECKPOINT_METRICSENTRY']._serialized_start=1675
-  _globals['_CHECKPOINT_METRICSENTRY']._serialized_end=1721
-  _globals['_RUNEVENT']._serialized_start=1724
-  _globals['_RUNEVENT']._serialized_end=2048
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2050
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2104
-  _globals['_CANCELRUNREQUEST']._serialized_start=2106
-  _globals['_CANCELRUNREQUEST']._serialized_end=2156
-  _globals['_CANCELRUNRESPONSE']._serialized_start=2158
-  _globals['_CANCELRUNRESPONSE']._serialized_end=2206
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2208
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2281
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2283
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2352
-  _globals['_TRAINERSERVICE']._serialized_start=2639
-  _globals['_TRAINERSERVICE']._serialized_end=3089
+  _globals['_STARTRUNREQUEST']._serialized_end=840
+  _globals['_STARTRUNREQUEST_OVERRIDESENTRY']._serialized_start=792
+  _globals['_STARTRUNREQUEST_OVERRIDESENTRY']._serialized_end=840
+  _globals['_STARTRUNRESPONSE']._serialized_start=842
+  _globals['_STARTRUNRESPONSE']._serialized_end=889
+  _globals['_GETRUNREQUEST']._serialized_start=891
+  _globals['_GETRUNREQUEST']._serialized_end=922
+  _globals['_GETRUNRESPONSE']._serialized_start=924
+  _globals['_GETRUNRESPONSE']._serialized_end=969
+  _globals['_LISTRUNSREQUEST']._serialized_start=971
+  _globals['_LISTRUNSREQUEST']._serialized_end=1064
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1066
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1139
+  _globals['_WATCHRUNREQUEST']._serialized_start=1141
+  _globals['_WATCHRUNREQUEST']._serialized_end=1220
+  _globals['_METRICS']._serialized_start=1222
+  _globals['_METRICS']._serialized_end=1326
+  _globals['_METRICS_VALUESENTRY']._serialized_start=1281
+  _globals['_METRICS_VALUESENTRY']._serialized_end=1326
+  _globals['_STATECHANGE']._serialized_start=1328
+  _globals['_STATECHANGE']._serialized_end=1449
+  _globals['_CHECKPOINT']._serialized_start=1452
+  _globals['_CHECKPOINT']._serialized_end=1741
+  _globals['_CHECKPOINT_METRICSENTRY']._serialized_start=1695
+  _globals['_CHECKPOINT_METRICSENTRY']._serialized_end=1741
+  _globals['_RUNEVENT']._serialized_start=1744
+  _globals['_RUNEVENT']._serialized_end=2068
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2070
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2124
+  _globals['_CANCELRUNREQUEST']._serialized_start=2126
+  _globals['_CANCELRUNREQUEST']._serialized_end=2176
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2178
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2226
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2228
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2301
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2303
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2372
+  _globals['_TRAINERSERVICE']._serialized_start=2659
+  _globals['_TRAINERSERVICE']._serialized_end=3109
 # @@protoc_insertion_point(module_scope)

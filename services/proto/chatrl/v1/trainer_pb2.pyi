@@ -86,7 +86,7 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_metrics: _Optional[_Mapping[str, float]] = ..., config_yaml: _Optional[str] = ..., output_dir: _Optional[str] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
-    __slots__ = ("stage", "config_yaml", "overrides", "run_id")
+    __slots__ = ("stage", "config_yaml", "overrides", "run_id", "request_id")
     class OverridesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,11 +98,13 @@ class StartRunRequest(_message.Message):
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     stage: Stage
     config_yaml: str
     overrides: _containers.ScalarMap[str, str]
     run_id: str
-    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., config_yaml: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., config_yaml: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
     __slots__ = ("run",)

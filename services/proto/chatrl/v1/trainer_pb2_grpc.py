@@ -80,7 +80,8 @@ class TrainerServiceServicer:
     """
 
     def StartRun(self, request, context):
-        """Starts a run. Errors: INVALID_ARGUMENT (bad stage/config/override, naming the field),
+        """Starts a run. Errors: INVALID_ARGUMENT (bad stage/config/override, naming the field; a path outside
+        the trainer's runs directory and data roots; a service override of auth, host or TLS keys),
         ALREADY_EXISTS (run_id taken by a different run), RESOURCE_EXHAUSTED (too many active runs).
         Role: operator credential; requests up to 1 MiB (services/runtime/roles.py).
         """
@@ -114,8 +115,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Asks a run to stop; asynchronous (the run reaches CANCELLED shortly after). Cancelling a finished
-        run changes nothing. Errors: NOT_FOUND.
+        """Asks a run to stop; asynchronous (the run reaches CANCELLED shortly after). A PENDING run is
+        CANCELLED at once and never starts. Cancelling a finished run changes nothing. Errors: NOT_FOUND.
         Role: operator credential; requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
