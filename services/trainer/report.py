@@ -52,7 +52,10 @@ def write_report(cfg: RunConfig, state: dict) -> Path:
         plt.close(fig)
         pngs.append("ppo.png")
     times = state.get("times", {})
-    md = [f"# chatrl run report — {cfg.name}", "",
+    model = (f"Model: `{cfg.model.path}` (a local Hugging Face model imported as the base)"
+             + (f", LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if cfg.lora.enabled else "")
+             + "." if cfg.model.path else "Model: chatrl's own GPT, pre-trained here.")
+    md = [f"# chatrl run report — {cfg.name}", "", model, "",
           "Held-out prompts sampled at temperature 1 and scored by the *gold* simulated labeler (a stand-in "
           "for people, never shown to the reward model), the last round's reward model, and KL to the SFT "
           "(reference) model.", "", eval_table(state.get("evals", {})), "", "## Wall time per stage", "",
@@ -64,10 +67,36 @@ def write_report(cfg: RunConfig, state: dict) -> Path:
             md += ["", f"## {name}: last iteration", "",
                    ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, (int, float)))]
     md += [""] + [f"![{p}]({p})" for p in pngs]
-    samples = [(label, s) for label, e in state.get("evals", {}).items() for s in e.get("samples", [])[:2]]
-    if samples:
-        md += ["", "## Samples", ""] + [f"- **{label}** — *{s['prompt']}* → {s['response']}"
-                                        + ("" if s["finished"] else " […]") for label, s in samples]
+    evals = state.get("evals", {})
+    md += lift_lines(evals)
+    md += before_after(evals)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     return path
+
+
+def lift_lines(evals: dict[str, dict]) -> list[str]:
+    """gold(last PPO round) − gold(SFT, where PPO started), in standard errors of the difference."""
+    start, last = evals.get("SFT"), next((evals[k] for k in reversed(list(evals)) if k.startswith("PPO")), None)
+    if not start or not last:
+        return []
+    d = last["gold"] - start["gold"]
+    se = (last["gold_se"] ** 2 + start["gold_se"] ** 2) ** 0.5
+    return ["", f"Held-out gold, PPO − SFT: {d:+.3f} ({d / se if se else float('nan'):+.1f} standard errors "
+                f"of the difference, n = {int(last.get('n', 0))} per row)."]
+
+
+def before_after(evals: dict[str, dict], n: int = 5) -> list[str]:
+    """The same held-out prompts (same sampling seeds) answered by every evaluated policy, side by side."""
+    rows = [(k, e.get("samples", [])) for k, e in evals.items() if e.get("samples")]
+    if not rows:
+        return []
+
+    def show(s: dict) -> str:
+        return s["response"].replace("\n", " ").replace("|", "/") + ("" if s["finished"] else " […]")
+
+    out = ["", "## Samples (held-out prompts, temperature 1; […] = the turn did not finish)", "",
+           "| prompt | " + " | ".join(k for k, _ in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for per_stage in list(zip(*(s for _, s in rows)))[:n]:
+        out.append(f"| {per_stage[0]['prompt']} | " + " | ".join(show(x) for x in per_stage) + " |")
+    return out
