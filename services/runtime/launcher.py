@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,10 @@ class LocalCluster:
         self.threads = threads
         self.env = dict(env or {})
         self.procs: dict[str, subprocess.Popen] = {}
+        self._spawn: dict[str, tuple[list[str], dict[str, str]]] = {}  # name → (command, environment)
+        self.restarts: dict[str, int] = {}  # name → times the supervisor restarted it
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def address(self, name: str) -> str:
         """Where to dial ``name``: its configured host and port, a wildcard bind dialled on loopback."""
@@ -115,19 +120,52 @@ class LocalCluster:
                     raise ValueError(f"{name}.port must be set (non-zero) in the service config")
                 cmd = [sys.executable, "-m", f"chatrl.services.{name}"] + (["--config", self.yaml] if self.yaml else [])
                 cmd += sum((["--set", o.split(".", 1)[1]] for o in self.overrides if o.startswith(name + ".")), [])
-                path = self.log_path(name)
-                if path:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(path, "ab") as out:  # the child keeps its own descriptor
-                        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                            start_new_session=True)
-                else:
-                    self.procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                                        stderr=subprocess.STDOUT, start_new_session=True)
+                self._spawn[name] = (cmd, env)
+                self.procs[name] = self._popen(name)
             self.wait(timeout, wait_for, serving)
         except BaseException:
             self.stop()
             raise
+        return self
+
+    def _popen(self, name: str) -> subprocess.Popen:
+        cmd, env = self._spawn[name]
+        path = self.log_path(name)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as out:  # the child keeps its own descriptor
+                return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def supervise(self, max_restarts: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                  poll_s: float = 0.2) -> LocalCluster:
+        """Restart a service process that dies (as a Kubernetes Deployment would): same command, port and
+        data, after a backoff that doubles with each restart of that service (``backoff_s`` ..
+        ``max_backoff_s``), at most ``max_restarts`` times each; :attr:`restarts` counts them. A restarted
+        model service comes back empty: the run brings it to its current model before using it."""
+
+        def loop() -> None:
+            due: dict[str, float] = {}
+            while not self._stopping.wait(poll_s):
+                for name, p in list(self.procs.items()):
+                    if p.poll() is None or self._stopping.is_set():
+                        continue
+                    n = self.restarts.get(name, 0)
+                    if n >= max_restarts:
+                        continue  # gave up: callers see it UNAVAILABLE
+                    due.setdefault(name, time.monotonic() + min(max_backoff_s, backoff_s * 2 ** n))
+                    if time.monotonic() < due[name]:
+                        continue
+                    del due[name]
+                    self.restarts[name] = n + 1
+                    if self.log_dir:
+                        with open(self.log_path(name), "ab") as f:
+                            f.write(f"\n--- exited with code {p.returncode}; restart {n + 1} ---\n".encode())
+                    self.procs[name] = self._popen(name)
+
+        self._supervisor = threading.Thread(target=loop, name="launcher-supervisor", daemon=True)
+        self._supervisor.start()
         return self
 
     def wait(self, timeout: float, names: list[str] | None = None, serving: bool = True) -> None:
@@ -168,6 +206,9 @@ class LocalCluster:
     def stop(self, grace: float = 15.0) -> dict[str, int]:
         """SIGTERM every process (they drain in-flight calls), SIGKILL what is left after ``grace``;
         returns each exit code."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -198,7 +239,7 @@ def launch_pipeline_services(services_yaml: str, overrides: list[str], run_dir: 
     model loaded (each model service stays NOT_SERVING until LoadModel/UpdateWeights): feedback keeps its
     database in ``run_dir/feedback.db`` and samples from the launched policy; web page and metrics off;
     logs in ``run_dir/logs``. ``overrides`` (the run config's ``pipeline.service_overrides``) come last,
-    so they win. Returns once every process answers health."""
+    so they win. Returns once every process answers health, supervised (:meth:`LocalCluster.supervise`)."""
     run_dir = Path(run_dir).resolve()
     names = list(PIPELINE_SERVICES)
     ports = dict(zip(names, free_ports(len(names))))
@@ -208,4 +249,5 @@ def launch_pipeline_services(services_yaml: str, overrides: list[str], run_dir: 
     over += [f"feedback.db={run_dir / 'feedback.db'}", f"feedback.policy_address=127.0.0.1:{ports['policy']}",
              "feedback.web_port=-1"]
     cluster = LocalCluster(services_yaml, over + list(overrides), only=names, log_dir=run_dir / "logs")
-    return cluster.start(serving=False)  # start_timeout(): generous, $CHATRL_SERVICE_START_TIMEOUT
+    # start_timeout(): generous, $CHATRL_SERVICE_START_TIMEOUT; then a service that dies is restarted
+    return cluster.start(serving=False).supervise()

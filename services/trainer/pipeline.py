@@ -99,7 +99,7 @@ def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> bool:
     whether it pushed (then every replica serves the SFT weights as the newest version)."""
     svc.reference.wait_health_known(120)
     if 0 in svc.reference.model_versions().values():
-        svc.reference.load_model(str(sft_ckpt))
+        svc.reference.load_model(str(sft_ckpt), sha256=load_checkpoint(sft_ckpt).sha256)
         reporter.log(f"reference-model: loaded {sft_ckpt}")
     svc.policy.wait_health_known(120)
     versions = svc.policy.model_versions()
@@ -113,7 +113,7 @@ def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> bool:
 
 def serve_reward_model(svc: Services, rm_ckpt: Path, reporter: Reporter) -> None:
     svc.reward.wait_health_known(120)
-    svc.reward.load_model(str(rm_ckpt))
+    svc.reward.load_model(str(rm_ckpt), sha256=load_checkpoint(rm_ckpt).sha256)
     svc.reward.wait_serving(60)
     reporter.log(f"reward-scoring: loaded {rm_ckpt}")
 
@@ -127,12 +127,33 @@ def gold_observer(gold):
 
 def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRollout, round_: int,
               policy_ckpt: Path, rm_ckpt: Path, version: int, prompts: list[str], push_meta: dict[str, str],
-              gold) -> RoundResult:
+              gold, reference_ckpt: Path | None = None) -> RoundResult:
     """One PPO round through the services: the RL loop from ``policy_ckpt`` (served as ``version``) with
-    the value model from ``rm_ckpt``, pushes to every policy replica."""
+    the value model from ``rm_ckpt``, pushes to every policy replica. A rollout that fails because a service
+    died is sampled again once the restarted services are healed: the reference model (``reference_ckpt``,
+    the SFT checkpoint) and the reward model re-loaded, the current weights re-pushed to a policy replica
+    behind the trainer's version."""
     trainer = ppo.PPOTrainer.from_checkpoints(cfg, load_checkpoint(policy_ckpt), load_checkpoint(rm_ckpt), round_)
     sink = PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)})
-    return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold)).run(version)
+
+    def heal(version: int, push_state) -> None:
+        """After a service died and was restarted (empty): the reference and reward models loaded again,
+        the policy's current weights pushed to every replica behind ``version``."""
+        svc.reference.wait_health_known(600)
+        if reference_ckpt is not None and 0 in svc.reference.model_versions().values():
+            svc.reference.load_model(str(reference_ckpt), sha256=load_checkpoint(reference_ckpt).sha256)
+        svc.reward.wait_health_known(600)
+        if 0 in svc.reward.model_versions().values():
+            serve_reward_model(svc, rm_ckpt, reporter)
+        svc.policy.wait_health_known(600)
+        clients = svc.policy.clients()
+        behind = [a for a, v in svc.policy.model_versions().items() if v < version]
+        for a in behind:  # only those: a replica already serving `version` refuses it again
+            PolicyServiceSink(clients[a], sink.metadata).push(push_state(), version)
+        if behind:
+            reporter.log(f"policy-inference: pushed version {version} again to {len(behind)} replica(s) behind it")
+
+    return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold), heal=heal).run(version)
 
 
 METHOD_LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
@@ -186,7 +207,8 @@ def run_ppo_stage(cfg: RunConfig, reporter: Reporter, endpoints: Endpoints) -> R
         t = time.perf_counter()
         source = RayRollout(endpoints, cfg.ppo)
         reporter.log(f"{cfg.ppo.num_workers} Ray rollout workers up in {time.perf_counter() - t:.1f}s")
-        res = ppo_round(cfg, reporter, svc, source, 0, sft_ck.path, rm_ck.path, version, prompts, push_meta, gold)
+        res = ppo_round(cfg, reporter, svc, source, 0, sft_ck.path, rm_ck.path, version, prompts, push_meta, gold,
+                        reference_ckpt=sft_ck.path)
         atomic_write_text(stage_dir(cfg, "policy") / "LATEST", f"../{ppo.stage_name(0)}/final\n")
         return res
     finally:
@@ -279,7 +301,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
                            rankings=rankings, stage=f"reward_r{r}")
                 serve_reward_model(svc, rm.checkpoint, reporter)
                 res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version,
-                            prompts, push_meta, gold)
+                            prompts, push_meta, gold, reference_ckpt=sft_res.checkpoint)
             state["history"][name] = res.history or state["history"].get(name, [])
             policy_ckpt, version, pushed = res.checkpoint, res.version, True
             write_json(state_file, state)

@@ -99,6 +99,10 @@ class PolicyServiceSink:
 
 
 Observe = Callable[[list[Experience]], dict[str, float]]  # extra metrics of a batch (e.g. the gold score)
+# Brings restarted services back to the run's state before a rollout is tried again: (policy version,
+# a function returning the policy's push state) → None. E.g. re-push the weights to a policy replica that
+# came back empty, re-load the reference and reward models.
+Heal = Callable[[int, Callable[[], dict]], None]
 
 
 @dataclass
@@ -114,11 +118,13 @@ class RLLoop:
     ``sink``. ``observe`` adds metrics computed from the raw samples."""
 
     def __init__(self, trainer: PPOTrainer, source: RolloutSource, sink: WeightSink, prompts: list[str],
-                 reporter: Reporter, observe: Observe | None = None) -> None:
+                 reporter: Reporter, observe: Observe | None = None, heal: Heal | None = None,
+                 max_heals: int = 3) -> None:
         if not prompts:
             raise ValueError("the RL loop needs at least one prompt")
         self.trainer, self.source, self.sink, self.prompts = trainer, source, sink, list(prompts)
         self.reporter, self.observe = reporter, observe
+        self.heal, self.max_heals = heal, max_heals  # a failed rollout: heal the services, sample again
         self.cfg, self.pc = trainer.cfg, trainer.pc
         self.name = stage_name(trainer.round)
         self.overlap = self.pc.async_rollout
@@ -164,7 +170,19 @@ class RLLoop:
         # 1-2. generate + score: sampled (or already in flight) from the policy at tr.version
         pending = self._pending[1] if self._pending and self._pending[0] == it else self._submit(it)
         self._pending = None
-        exps = pending.result()
+        heals = 0
+        while True:
+            try:
+                exps = pending.result()
+                break
+            except Exception as e:  # a service died under the rollout (its clients' retries ran out)
+                if self.heal is None or heals >= self.max_heals:
+                    raise
+                heals += 1
+                self.reporter.log(f"{self.name}: rollout of iteration {it + 1} failed ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); bringing the services back and sampling it again")
+                self.heal(tr.version, tr.push_state)
+                pending = self._submit(it)  # the same prompts and seeds: nothing lost, nothing twice
         if self.overlap and issue_next:  # sampled from this version while the update below runs
             self._pending = (it + 1, self._submit(it + 1))
         t_upd = time.perf_counter()
@@ -192,6 +210,7 @@ class RLLoop:
         metrics.update({"rollout_s": t_upd - t_roll, "update_s": t_push - t_upd, "push_s": time.perf_counter() - t_push,
                         "push_bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
                         "samples_per_s": len(exps) / max(1e-9, t_upd - t_roll), "dropped_stale": float(len(stale)),
+                        "samples": float(len(exps)), "degraded": float(heals),  # > 0: the iteration had to heal the services first
                         "policy_version": float(tr.version)})
         return metrics
 

@@ -109,21 +109,39 @@ class RolloutWorker:
         return out
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``$RAY_ADDRESS`` if set, else start Ray in-process on loopback."""
+RAY_START_TIMEOUT_ENV = "CHATRL_RAY_START_TIMEOUT"
+
+
+def init_ray(num_cpus: int | None = None, attempts: int = 2) -> None:
+    """Join ``$RAY_ADDRESS`` if set, else start Ray in-process on loopback. Ray's own start-up waits are
+    short for a busy machine (its GCS port file: 30 s), so the GCS wait is ``$CHATRL_RAY_START_TIMEOUT``
+    seconds (default 300) and a failed start is tried once more before the error says what to raise."""
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return
-    # A local, single-node Ray binds and advertises 127.0.0.1 only. Ray decides this from an env var read
-    # when it is first imported; if something imported Ray before that default was set, apply it now.
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus or 2, include_dashboard=False, object_store_memory=200 * 2**20,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    wait = os.environ.get(RAY_START_TIMEOUT_ENV, "300")
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(float(wait))))
+    for attempt in range(1, attempts + 1):
+        try:
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+                return
+            # A local, single-node Ray binds and advertises 127.0.0.1 only. Ray decides this from an env var
+            # read when it is first imported; if something imported Ray before that default was set, apply it.
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            ray.init(num_cpus=num_cpus or 2, include_dashboard=False, object_store_memory=200 * 2**20,
+                     _node_ip_address="127.0.0.1", log_to_driver=False)
+            return
+        except Exception as e:  # Ray raises plain Exception / RuntimeError / TimeoutError here
+            ray.shutdown()  # stop what the failed start left running before the next try
+            if attempt == attempts:
+                raise RuntimeError(
+                    f"Ray did not start ({attempts} tries): {type(e).__name__}: {e}. On a busy machine raise "
+                    f"${RAY_START_TIMEOUT_ENV} (seconds, now {wait}); Ray's logs are under /tmp/ray/session_latest"
+                ) from e
+            log.warning("Ray start-up failed (%s: %s); trying once more", type(e).__name__, e)
 
 
 class RolloutPool:
