@@ -60,6 +60,8 @@ SIGNALS = {
         'min by (run_id, stage) (min_over_time(chatrl_trainer_metric{name="kl", stage=~"ppo.*"}[15m]))',
         "chatrl:ppo_kl_target",
         'max by (run_id, stage) (changes(chatrl_trainer_metric{name="policy_version", stage=~"ppo.*"}[15m]))'],
+    "ChatrlLogprobGate": ['chatrl_trainer_metric{name="logprob_gate_max", stage=~"ppo.*"}',
+                          'chatrl_trainer_metric{name="logprob_gate_threshold", stage=~"ppo.*"}'],
     "ChatrlEntropyCollapse": [
         'chatrl_trainer_metric{name="entropy", stage=~"ppo.*"}',
         '0.25 * max_over_time(chatrl_trainer_metric{name="entropy", stage=~"ppo.*"}[2h])'],
