@@ -187,6 +187,26 @@ def test_ranking_loss_averages_within_prompt_then_over_prompts():
     assert r.grad[1, 2] == 0 and r.grad[2].abs().sum() == 0 and r.grad[0].abs().sum() > 0
 
 
+def test_ranking_loss_skips_pairs_inside_a_tier_of_ties():
+    # slots' rewards [0, 1, 2, 4]; best first 3 > 2 = 0 > 1 (positions 1 and 2 tied): tiers {3}, {2, 0}, {1}
+    # pairs (w, l): (3, 2): 4 - 2 = 2;  (3, 0): 4;  (3, 1): 3;  (2, 1): 1;  (0, 1): -1 — and no (2, 0)
+    rewards = t([[0.0, 1.0, 2.0, 4.0]], torch.float64)
+    loss, acc = ranking_loss(rewards, t([[3, 2, 0, 1]], torch.long), t([[False, True, False]], torch.bool))
+    expected = (softplus(2) + softplus(4) + softplus(3) + softplus(1) + softplus(-1)) / 5
+    assert close(loss, expected) and close(expected, 0.364038, 1e-6)
+    assert acc == pytest.approx(4 / 5)  # (0, 1) is ordered wrong
+
+
+def test_ranking_loss_all_tied_prompt_has_no_pairs_and_no_ties_is_the_strict_loss():
+    rewards = t([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]], torch.float64)
+    ranking = t([[2, 0, 1], [2, 0, 1]], torch.long)
+    # prompt 1 all tied → excluded; prompt 2 strict → the K = 3 hand value above
+    loss, acc = ranking_loss(rewards, ranking, t([[True, True], [False, False]], torch.bool))
+    assert close(loss, (softplus(2) + softplus(1) + softplus(-1)) / 3) and acc == pytest.approx(2 / 3)
+    strict, _ = ranking_loss(rewards, ranking)
+    assert close(ranking_loss(rewards, ranking, torch.zeros(2, 2, dtype=torch.bool))[0], strict)
+
+
 def test_ranking_loss_k2_equals_pairwise_loss():
     torch.manual_seed(1)
     rewards = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)

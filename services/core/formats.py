@@ -6,8 +6,15 @@
 - pairwise preferences (JSONL): ``{"prompt": str, "chosen": str, "rejected": str}``
 - rankings (JSONL): ``{"prompt": str, "responses": [str × K], "ranking": [int × K]}`` — ``ranking`` lists
   response indices best-first (a permutation of 0..K-1, K ≥ 2); optional ``"finished": [bool × K]`` says
-  whether each response ended its turn with the end token (default true)
+  whether each response ended its turn with the end token (default true); optional
+  ``"tied_with_next": [bool × (K-1)]``: position i of ``ranking`` is tied with position i+1 (default no
+  ties; a tied pair is no preference); optional ``"messages"``: the prompt as a conversation ending with a
+  user turn (the feedback service's export writes it; ``prompt`` is then its plain-text rendering) — the
+  K responses are candidate next assistant turns
 - prompts: JSONL ``{"prompt": str}`` or plain text, one prompt per line
+
+A *prompt* the models see (:data:`Prompt`) is a text (one user turn) or a conversation; tokenizers'
+``prompt_ids`` render either with the chat template.
 """
 
 from __future__ import annotations
@@ -28,16 +35,41 @@ class FormatError(ValueError):
     pass
 
 
+Prompt = str | list[dict]  # one user turn, or a conversation [{"role", "content"}, ...] ending with a user turn
+
+
 @dataclass
 class Ranking:
-    prompt: str
+    prompt: str  # the prompt's text (for a conversation: its plain-text rendering, e.g. for the gold labeler)
     responses: list[str]
-    ranking: list[int]
+    ranking: list[int]  # response indices, best first
     finished: list[bool] = field(default_factory=list)
+    tied_with_next: list[bool] = field(default_factory=list)  # [K-1] by ranking position; empty = no ties
+    messages: list[dict] | None = None  # a multi-turn prompt; None = the single user turn ``prompt``
+
+    @property
+    def chat(self) -> Prompt:
+        """What the models are given: the conversation if there is one, else the text."""
+        return self.messages if self.messages else self.prompt
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every (preferred, rejected) pair of response indices the ranking implies, best first; responses
+        tied with each other (one run of ``tied_with_next``) form no pair: tiers [[2, 0], [1]] → (2, 1), (0, 1)."""
+        tier, tiers = 0, []
+        for i in range(len(self.ranking)):
+            tiers.append(tier)
+            tier += not (i < len(self.tied_with_next) and self.tied_with_next[i])
+        r = self.ranking
+        return [(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r)) if tiers[i] != tiers[j]]
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "responses": self.responses, "ranking": self.ranking,
-                "finished": self.finished or [True] * len(self.responses)}
+        d = {"prompt": self.prompt, "responses": self.responses, "ranking": self.ranking,
+             "finished": self.finished or [True] * len(self.responses)}
+        if any(self.tied_with_next):
+            d["tied_with_next"] = self.tied_with_next
+        if self.messages:
+            d["messages"] = self.messages
+        return d
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -146,8 +178,32 @@ def load_rankings(path: Path) -> list[Ranking]:
         fin = o.get("finished", [True] * len(resp))
         if not isinstance(fin, list) or len(fin) != len(resp) or not all(isinstance(b, bool) for b in fin):
             raise FormatError(f"{w}: field 'finished' must be a list of {len(resp)} booleans")
-        out.append(Ranking(prompt, resp, ranking, fin))
+        ties = o.get("tied_with_next") or []
+        if not isinstance(ties, list) or (ties and len(ties) != len(resp) - 1) or \
+                not all(isinstance(b, bool) for b in ties):
+            raise FormatError(f"{w}: field 'tied_with_next' must be a list of {len(resp) - 1} booleans")
+        out.append(Ranking(prompt, resp, ranking, fin, ties if any(ties) else [],
+                           conversation(o.get("messages"), prompt, w)))
     return out
+
+
+def conversation(msgs, prompt: str, where: str) -> list[dict] | None:
+    """A ranking's optional ``messages`` checked (a conversation ending with a user turn); None when absent
+    or when it is just the one user turn ``prompt`` (the export writes ``messages`` for every row)."""
+    if msgs is None:
+        return None
+    if not isinstance(msgs, list) or not msgs:
+        raise FormatError(f"{where}: field 'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str) \
+                or not m["content"].strip():
+            raise FormatError(f"{where}: messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': "
+                              f"a non-empty string}}")
+    if msgs[-1]["role"] != "user":
+        raise FormatError(f"{where}: messages must end with the user turn the responses answer, "
+                          f"got {msgs[-1]['role']!r}")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return None if msgs == [{"role": "user", "content": prompt}] else msgs
 
 
 def load_prompts(path: Path) -> list[str]:

@@ -523,7 +523,10 @@ class HFChatTokenizer:
                 return int(tid)
         return self.eot_id
 
-    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[dict], system: str | None = None) -> list[int]:
+        """A chat prompt ready for generation: one user turn, or a conversation ending with a user turn."""
+        if not isinstance(prompt, str):
+            return self.render_chat(list(prompt), add_generation_prompt=True)[0]
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.render_chat(msgs, add_generation_prompt=True)[0]
 

@@ -103,8 +103,11 @@ class ChatTokenizer:
             mask.append(0)
         return ids, mask
 
-    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
-        """A single-turn chat prompt ready for generation (ends with ``<|assistant|>``)."""
+    def prompt_ids(self, prompt: str | Sequence[dict], system: str | None = None) -> list[int]:
+        """A chat prompt ready for generation (ends with ``<|assistant|>``): one user turn, or a conversation
+        (``[{"role", "content"}, ...]`` ending with a user turn) rendered with the chat template."""
+        if not isinstance(prompt, str):
+            return self.render_chat(list(prompt), add_generation_prompt=True)[0]
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.render_chat(msgs, add_generation_prompt=True)[0]
 

@@ -245,19 +245,30 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def ranking_loss(rewards: torch.Tensor, ranking: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Bradley–Terry loss over all C(k, 2) pairs of each prompt's ranking (InstructGPT).
+def ranking_loss(rewards: torch.Tensor, ranking: torch.Tensor, tied_with_next: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, float]:
+    """Bradley–Terry loss over all C(k, 2) pairs of each prompt's ranking (InstructGPT), less tied pairs.
 
     Args:
         rewards: ``[B, K]`` scalar RM outputs, ``rewards[b, i]`` for response slot i of prompt b.
             Slots not named in ``ranking`` are ignored (their values may be anything finite).
         ranking: ``[B, K]`` long: response slot indices of prompt b, best first, padded with -1 for
             prompts with fewer than K responses (−1 entries are skipped wherever they are).
+        tied_with_next: optional ``[B, K-1]`` bool: ranked position i of prompt b is tied with position
+            i+1. Positions joined by a run of ties form one tier; two responses of the same tier form no
+            pair (None: no ties).
 
-    For every pair of ranked positions i < j (winner w = ranking[b, i], loser l = ranking[b, j]) the
-    pair loss is ``-log σ(r_w - r_l)``. Pair losses are averaged within a prompt, then over the prompts
-    that have at least one pair (each prompt weighs the same whatever its k). Accuracy is averaged the
-    same way, a pair being correct iff ``r_w > r_l`` strictly (ties count as wrong).
+    For every pair of ranked positions i < j in different tiers (winner w = ranking[b, i], loser
+    l = ranking[b, j]) the pair loss is ``-log σ(r_w - r_l)``. Pair losses are averaged within a prompt,
+    then over the prompts that have at least one pair (each prompt weighs the same whatever its k).
+    Accuracy is averaged the same way, a pair being correct iff ``r_w > r_l`` strictly (equal scores
+    count as wrong).
+
+    Tied pairs are skipped rather than modelled with a tie term (Rao–Kupper / Davidson): BT has no
+    probability for "neither is better" without an extra tie parameter that PPO's scalar reward never
+    uses, and pulling tied scores together would fight the untied pairs that already order them; a tie
+    still orders both responses against every other tier. Skipping is what the feedback store counts
+    (``untied_pairs``) and what DPO's pairs do (``Ranking.pairs``).
 
     Returns:
         ``(loss, accuracy)``: 0-d tensor (differentiable w.r.t. ``rewards``) and a Python float.
@@ -272,7 +283,15 @@ def ranking_loss(rewards: torch.Tensor, ranking: torch.Tensor) -> tuple[torch.Te
     r_ranked = rewards.gather(1, ranking.clamp(min=0))  # [B, K], best first
     diff = r_ranked.unsqueeze(2) - r_ranked.unsqueeze(1)  # [B, K, K]: r_pos_i - r_pos_j
     upper = torch.ones(K, K, dtype=torch.bool, device=rewards.device).triu(diagonal=1)
-    pairs = (upper & valid.unsqueeze(2) & valid.unsqueeze(1)).to(rewards.dtype)  # [B, K, K]
+    pairs = upper & valid.unsqueeze(2) & valid.unsqueeze(1)  # [B, K, K]
+    if tied_with_next is not None:
+        if tied_with_next.shape != (B, K - 1):
+            raise ValueError(f"tied_with_next must be [B, K-1] = [{B}, {K - 1}]; got {tuple(tied_with_next.shape)}")
+        new_tier = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=rewards.device),
+                              (~tied_with_next.to(device=rewards.device, dtype=torch.bool)).long()], dim=1)
+        tier = new_tier.cumsum(dim=1)  # [B, K]: tier of each ranked position
+        pairs = pairs & (tier.unsqueeze(2) != tier.unsqueeze(1))
+    pairs = pairs.to(rewards.dtype)
     n_pairs = pairs.sum(dim=(1, 2))  # [B]
     has_pairs = (n_pairs > 0).to(rewards.dtype)
     n_prompts = has_pairs.sum().clamp(min=1.0)

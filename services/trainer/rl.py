@@ -2,8 +2,9 @@
 
 One iteration, in the order :meth:`RLLoop.iteration` runs it:
 
-1. **generate** — the rollout source samples ``ppo.samples_per_prompt`` responses per prompt from the
-   policy at the trainer's current version (token ids + behaviour logprobs);
+1. **generate** — the rollout source samples ``ppo.samples_per_prompt`` responses per prompt (a text, or a
+   conversation rendered with the chat template) from the policy at the trainer's current version (token
+   ids + behaviour logprobs);
 2. **score** — the same source scores each response with the reward model and gets the reference
    model's logprobs of its tokens (both on the rollout side: workers ask the two services at once);
 3. **make experience** — the trainer drops stale and empty samples, pads the rest into an
@@ -39,6 +40,7 @@ from typing import Protocol
 import numpy as np
 
 from chatrl.services.core.checkpoint import latest_checkpoint
+from chatrl.services.core.formats import Prompt
 from chatrl.services.core.seeding import derive_seed
 from chatrl.services.trainer.experience import Experience, make_batch
 from chatrl.services.trainer.stages.common import Reporter
@@ -54,7 +56,7 @@ class PendingRollout(Protocol):
 class RolloutSource(Protocol):
     """Phases 1–2 (generate, score). ``submit`` returns at once; the samples may still be in flight."""
 
-    def submit(self, prompts: list[str], version: int, seed: int) -> PendingRollout:
+    def submit(self, prompts: list[Prompt], version: int, seed: int) -> PendingRollout:
         """Sample from the policy serving ``version`` (or newer, within ``ppo.max_staleness``)."""
 
     def close(self) -> None: ...
@@ -117,7 +119,7 @@ class RLLoop:
     """One round of RL: ``trainer`` learns from what ``source`` samples on ``prompts`` and pushes to
     ``sink``. ``observe`` adds metrics computed from the raw samples."""
 
-    def __init__(self, trainer: PPOTrainer, source: RolloutSource, sink: WeightSink, prompts: list[str],
+    def __init__(self, trainer: PPOTrainer, source: RolloutSource, sink: WeightSink, prompts: list[Prompt],
                  reporter: Reporter, observe: Observe | None = None, heal: Heal | None = None,
                  max_heals: int = 3) -> None:
         if not prompts:

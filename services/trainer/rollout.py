@@ -2,7 +2,9 @@
 
 :class:`RayRollout` — Ray rollout workers producing experience in parallel through the services. Each
 :class:`RolloutWorker` actor takes a shard of prompts and, through the client library, calls
-policy-inference ``Generate`` (n samples per prompt, token ids + logprobs + model version),
+policy-inference ``Generate`` (n samples per prompt, token ids + logprobs + model version; a prompt is a
+text or a conversation, rendered there with the model's chat template — the prompt ids it returns are what
+reference and reward score),
 reference-model ``LogProbs`` and reward-scoring ``Score``, and returns :class:`Experience` to the
 trainer. The clients retry ``UNAVAILABLE`` with backoff; an actor that dies is restarted by Ray
 (``max_restarts``) and its shard is issued again. Locally Ray starts in-process (loopback only);
@@ -28,6 +30,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray needs no token
 
+from chatrl.services.core.formats import Prompt
 from chatrl.services.core.seeding import derive_seed
 from chatrl.services.trainer.experience import Experience
 
@@ -75,7 +78,7 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def rollout(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+    def rollout(self, prompts: list[Prompt], n: int, max_new_tokens: int, temperature: float, seed: int,
                 expected_version: int = 0) -> list[Experience]:
         self.calls += 1
         if not prompts:
@@ -158,12 +161,12 @@ class RolloutPool:
                                       max_task_retries=0).remote(endpoints, i) for i in range(num_workers)]
         self.reissued = 0
 
-    def submit(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+    def submit(self, prompts: list[Prompt], n: int, max_new_tokens: int, temperature: float, seed: int,
                expected_version: int = 0) -> PendingRollout:
-        shards = [list(s) for s in np.array_split(np.asarray(prompts, dtype=object), len(self.actors))]
+        shards = shard_prompts(prompts, len(self.actors))
         return PendingRollout(self, shards, (n, max_new_tokens, temperature, seed, expected_version))
 
-    def collect(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+    def collect(self, prompts: list[Prompt], n: int, max_new_tokens: int, temperature: float, seed: int,
                 expected_version: int = 0) -> list[Experience]:
         return self.submit(prompts, n, max_new_tokens, temperature, seed, expected_version).result()
 
@@ -173,6 +176,12 @@ class RolloutPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def shard_prompts(prompts: list[Prompt], n: int) -> list[list[Prompt]]:
+    """``n`` contiguous shards of near-equal size, in order. Split by index: numpy would turn a list of
+    conversations of equal length into a 2-D array of messages."""
+    return [[prompts[i] for i in s] for s in np.array_split(np.arange(len(prompts)), n)]
 
 
 class PendingRollout:
@@ -218,7 +227,7 @@ class RayRollout:
         self.pc = ppo
         self.pool = pool or RolloutPool(endpoints, ppo.num_workers, ppo.worker_num_cpus, ppo.worker_num_gpus)
 
-    def submit(self, prompts: list[str], version: int, seed: int) -> PendingRollout:
+    def submit(self, prompts: list[Prompt], version: int, seed: int) -> PendingRollout:
         pc = self.pc
         return self.pool.submit(prompts, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature, seed,
                                 expected_version=0 if pc.max_staleness else version)
@@ -276,7 +285,7 @@ class InProcessRollout:
         return cls(policy, reference, reward, tok, pc.samples_per_prompt, pc.max_new_tokens, pc.temperature,
                    cfg.dtype, cfg.device)
 
-    def submit(self, prompts: list[str], version: int, seed: int) -> _Done:
+    def submit(self, prompts: list[Prompt], version: int, seed: int) -> _Done:
         import torch
 
         from chatrl.services.core.generate import SamplingParams, generate, sequence_logprobs

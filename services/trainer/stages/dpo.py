@@ -1,7 +1,8 @@
 """DPO — Direct Preference Optimisation (Rafailov et al. 2023) from the same K-way rankings the reward
 model learns from, as ``pipeline.method: dpo``: it replaces reward model + RL in a round.
 
-Every ranking of K responses gives its C(K,2) (preferred, rejected) pairs (:func:`algos.ranking_pairs`).
+Every ranking of K responses gives its C(K,2) (preferred, rejected) pairs, less those a labeler tied
+(:meth:`Ranking.pairs`).
 The reference — the frozen SFT model — scores each response once, before training (its logprobs never
 change): through the reference-model service in the pipeline (:func:`service_reference`), or a model in
 this process (:func:`local_reference`). The policy then minimises :func:`algos.dpo_loss` (β, optional
@@ -85,14 +86,14 @@ def service_reference(client, batch: int = 64) -> RefLogprobs:
 
 
 def encode_pairs(tok: ChatTokenizer, rankings: list[Ranking], max_len: int, reference: RefLogprobs) -> list[list[Pair]]:
-    """Per ranking, its C(K,2) pairs with the reference's logprobs; a response without tokens (empty and
-    unfinished) leaves its pairs out. Returns one list per ranking (held-out splits keep a prompt's pairs
+    """Per ranking, its C(K,2) pairs less the tied ones, with the reference's logprobs; a response without
+    tokens (empty and unfinished) leaves its pairs out. Returns one list per ranking (held-out splits keep a prompt's pairs
     together)."""
     seqs: list[list[Seq]] = []
     for r in rankings:
         row = []
         for resp, fin in zip(r.responses, r.finished):
-            ids = pair_ids(tok, r.prompt, resp, fin, max_len)
+            ids = pair_ids(tok, r.chat, resp, fin, max_len)  # a conversation: the chat template
             n_resp = min(len(tok.encode(resp)) + (1 if fin else 0), len(ids) - 1)
             row.append((ids, len(ids) - n_resp))
         seqs.append(row)
@@ -101,7 +102,7 @@ def encode_pairs(tok: ChatTokenizer, rankings: list[Ranking], max_len: int, refe
     out = []
     for r, row in zip(rankings, seqs):
         pairs = []
-        for w, lo in algos.ranking_pairs(r.ranking):
+        for w, lo in r.pairs():  # tied responses form no pair
             (cw, sw), (cl, sl) = row[w], row[lo]
             if sw < len(cw) and sl < len(cl):
                 pairs.append(((cw, sw), (cl, sl), ref[(tuple(cw), sw)], ref[(tuple(cl), sl)]))

@@ -5,7 +5,10 @@ Rankings come from ``data.rankings_file`` (people, e.g. the feedback service's e
 come through the one label path (``services/trainer/labels.py``) over the in-process feedback store:
 the SFT policy samples K responses per prompt and the *simulated labelers* (a noisy gold preference
 function, a stand-in for people) rank them. The reward model never sees the gold function, only these
-rankings. All C(K,2) pairs of one prompt form one batch element (InstructGPT). The RM starts from the
+rankings. All C(K,2) pairs of one prompt form one batch element (InstructGPT), less the pairs a labeler
+tied (they state no preference). A prompt that is a conversation (``Ranking.messages``, from the labeling
+app's chat-then-compare) is rendered with the tokenizer's chat template, as the policy saw it. The
+standalone path's :class:`~labels.LocalLabels` samples single-turn prompts only. The RM starts from the
 SFT weights with a fresh scalar head and trains in the shared supervised loop (resumable); after
 training, a bias is set so the scores of the ranked responses average 0.
 """
@@ -20,7 +23,7 @@ import torch
 
 from chatrl.services.core.checkpoint import Checkpoint
 from chatrl.services.core.config import RunConfig
-from chatrl.services.core.feedback_store import FeedbackStore
+from chatrl.services.core.feedback_store import FeedbackStore, untied_pairs
 from chatrl.services.core.formats import Ranking, load_pairs, load_prompts, load_rankings
 from chatrl.services.core.model import GPT
 from chatrl.services.core.scoring import last_token_scalar, pair_ids
@@ -49,25 +52,32 @@ from chatrl.services.trainer.stages.supervised import (
 STAGE = "reward"
 
 
-def encode_rankings(tok: ChatTokenizer, rankings: list[Ranking], max_len: int) -> list[tuple[list[list[int]], list[int]]]:
-    return [([pair_ids(tok, r.prompt, resp, fin, max_len) for resp, fin in zip(r.responses, r.finished)],
-             r.ranking) for r in rankings]
+Encoded = tuple[list[list[int]], list[int], list[bool]]  # (K token-id sequences, ranking, tied_with_next)
 
 
-def rm_batch_loss(model: GPT, batch: list[tuple[list[list[int]], list[int]]], pad_id: int, cfg: RunConfig
+def encode_rankings(tok: ChatTokenizer, rankings: list[Ranking], max_len: int) -> list[Encoded]:
+    """Each response after its prompt — a conversation rendered with the tokenizer's chat template — with
+    the ranking and its ties."""
+    return [([pair_ids(tok, r.chat, resp, fin, max_len) for resp, fin in zip(r.responses, r.finished)],
+             r.ranking, list(r.tied_with_next) or [False] * (len(r.ranking) - 1)) for r in rankings]
+
+
+def rm_batch_loss(model: GPT, batch: list[Encoded], pad_id: int, cfg: RunConfig
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores every response of every prompt in one forward; BT loss over all pairs per prompt."""
-    k = max(len(seqs) for seqs, _ in batch)
-    flat = [s for seqs, _ in batch for s in seqs]
+    """Scores every response of every prompt in one forward; BT loss over all untied pairs per prompt."""
+    k = max(len(seqs) for seqs, _, _ in batch)
+    flat = [s for seqs, _, _ in batch for s in seqs]
     scores = last_token_scalar(model, flat, pad_id, cfg.dtype, cfg.device)
     rewards = torch.zeros(len(batch), k, device=scores.device)
     ranking = torch.full((len(batch), k), -1, dtype=torch.long, device=scores.device)
+    tied = torch.zeros(len(batch), k - 1, dtype=torch.bool, device=scores.device)
     pos = 0
-    for i, (seqs, rk) in enumerate(batch):
+    for i, (seqs, rk, ties) in enumerate(batch):
         rewards[i, : len(seqs)] = scores[pos: pos + len(seqs)]
         ranking[i, : len(rk)] = torch.tensor(rk)
+        tied[i, : len(ties)] = torch.tensor(ties, dtype=torch.bool)
         pos += len(seqs)
-    loss, acc = algos.ranking_loss(rewards, ranking)
+    loss, acc = algos.ranking_loss(rewards, ranking, tied)
     return loss, acc, scores
 
 
@@ -89,7 +99,7 @@ class RewardModelTask(SupervisedTask):
 
     def loss(self, model: GPT, batch: list) -> tuple[torch.Tensor, dict[str, float], int]:
         loss, acc, _ = rm_batch_loss(model, batch, self.tok.pad_id, self.cfg)
-        return loss, {"accuracy": float(acc)}, sum(len(s) for seqs, _ in batch for s in seqs)
+        return loss, {"accuracy": float(acc)}, sum(len(s) for seqs, _, _ in batch for s in seqs)
 
     def evaluate(self, model: GPT) -> dict[str, float]:
         loss, acc = evaluate(model, self.held, self.tok, self.cfg)
@@ -137,7 +147,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None, init: str | None = Non
     # warmup 5% of the steps, cosine to 10% of lr; a resumable checkpoint after every epoch but the last
     sched = Schedule(total, rc.lr, max(1, total // 20), 0.1, rc.weight_decay, rc.grad_clip, rc.log_every,
                      ckpt_every=steps_per_epoch)
-    pairs = sum(len(r) * (len(r) - 1) // 2 for _, r in train_set)
+    pairs = sum(untied_pairs(len(r), t) for _, r, t in train_set)
     return train(cfg, RewardModelTask(stage, cfg, tok, train_set, held, len(rankings)), model, tok, sched,
                  reporter, on_start=lambda start: reporter.log(
                      f"{stage}: {len(train_set)} rankings ({pairs} pairs), {len(held)} held out, {total} steps"))
