@@ -91,6 +91,10 @@ class RewardConfig:
     grad_clip: float = 1.0
     eval_fraction: float = 0.1  # rankings held out to measure pairwise accuracy
     log_every: int = 10
+    # which prompts get comparison tasks (services/trainer/active.py): off = at random; margin = those whose
+    # sampled responses the current reward model scores closest together; ensemble = those on which an
+    # ensemble of reward models disagrees most. Needs a reward model (rounds after the first).
+    active_selection: str = "off"
 
 
 RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
@@ -241,6 +245,8 @@ def validate_methods(cfg: RunConfig) -> None:
         raise ValueError(f"ppo.loss_norm must be token or sequence, got {pc.loss_norm!r}")
     if pc.kl_estimator not in ("k1", "k2", "k3", "abs"):
         raise ValueError(f"ppo.kl_estimator must be one of k1, k2, k3, abs, got {pc.kl_estimator!r}")
+    if cfg.reward.active_selection not in ("off", "margin", "ensemble"):
+        raise ValueError(f"reward.active_selection must be off, margin or ensemble, got {cfg.reward.active_selection!r}")
     if cfg.pipeline.method not in PIPELINE_METHODS:
         raise ValueError(f"pipeline.method: unknown method {cfg.pipeline.method!r} (one of {', '.join(PIPELINE_METHODS)})")
     if not dc.beta > 0:

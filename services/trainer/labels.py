@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -39,6 +40,10 @@ from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.trainer.stages.common import Reporter
 
 WAIT_SLICE_S = 5.0  # one long poll; between polls the run's cancellation is checked
+
+
+# Which prompts get comparison tasks: (prompts, how many, rng) → their indices
+Select = Callable[[list[str], int, np.random.Generator], list[int]]
 
 
 class LabelStore(Protocol):
@@ -176,10 +181,13 @@ def wait_for_rankings(labels: LabelStore, task_ids: set[str], cursor: int, repor
 
 
 def collect_rankings(cfg: RunConfig, labels: LabelStore, prompts: list[str], gold, name: str, out: Path,
-                     reporter: Reporter, n_labelers: int | None = None) -> list[Ranking]:
+                     reporter: Reporter, n_labelers: int | None = None, select: Select | None = None
+                     ) -> list[Ranking]:
     """Fresh rankings for the reward model ``name`` (e.g. ``reward`` or ``r0``), snapshotted to ``out``
     (an existing snapshot is returned as is: the stage resumes from the same labels).
-    ``n_labelers``: simulated labelers (default ``pipeline.labelers``); 0 = wait for people."""
+    ``n_labelers``: simulated labelers (default ``pipeline.labelers``); 0 = wait for people. ``select``:
+    which prompts get tasks (``reward.active_selection``, :mod:`~chatrl.services.trainer.active`); default
+    ``reward.num_prompts`` at random."""
     if out.exists():
         return load_rankings(out)
     rc = cfg.reward
@@ -187,8 +195,8 @@ def collect_rankings(cfg: RunConfig, labels: LabelStore, prompts: list[str], gol
     if n_labelers > 0 and gold is None:
         raise FileNotFoundError("no rankings: set data.rankings_file (labels from people), data.gold_file "
                                 "(the simulated labeler), or pipeline.labelers: 0 (wait for people)")
-    pick = np.random.default_rng(derive_seed(cfg.seed, name, "prompts")).choice(
-        len(prompts), size=min(rc.num_prompts, len(prompts)), replace=False)
+    rng, n = np.random.default_rng(derive_seed(cfg.seed, name, "prompts")), min(rc.num_prompts, len(prompts))
+    pick = select(prompts, n, rng) if select is not None else rng.choice(len(prompts), size=n, replace=False)
     t0 = time.perf_counter()
     cursor = labels.cursor()  # before the tasks exist: every ranking of them comes after it
     task_ids, version = labels.create_comparison_tasks(
