@@ -320,9 +320,11 @@ def test_formats_accept_valid_files(tmp_path):
     (load_prompts, {"prompt": ""}, "'prompt' must not be empty"),
 ])
 def test_format_errors_name_file_line_and_field(tmp_path, loader, line, msg):
-    p = _write(tmp_path / "bad.jsonl", [{"prompt": "ok", "messages": [{"role": "assistant", "content": "x"}],
-                                         "responses": ["a", "b"], "ranking": [0, 1], "chosen": "a",
-                                         "rejected": "b"}, line])
+    ok = {"prompt": "ok", "messages": [{"role": "assistant", "content": "x"}], "responses": ["a", "b"],
+          "ranking": [0, 1], "chosen": "a", "rejected": "b"}
+    if loader is load_rankings:  # a ranking's messages is its prompt conversation (ends with a user turn)
+        ok["messages"] = [{"role": "user", "content": "ok"}]
+    p = _write(tmp_path / "bad.jsonl", [ok, line])
     with pytest.raises(FormatError, match=msg) as e:
         loader(p)
     assert f"{p}:2:" in str(e.value)
