@@ -116,6 +116,24 @@ def summarize(rows: list[dict], strategies) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+def paired(rows: list[dict], strategies) -> str:
+    """Each strategy minus random at the same seed and label count (after round 0, which is random for all),
+    averaged per seed: mean ± standard error over seeds, and how many (seed, count) points it won."""
+    acc = {(r["strategy"], r["seed"], r["labels"]): r["accuracy"] for r in rows}
+    seeds, first = sorted({r["seed"] for r in rows}), min(r["labels"] for r in rows)
+    counts = sorted({r["labels"] for r in rows} - {first})
+    out = []
+    for s in strategies:
+        if s == "random" or "random" not in strategies or not counts:
+            continue
+        d = np.array([[acc[(s, sd, n)] - acc[("random", sd, n)] for n in counts] for sd in seeds])
+        per_seed = d.mean(axis=1)
+        se = per_seed.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
+        out.append(f"- {s} − random: {per_seed.mean():+.3f} ± {se:.3f} accuracy (per-seed means "
+                   f"{', '.join(f'{x:+.3f}' for x in per_seed)}); ahead at {int((d > 0).sum())} of {d.size} points")
+    return "\n".join(out)
+
+
 def plot(table: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -130,7 +148,7 @@ def plot(table: dict, path: Path, title: str) -> None:
         ax.errorbar(ns, m, yerr=se, marker="o", capsize=3, label=s)
     ax.set_xlabel("rankings labeled (K = 4, 6 pairs each)")
     ax.set_ylabel("reward model held-out pairwise accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title.replace(", label", ",\nlabel"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -145,7 +163,12 @@ def main(argv=None) -> None:
     ap.add_argument("--test-prompts", type=int, default=120)
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-active"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
     a = ap.parse_args(argv)
+    if a.report_only:
+        saved = json.loads((RESULTS / "active-selection.json").read_text())
+        return report(saved["rows"], argparse.Namespace(**saved["args"]), saved.get("label_noise", 0.5),
+                      saved.get("held_out", a.test_prompts), saved.get("seconds", 0.0))
     import torch
 
     torch.set_num_threads(1)
@@ -167,19 +190,24 @@ def main(argv=None) -> None:
     for seed in range(1, a.seeds + 1):
         for s in strategies:
             rows += run_strategy(s, seed, cfg, sft_path, policy, tok, gold, prompts, test, a.rounds, a.batch, work)
+    report(rows, a, cfg.reward.label_noise, len(test), time.perf_counter() - t0)
+
+
+def report(rows: list[dict], a, label_noise: float, held: int, seconds: float) -> None:
+    strategies = a.strategies.split(",")
     md, table = summarize(rows, strategies)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    title = (f"RM accuracy vs labels: {a.seeds} seeds, +{a.batch} rankings/round, "
-             f"label noise {cfg.reward.label_noise}, {len(test)} held-out prompts")
+    title = f"RM accuracy vs labels: {a.seeds} seeds, +{a.batch} rankings/round, label noise {label_noise}, {held} held-out prompts"
     plot(table, RESULTS / "active-selection.png", title)
-    text = (f"# Active selection vs random ({time.strftime('%Y-%m-%d')})\n\n{title}. Mean ± standard error over "
-            f"seeds of the reward model's pairwise accuracy on gold (noise-free) orderings of held-out prompts' "
-            f"responses. Command: `python -m bench.active_selection --seeds {a.seeds} --rounds {a.rounds} "
-            f"--batch {a.batch}` ({time.perf_counter() - t0:.0f}s).\n\n{md}\n")
+    text = (f"# Active selection vs random\n\n{title}. Mean ± standard error over seeds of the reward model's "
+            f"pairwise accuracy on gold (noise-free) orderings of held-out prompts' responses. Command: "
+            f"`python -m bench.active_selection --seeds {a.seeds} --rounds {a.rounds} --batch {a.batch}` "
+            f"({seconds:.0f}s).\n\n{md}\n\nPaired with random (same seed and label count, rounds after the "
+            f"first):\n\n{paired(rows, strategies)}\n")
     (RESULTS / "active-selection.md").write_text(text)
-    (RESULTS / "active-selection.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    (RESULTS / "active-selection.json").write_text(json.dumps(
+        {"args": vars(a), "label_noise": label_noise, "held_out": held, "seconds": seconds, "rows": rows}, indent=1))
     print(text)
-
 
 if __name__ == "__main__":
     main()
