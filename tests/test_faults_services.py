@@ -63,3 +63,58 @@ def test_a_service_killed_mid_ppo_is_restarted_and_the_round_finishes(victim, mi
         assert load_checkpoint(res.checkpoint).manifest["meta"].get("final")
     finally:
         cluster.stop()
+
+
+def test_an_empty_policy_replica_of_a_lora_run_is_healed_with_the_base_and_the_current_adapters(tmp_path):
+    """With LoRA the RL loop pushes only adapters, which a replica restarted empty cannot apply (it has no
+    base): the heal gives it the full weights — the SFT base and the current adapters — as the trainer's
+    version, after which it takes adapter pushes again. A tiny Llama, one in-process policy-inference."""
+    pytest.importorskip("peft")
+    import torch
+    from kit import save_tiny_checkpoint, tiny_hf_dir
+
+    from chatrl.clients.lib import PolicyClient, ReplicaError, ReplicaGroup
+    from chatrl.services.core.hf import load_hf
+    from chatrl.services.core.lora import LoraConfig, adapter_state_dict, apply_lora
+    from chatrl.services.policy.server import PolicyConfig, build
+    from chatrl.services.runtime.server import ServerConfig
+    from chatrl.services.trainer.rl import PolicyServiceSink
+
+    policy, tok = load_hf(tiny_hf_dir(tmp_path / "tiny-llama"))
+    apply_lora(policy, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    meta = pipeline.policy_metadata(save_tiny_checkpoint(tmp_path / "sft", policy, tok))  # lora_base: the SFT
+
+    def train_adapters() -> None:  # what PPO changes: the adapters only (B starts at zero)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if ".lora_B." in name:
+                    p.add_(0.25)
+
+    train_adapters()
+    srv, svc = build(ServerConfig(port=0, auth_token_env=""), PolicyConfig())
+    group = ReplicaGroup(PolicyClient, srv.address, timeout=120)
+    try:
+        # what the heal pushed before: adapters to an empty replica, which it refuses
+        with pytest.raises(ReplicaError, match="FAILED_PRECONDITION: chunk.metadata.weights: an adapter push"):
+            PolicyServiceSink(group, meta).push(adapter_state_dict(policy), 3)
+        assert group.model_versions() == {srv.address: 0}
+
+        assert pipeline.heal_policy_replicas(group, 3, lambda: adapter_state_dict(policy), policy.state_dict,
+                                             meta) == 1
+        served = svc.engine.latest
+        assert served.version == 3 and served.meta["lora_base"] == meta["lora_base"]
+        mine = served.model.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in policy.state_dict().items())
+        assert pipeline.heal_policy_replicas(group, 3, lambda: adapter_state_dict(policy), policy.state_dict,
+                                             meta) == 0  # serving the version already: left alone
+
+        train_adapters()  # the next iteration's push: adapters only, applied to the base it now holds
+        PolicyServiceSink(group, meta).push(adapter_state_dict(policy), 4)
+        served = svc.engine.latest
+        assert served.version == 4 and served.meta["weights"] == "adapter"
+        mine = served.model.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in policy.state_dict().items())
+    finally:
+        group.close()
+        srv.stop(0)
+        svc.close()

@@ -168,6 +168,12 @@ class LocalCluster:
         self._supervisor.start()
         return self
 
+    def down(self) -> list[str]:
+        """The services whose process has exited and not (yet) been restarted — none once stopped."""
+        if self._stopping.is_set():
+            return []
+        return [name for name, p in list(self.procs.items()) if p.poll() is not None]
+
     def wait(self, timeout: float, names: list[str] | None = None, serving: bool = True) -> None:
         """Until every one of ``names`` (default: all started) is SERVING (or answers health, if not
         ``serving``); a process that exits meanwhile is an error that quotes the end of its log."""

@@ -17,13 +17,24 @@ The flow: pick prompts → create one comparison task (K samples) per prompt →
 reading only rankings stored after a cursor taken before the tasks existed (a long poll, no counting,
 no re-reading of older labels) → snapshot them to JSONL (the stage's resume point).
 
+The feedback service may die mid-labeling (kill -9, a pod rescheduled): :class:`ServiceLabels` rides
+out its restart. Every call that fails with UNAVAILABLE after the channel's own retries waits for the
+service to answer health again and is sent again — each one is safe twice: ``CreateComparisonTasks``
+carries one ``request_id`` for all its attempts (the tasks are created once), ``NextTask`` gives a
+labeler their own unexpired lease first, ``SubmitRanking`` is keyed by ``submission_id``, and the wait
+re-reads from its cursor. The store is SQLite in WAL mode with ``synchronous=FULL``: an acknowledged
+label is on disk before the answer leaves, so it is there after the restart.
+
 No gRPC here: the gRPC client is handed in (``ServiceLabels(FeedbackClient(...))``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +51,9 @@ from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.trainer.stages.common import Reporter
 
 WAIT_SLICE_S = 5.0  # one long poll; between polls the run's cancellation is checked
+RESTART_WAIT_S = 600.0  # how long a label call waits for a restarting feedback service (a busy machine is slow)
+
+log = logging.getLogger("chatrl.labels")
 
 
 # Which prompts get comparison tasks: (prompts, how many, rng) → their indices
@@ -63,19 +77,54 @@ class LabelStore(Protocol):
     def rankings_after(self, after_sequence: int, wait_s: float) -> list[dict]: ...
 
 
-class ServiceLabels:
-    """The feedback service through its client (``chatrl.clients.lib.FeedbackClient``)."""
+class ExportStuck(Exception):
+    """A long poll with no answer in time (see :meth:`ServiceLabels._export`): treated as UNAVAILABLE."""
 
-    def __init__(self, client) -> None:
-        self.client = client
+
+def unavailable(e: BaseException) -> bool:
+    """Whether ``e`` is a gRPC UNAVAILABLE (the service is down or restarting), told by its ``code()``
+    (this module imports no gRPC), or a long poll that got no answer."""
+    if isinstance(e, ExportStuck):
+        return True
+    code = getattr(e, "code", None)
+    try:
+        return callable(code) and getattr(code(), "name", "") == "UNAVAILABLE"
+    except Exception:  # noqa: BLE001 - an exception whose code() needs arguments is not a gRPC status
+        return False
+
+
+class ServiceLabels:
+    """The feedback service through its client (``chatrl.clients.lib.FeedbackClient``). A call that fails
+    with UNAVAILABLE waits until the service answers health again and is sent again, for up to
+    ``restart_wait_s`` in all; ``restarts_ridden`` counts those waits."""
+
+    def __init__(self, client, restart_wait_s: float = RESTART_WAIT_S) -> None:
+        self.client, self.restart_wait_s = client, restart_wait_s
+        self.restarts_ridden = 0
+
+    def _call(self, what: str, fn: Callable, *a, **kw):
+        deadline = time.monotonic() + self.restart_wait_s
+        while True:
+            try:
+                return fn(*a, **kw)
+            except Exception as e:
+                left = deadline - time.monotonic()
+                if not unavailable(e) or left <= 0:
+                    raise
+                self.restarts_ridden += 1
+                log.warning("feedback %s: UNAVAILABLE (%s); waiting for the service and sending it again",
+                            what, str(e)[:200])
+                self.client.wait_health_known(left)
 
     def create_comparison_tasks(self, prompts, k, max_new_tokens, temperature, seed):
-        res = self.client.create_comparison_tasks(prompts, k, max_new_tokens=max_new_tokens,
-                                                  temperature=temperature, seed=seed)
+        request_id = uuid.uuid4().hex  # one for every attempt: a retry after a commit returns the same tasks
+        res = self._call("CreateComparisonTasks", self.client.create_comparison_tasks, prompts, k,
+                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, request_id=request_id)
         return list(res.task_ids), int(res.policy_model_version)
 
     def next_task(self, labeler_id):
-        res = self.client.next_task(labeler_id)
+        # again after a restart: the labeler's own unexpired lease comes first, so no second task is leased
+        res = self._call("NextTask", self.client.next_task, labeler_id)
         if not res.HasField("task"):
             return None
         t = res.task
@@ -83,15 +132,38 @@ class ServiceLabels:
                 "finished": list(t.responses_finished) or [True] * len(t.responses)}
 
     def submit_ranking(self, submission_id, task_id, labeler_id, ranking):
-        self.client.submit_ranking(submission_id, task_id, labeler_id, ranking)
+        self._call("SubmitRanking", self.client.submit_ranking, submission_id, task_id, labeler_id, ranking)
 
     def cursor(self):
-        return int(self.client.stats().rankings_sequence)
+        return int(self._call("GetStats", self.client.stats).rankings_sequence)
 
     def rankings_after(self, after_sequence, wait_s):
-        lines = self.client.export("rankings", after_sequence=after_sequence, wait_seconds=wait_s,
-                                   timeout=wait_s + 60.0)
+        lines = self._call("Export", self._export, after_sequence, wait_s)
         return [json.loads(ln) for ln in lines]
+
+    def _export(self, after_sequence: int, wait_s: float, give_up_s: float = 20.0) -> list[str]:
+        """The long poll on a thread of its own, given up ``give_up_s`` after its wait as UNAVAILABLE (then
+        read again from the same cursor: nothing is lost or seen twice). Measured: a server-streaming call
+        whose server is killed before it answers can stay blocked in the channel's retry far past its
+        deadline (grpcio), and the wait must not hang on it. An abandoned call ends with the client."""
+        timeout = wait_s + 60.0  # the call's own deadline: generous, a busy machine is slow
+        box: dict = {}
+
+        def poll() -> None:
+            try:
+                box["lines"] = self.client.export("rankings", after_sequence=after_sequence, wait_seconds=wait_s,
+                                                  timeout=timeout)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                box["error"] = e
+
+        t = threading.Thread(target=poll, name="labels-export", daemon=True)
+        t.start()
+        t.join(wait_s + give_up_s)
+        if "error" in box:
+            raise box["error"]
+        if "lines" not in box:
+            raise ExportStuck(f"Export (long poll of {wait_s:g}s) got no answer within {wait_s + give_up_s:g}s")
+        return box["lines"]
 
 
 class LocalLabels:

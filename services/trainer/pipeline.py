@@ -125,6 +125,23 @@ def gold_observer(gold):
     return lambda exps: {"gold_train": float(np.mean([gold.score(e.prompt, e.text, e.finished) for e in exps]))}
 
 
+def heal_policy_replicas(policy, version: int, push_state, full_state, metadata: dict[str, str]) -> int:
+    """Bring every policy replica behind ``version`` to it; returns how many needed it. A replica that holds
+    a model gets the push state (the adapters only, for a LoRA policy); one that came back empty (version 0)
+    has no base to apply adapters to, so it gets the full weights (``full_state()``: the base + the current
+    adapters) as that version — with ``lora_base`` in ``metadata`` it takes adapter pushes after that."""
+    from chatrl.services.core.lora import is_adapter_state
+
+    clients = policy.clients()
+    behind = {a: v for a, v in policy.model_versions().items() if v < version}
+    for a, v in behind.items():  # only those: a replica already serving `version` refuses it again
+        state = push_state()
+        if v == 0 and is_adapter_state(state):
+            state = full_state()
+        PolicyServiceSink(clients[a], metadata).push(state, version)
+    return len(behind)
+
+
 def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRollout, round_: int,
               policy_ckpt: Path, rm_ckpt: Path, version: int, prompts: list[str], push_meta: dict[str, str],
               gold, reference_ckpt: Path | None = None) -> RoundResult:
@@ -132,7 +149,8 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
     the value model from ``rm_ckpt``, pushes to every policy replica. A rollout that fails because a service
     died is sampled again once the restarted services are healed: the reference model (``reference_ckpt``,
     the SFT checkpoint) and the reward model re-loaded, the current weights re-pushed to a policy replica
-    behind the trainer's version."""
+    behind the trainer's version (:func:`heal_policy_replicas`: the full weights to an empty one, also with
+    LoRA)."""
     trainer = ppo.PPOTrainer.from_checkpoints(cfg, load_checkpoint(policy_ckpt), load_checkpoint(rm_ckpt), round_)
     sink = PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)})
 
@@ -146,12 +164,9 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
         if 0 in svc.reward.model_versions().values():
             serve_reward_model(svc, rm_ckpt, reporter)
         svc.policy.wait_health_known(600)
-        clients = svc.policy.clients()
-        behind = [a for a, v in svc.policy.model_versions().items() if v < version]
-        for a in behind:  # only those: a replica already serving `version` refuses it again
-            PolicyServiceSink(clients[a], sink.metadata).push(push_state(), version)
-        if behind:
-            reporter.log(f"policy-inference: pushed version {version} again to {len(behind)} replica(s) behind it")
+        n = heal_policy_replicas(svc.policy, version, push_state, trainer.policy.state_dict, sink.metadata)
+        if n:
+            reporter.log(f"policy-inference: pushed version {version} again to {n} replica(s) behind it")
 
     return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold), heal=heal).run(version)
 

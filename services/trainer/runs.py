@@ -98,7 +98,9 @@ def run_endpoints(cfg: RunConfig, reporter: Reporter) -> Iterator[Endpoints]:
     """The services of a pipeline or PPO run, as the run config says: with ``pipeline.start_services``
     launched as local processes (no models; the run seeds them) and stopped when the block ends; without,
     the addresses of running ones from ``pipeline.services`` + ``pipeline.service_overrides``. The token
-    is the one the services' ``auth_token_env`` names, from this process's environment."""
+    is the one the services' ``auth_token_env`` names, from this process's environment. Launched for a run
+    of the trainer service, the cluster is kept in its :attr:`RunManager.clusters` (the restart counter and
+    the "run degraded" gauge read it)."""
     from chatrl.services.runtime.config import load_services_config
 
     pc = cfg.pipeline
@@ -115,6 +117,8 @@ def run_endpoints(cfg: RunConfig, reporter: Reporter) -> Iterator[Endpoints]:
         t0 = time.perf_counter()
         reporter.log(f"starting services {list(PIPELINE_SERVICES)} …")
         cluster = launch_pipeline_services(pc.services, list(pc.service_overrides), run_dir(cfg), cfg.device)
+        if isinstance(reporter, _RunReporter):  # the trainer service exports its restarts (RunManager.clusters)
+            reporter.mgr.clusters[reporter.run.run_id] = cluster
         addrs = {n: cluster.address(n) for n in PIPELINE_SERVICES}
         reporter.log(f"services up in {time.perf_counter() - t0:.1f}s: "
                      + ", ".join(f"{n} {a}" for n, a in addrs.items()))
@@ -241,6 +245,8 @@ class RunManager:
         self._q: queue.Queue[str | None] = queue.Queue()
         self._closing = False
         self.on_metrics: Callable[[RunRecord, str, dict], None] = lambda run, stage, values: None
+        # run id → the LocalCluster run_endpoints launched for it (kept after the run: its restart counts)
+        self.clusters: dict[str, object] = {}
         self._load()
         self._worker = threading.Thread(target=self._work, name="trainer-runs", daemon=True)
         self._worker.start()
@@ -412,6 +418,11 @@ class RunManager:
                 rep.cancel_event.set()
                 self._emit(rec, "log", text=f"cancel requested{': ' + reason if reason else ''}")
         return rec
+
+    def service_health(self) -> dict[str, tuple[dict[str, int], list[str]]]:
+        """Per run that launched its own services: (restarts per service, services down right now)."""
+        return {run_id: ({n: c.restarts.get(n, 0) for n in c.names}, c.down())
+                for run_id, c in list(self.clusters.items())}
 
     def events_after(self, run_id: str, after: int, timeout: float) -> tuple[list[Event], bool]:
         """Events with seq > after (waiting up to timeout for new ones); and whether the run is over."""

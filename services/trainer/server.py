@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from chatrl.services.core.checkpoint import list_checkpoints
 from chatrl.services.core.config import RunConfig
@@ -110,6 +111,30 @@ def _err(e: RunError) -> ServiceError:
     return already_exists(msg) if e.kind == "exists" else not_found(msg)
 
 
+class ServiceHealthCollector:
+    """The services a run launched itself (``pipeline.start_services``), read at scrape time:
+    ``chatrl_trainer_service_restarts_total{run_id, service}`` — times the launcher restarted a service
+    that died (as a Kubernetes Deployment would; in a cluster, kube-state-metrics counts those) — and
+    ``chatrl_trainer_run_degraded{run_id}`` — 1 once a service of the run has died (restarted since, or
+    still down), else 0. Which RL iterations had to heal the services shows in the run's ``degraded``
+    metric (``chatrl_trainer_metric``)."""
+
+    def __init__(self, mgr: RunManager) -> None:
+        self.mgr = mgr
+
+    def collect(self):
+        restarts = CounterMetricFamily("chatrl_trainer_service_restarts", "times a service a run launched was "
+                                       "restarted after it died", labels=["run_id", "service"])
+        degraded = GaugeMetricFamily("chatrl_trainer_run_degraded", "1 once a service the run launched has "
+                                     "died (restarted or still down)", labels=["run_id"])
+        for run_id, (counts, down) in self.mgr.service_health().items():
+            for service, n in sorted(counts.items()):
+                restarts.add_metric([run_id, service], n)
+            degraded.add_metric([run_id], float(any(counts.values()) or bool(down)))
+        yield restarts
+        yield degraded
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, cfg: TrainerConfig, registry) -> None:
         self.cfg = cfg
@@ -119,6 +144,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.g_runs = Gauge("chatrl_trainer_runs", "runs by state", ["state"], registry=registry)
         for st in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"):
             self.g_runs.labels(st).set_function(lambda st=st: sum(r.state == st for r in self.mgr.list()))
+        registry.register(ServiceHealthCollector(self.mgr))
         self.mgr.on_metrics = lambda run, stage, values: [
             self.g_metric.labels(run.run_id, stage, k).set(float(v)) for k, v in values.items()]
 
