@@ -88,19 +88,20 @@ def cmd_pipeline(args) -> int:
     print(eval_table(res["evals"]))
     print(f"report: {res['report']}")
     if mem.peak_bytes:
-        summary = {"peak_rss_gib": mem.peak_bytes / 2**30, "peak_processes": mem.peak_procs,
+        summary = {"peak_pss_gib": mem.peak_bytes / 2**30, "peak_processes": mem.peak_procs,
                    "wall_seconds": time.perf_counter() - t0}
         from chatrl.services.trainer.stages.common import run_dir, write_json
 
         write_json(run_dir(cfg) / "resources.json", summary)
-        print(f"peak memory: {summary['peak_rss_gib']:.2f} GiB (sum of RSS over the trainer, the services it "
-              f"launched and Ray — {mem.peak_procs} processes — sampled every {mem.every_s:g}s; shared pages "
-              f"count once per process, so this overstates); wall time {summary['wall_seconds'] / 60:.1f} min")
+        print(f"peak memory: {summary['peak_pss_gib']:.2f} GiB (sum of PSS over the trainer, the services it "
+              f"launched and Ray — {mem.peak_procs} processes — sampled every {mem.every_s:g}s; a shared page "
+              f"counts once in all); wall time {summary['wall_seconds'] / 60:.1f} min")
     return 0
 
 
 class MemorySampler:
-    """Peak of the summed resident memory of this process and all its descendants (the services the run
+    """Peak of the summed proportional set size (resident memory, shared pages split between their users) of
+    this process and all its descendants (the services the run
     launched, Ray's GCS, raylet and workers), sampled on a thread — what `make demo-real` prints."""
 
     def __init__(self, every_s: float = 1.0) -> None:
@@ -115,8 +116,8 @@ class MemorySampler:
 
         total, n = 0, 0
         for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
+            try:  # PSS: a page shared by k processes (torch's libraries, Ray's object store) counts 1/k
+                total += getattr(p.memory_full_info(), "pss", None) or p.memory_info().rss
                 n += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
