@@ -97,18 +97,11 @@ def chatrl_runner(size: Size, wd: Workdir, stack):
 
 
 def trl_runner(size: Size, wd: Workdir, stack, model_cfg):
+    """TRL's RLOO on a random GPT-2 of the stack's shape, with the stack's tokenizer and a random GPT-2 reward
+    model (:func:`trl_rloo` does the timing)."""
     import torch
-    from datasets import Dataset
-    from transformers import (
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-        PreTrainedTokenizerFast,
-        TrainerCallback,
-    )
-    from transformers.trainer_callback import PrinterCallback
-    from trl import RLOOConfig, RLOOTrainer
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = stack.tok
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tok, pad_token="<|pad|>", eos_token="<|end|>",
                                      bos_token="<|endoftext|>")
@@ -122,15 +115,33 @@ def trl_runner(size: Size, wd: Workdir, stack, model_cfg):
     torch.manual_seed(1)
     reward = GPT2ForSequenceClassification(rcfg)
     prompts = [f"<|user|>{p}<|end|><|assistant|>" for p in prompts_text(size.rl_prompts * 64, seed=11)]
-    steps_per_iter = size.rl_prompts * size.rl_samples // size.rl_minibatch
+    return trl_rloo(wd, model_dir, reward, hf_tok, prompts, prompts_per_iteration=size.rl_prompts,
+                    samples=size.rl_samples, new_tokens=size.rl_new_tokens, minibatch=size.rl_minibatch)
+
+
+def trl_rloo(wd: Workdir, model_dir, reward, hf_tok, prompts: list, *, prompts_per_iteration: int, samples: int,
+             new_tokens: int, minibatch: int, peft_config=None, out: str = "trl-out"):
+    """TRL ``RLOOTrainer`` on the HF model in ``model_dir`` (fp32, KL to the reference on, β 0.05), one
+    iteration = ``prompts_per_iteration`` × ``samples`` completions of ≤ ``new_tokens``, trained in minibatches
+    of ``minibatch``; ``prompts`` are texts or conversations (TRL applies the chat template to those);
+    ``peft_config`` trains LoRA adapters (TRL's reference is then the base with the adapters off).
+    Returns (iterations(k) → the seconds of k iterations, the mean completion lengths, steps per iteration)."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    steps_per_iter = prompts_per_iteration * samples // minibatch
     args = RLOOConfig(
-        output_dir=str(wd.path / "trl-out"), use_cpu=True, bf16=False, fp16=False, seed=0,
-        per_device_train_batch_size=size.rl_minibatch, gradient_accumulation_steps=1,
-        steps_per_generation=steps_per_iter, num_generations=size.rl_samples,
-        max_completion_length=size.rl_new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
+        output_dir=str(wd.path / out), use_cpu=True, bf16=False, fp16=False, seed=0,
+        per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
+        steps_per_generation=steps_per_iter, num_generations=samples,
+        max_completion_length=new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
         num_iterations=1, learning_rate=1e-5, lr_scheduler_type="constant", max_steps=steps_per_iter,
         logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True, log_completions=False,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, model_init_kwargs={"dtype": "float32"})
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -144,11 +155,14 @@ def trl_runner(size: Size, wd: Workdir, stack, model_cfg):
             self.end.append(time.perf_counter())
 
     clock = Clock()
+    # an explicit fingerprint: datasets would otherwise hash the Arrow table with dill, which fails on some
+    # pyarrow/dill pairs (pyarrow's MonthDayNano type) — a cache key the benchmark has no use for
+    dataset = Dataset(InMemoryTable.from_pydict({"prompt": prompts}), fingerprint=f"chatrl-bench-{out}")
     trainer = RLOOTrainer(model=str(model_dir), reward_funcs=reward, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=hf_tok,
-                          reward_processing_classes=hf_tok, callbacks=[clock])
+                          train_dataset=dataset, processing_class=hf_tok,
+                          reward_processing_classes=hf_tok, callbacks=[clock], peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
-    lens: list[int] = []
+    lens: list[float] = []
 
     def iterations(k: int) -> list[float]:
         """Run 1 + k iterations; return the seconds of the last k (the first warms up the fresh train())."""

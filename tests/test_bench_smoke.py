@@ -117,3 +117,29 @@ def test_runner_writes_markdown_and_json(tmp_path):
     assert data["benchmarks"]["overhead"]["rows"]
     text = md.read_text()
     assert "Overhead" in text and "| case |" in text
+
+
+def test_real_model_rows_on_a_tiny_llama(wd, ray_bench, tmp_path):
+    """bench.real_model's three rows (Generate vs HF generate(), an RLOO iteration with LoRA vs TRL, adapter vs
+    full pushes) on a random 2-layer Llama standing in for SmolLM2; the TRL peer only with the bench extra."""
+    from kit import tiny_hf_dir
+
+    from bench import real_model
+
+    rows, notes = real_model.run(MICRO, wd, tiny_hf_dir(tmp_path / "llama"))
+    _check_rows(rows, "real_model")
+    assert [r.case for r in rows[:2]] == ["Generate, sampled, batch 1", "Generate, sampled, batch 4"]
+    assert rows[2].case.startswith("RLOO iteration with LoRA")
+    assert rows[2].peer_name.startswith("TRL") == common.trl_available()
+    size = next(r for r in rows if r.unit == "MB")
+    assert size.chatrl["median"] < size.peer["median"]  # the adapter is a fraction of the full state dict
+    assert 0 < size.extra["fraction_of_full"] < 1 and size.extra["rl_loop_MB_pushed_per_iteration"] == \
+        pytest.approx(size.chatrl["median"])  # the RL loop pushed exactly the adapter each iteration
+
+
+def test_real_model_rows_are_skipped_naming_the_fetch_command(wd, tmp_path):
+    from bench import real_model
+    from bench.run import Skipped
+
+    with pytest.raises(Skipped, match="chatrl model fetch smollm2-135m-instruct"):
+        real_model.run(MICRO, wd, tmp_path / "not-fetched")
