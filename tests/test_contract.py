@@ -122,6 +122,7 @@ class _Flaky(feedback_pb2_grpc.FeedbackServiceServicer, trainer_pb2_grpc.Trainer
 
     def __init__(self, failures: int) -> None:
         self.failures, self.calls, self.lock = failures, {}, threading.Lock()
+        self.request_ids: list[str] = []
 
     def _attempt(self, name: str, context) -> None:
         with self.lock:
@@ -134,8 +135,13 @@ class _Flaky(feedback_pb2_grpc.FeedbackServiceServicer, trainer_pb2_grpc.Trainer
         return feedback_pb2.GetStatsResponse(rankings=7)
 
     def CreateComparisonTasks(self, request, context):
+        self.request_ids.append(request.request_id)
         self._attempt("CreateComparisonTasks", context)
         return feedback_pb2.CreateComparisonTasksResponse(task_ids=["t"])
+
+    def AddPrompts(self, request, context):
+        self._attempt("AddPrompts", context)
+        return feedback_pb2.AddPromptsResponse()
 
     def StartRun(self, request, context):
         self._attempt("StartRun", context)
@@ -165,8 +171,16 @@ def test_a_non_idempotent_call_is_not_retried(flaky):
     svc, addr = flaky
     with FeedbackClient(addr, retries=5, backoff_s=0.01, timeout=30) as c:
         with pytest.raises(grpc.RpcError) as e:
-            c.create_comparison_tasks(["p"], k=2)
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and svc.calls["CreateComparisonTasks"] == 1
+            c.add_prompts(["p"])  # not idempotent: a second attempt would store the prompts twice
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and svc.calls["AddPrompts"] == 1
+
+
+def test_a_call_keyed_by_request_id_is_retried_with_the_same_id(flaky):
+    svc, addr = flaky
+    with FeedbackClient(addr, retries=5, backoff_s=0.01, timeout=30) as c:
+        assert list(c.create_comparison_tasks(["p"], k=2).task_ids) == ["t"]
+    assert svc.calls["CreateComparisonTasks"] == 3
+    assert len(set(svc.request_ids)) == 1 and svc.request_ids[0]  # one id, filled in by the client
 
 
 def test_retries_stop_at_the_configured_attempts(flaky):

@@ -81,7 +81,9 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     with open(err_file, "wb") as err:
         p = subprocess.Popen([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "run", "-c", str(cfg_file)],
                              stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
-    marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "iter-00002" / "manifest.json"
+    # LATEST is the commit point of a checkpoint (written after the rename): a directory alone may not
+    # be resumed from yet
+    marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "LATEST"
     final = tmp_path / "b" / "checkpoints" / "ppo_r0" / "final"
     deadline = time.monotonic() + 300
     while not marker.exists():
