@@ -135,12 +135,12 @@ $("list").addEventListener("keydown", (e) => {
 document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && task && !$("view-compare").hidden) { e.preventDefault(); submit(); }
 });
-async function next() {
+async function next(done = "") {  // done: what was just saved, kept in front of the next message
   if (!who()) { say("Sign in first.", "err"); return; }
   try {
     const r = await api("/api/next?labeler_id=" + encodeURIComponent(who()));
     setTask(r.task);
-    if (!task) say("No open tasks for you right now.", "ok"); else say(`${r.remaining} more after this one.`);
+    say(done + (task ? `${r.remaining} more after this one.` : "No open tasks for you right now."), "ok");
   } catch (e) { say(e.message, "err"); }
 }
 function setTask(t) {
@@ -159,10 +159,11 @@ async function submit() {
   try {
     const r = await api("/api/rankings", {submission_id: submissionId, task_id: task.task_id, labeler_id: who(),
                                           ranking, tied_with_next, assessments});
-    say(`Saved (${r.pairs} preference pairs${r.duplicate ? ", already saved before" : ""}).`, "ok");
+    const saved = `Saved (${r.pairs} preference pairs${r.duplicate ? ", already saved before" : ""}). `;
+    say(saved, "ok");
     refreshMe().catch(() => {});
     if (chatReturn !== null) { backToChat(task.responses[ranking[0]], task.finished[ranking[0]]); return; }
-    await next();
+    await next(saved);
   } catch (e) { say(e.message, "err"); }
   finally { $("submit").disabled = false; }
 }
@@ -172,12 +173,12 @@ async function skip() {
   if (!reason) { say("Say why you skip.", "err"); return; }
   try {
     await api("/api/skips", {submission_id: submissionId, task_id: task.task_id, labeler_id: who(), reason});
-    say("Skipped.", "ok");
+    say("Skipped. ", "ok");
     if (chatReturn !== null) { backToChat(null); return; }
-    await next();
+    await next("Skipped. ");
   } catch (e) { say(e.message, "err"); }
 }
-$("next").onclick = next; $("submit").onclick = submit; $("skip").onclick = skip;
+$("next").onclick = () => next(); $("submit").onclick = submit; $("skip").onclick = skip;
 
 // -- Write ----------------------------------------------------------------------------------------
 function addTurn(role, content) {
