@@ -288,9 +288,9 @@ def test_services_serve_a_local_hf_directory(dirs, loaded):
             comp = res.results[0].completions[0]
             assert 1 <= len(comp.token_ids) <= 4
             lps, _ = r.logprobs([[5, 6, 7] + list(comp.token_ids)], [3])
-            from chatrl.services.runtime.tensors import from_proto
+            from chatrl.services.proto.codecs import tensor_from_proto
 
-            assert torch.allclose(torch.from_numpy(lps[0]), from_proto(comp.logprobs), atol=1e-4)
+            assert torch.allclose(torch.from_numpy(lps[0]), tensor_from_proto(comp.logprobs, as_torch=True), atol=1e-4)
     finally:
         psrv.stop(0)
         rsrv.stop(0)

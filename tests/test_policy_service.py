@@ -31,8 +31,8 @@ from chatrl.services.core.checkpoint import load_checkpoint
 from chatrl.services.core.generate import SamplingParams, generate
 from chatrl.services.policy.server import PolicyConfig, build
 from chatrl.services.proto.chatrl.v1 import common_pb2, policy_pb2
+from chatrl.services.proto.codecs import tensor_from_proto
 from chatrl.services.runtime.server import ServerConfig
-from chatrl.services.runtime.tensors import from_proto
 
 TOKEN = "policy-test-token"
 TOKEN_ENV = "CHATRL_POLICY_TEST_TOKEN"
@@ -112,7 +112,7 @@ def check_completions(comps, refs, tok):
     assert len(comps) == len(refs)
     for c, r in zip(comps, refs):
         assert list(c.token_ids) == r.tokens
-        assert from_proto(c.logprobs).tolist() == pytest.approx(r.logprobs, abs=1e-4)
+        assert tensor_from_proto(c.logprobs).tolist() == pytest.approx(r.logprobs, abs=1e-4)
         assert c.finish_reason == (common_pb2.FINISH_REASON_STOP if r.finish_reason == "stop"
                                    else common_pb2.FINISH_REASON_LENGTH)
         assert c.text == tok.decode(r.tokens)

@@ -13,13 +13,13 @@ import torch
 from kit import rpc_error
 
 from chatrl.clients.lib import ClientOptions, RewardClient
+from chatrl.services.proto.codecs import TensorDecodeError, tensor_from_proto, tensor_to_proto
 from chatrl.services.reward.server import RewardConfig
 from chatrl.services.reward.server import build as build_reward
 from chatrl.services.runtime.batcher import MicroBatcher
 from chatrl.services.runtime.errors import ServiceError
 from chatrl.services.runtime.logs import JsonFormatter
 from chatrl.services.runtime.server import ServerConfig
-from chatrl.services.runtime.tensors import TensorDecodeError, from_proto, to_proto
 
 
 def openssl(*args, cwd):
@@ -148,17 +148,17 @@ def test_batcher_backpressure_and_error_isolation():
 def test_tensor_codec_roundtrip_and_errors():
     for t in [torch.randn(2, 3), torch.randn(4).bfloat16(), torch.arange(5), torch.tensor([True, False]),
               torch.randn(3).half(), torch.zeros(0, 4)]:
-        assert torch.equal(from_proto(to_proto(t)), t)
-    msg = to_proto(torch.randn(2, 3))
+        assert torch.equal(tensor_from_proto(tensor_to_proto(t), as_torch=True), t)
+    msg = tensor_to_proto(torch.randn(2, 3))
     msg.shape[:] = [4, 3]
     with pytest.raises(TensorDecodeError, match="data"):
-        from_proto(msg, "logprobs")
+        tensor_from_proto(msg, "logprobs")
     msg.dtype = 0
     with pytest.raises(TensorDecodeError, match="dtype"):
-        from_proto(msg)
+        tensor_from_proto(msg)
 
 
-# --- weights on the wire (services/runtime/weights.py) -------------------------------------------------
+# --- weights on the wire (services/proto/codecs.py) -------------------------------------------------
 
 def _weights_state():
     g = torch.Generator().manual_seed(0)
@@ -170,7 +170,7 @@ def _weights_state():
 def test_packed_weights_are_safetensors_both_ways_and_reuse_the_buffer():
     from safetensors.torch import load, save
 
-    from chatrl.services.runtime.weights import pack_state, unpack_state
+    from chatrl.services.proto.codecs import pack_state, unpack_state
 
     sd = _weights_state()
     buf = pack_state(sd, metadata={"stage": "ppo"})
@@ -196,7 +196,7 @@ def test_packed_weights_are_safetensors_both_ways_and_reuse_the_buffer():
     (lambda b: b + b"\0" * 8, "cover"),
 ])
 def test_malformed_weight_payloads_name_the_problem(mutate, match):
-    from chatrl.services.runtime.weights import WeightsFormatError, pack_state, unpack_state
+    from chatrl.services.proto.codecs import WeightsFormatError, pack_state, unpack_state
 
     buf = bytes(pack_state({"w": torch.ones(2, 2), "v": torch.ones(3)}))
     with pytest.raises(WeightsFormatError, match=match):
@@ -207,7 +207,7 @@ def test_weight_payload_with_overlapping_tensors_is_refused():
     import json
     import struct
 
-    from chatrl.services.runtime.weights import WeightsFormatError, unpack_state
+    from chatrl.services.proto.codecs import WeightsFormatError, unpack_state
 
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()

@@ -155,6 +155,9 @@ class PPOConfig:
     # the logprob consistency gate: alert (log line, the k8s rule) when the trainer's recomputed logprobs of
     # samples drawn by the same weights differ from policy-inference's by more than this (nats, max |Δ|)
     logprob_gate_threshold: float = 1e-4
+    # rows of each batch the gate re-runs in fp32 when the trainer computes in bf16 (an extra forward per
+    # iteration; the first rows of the same version are as good a sample as any); 0 = every row
+    logprob_gate_rows: int = 16
 
 
 @dataclass
@@ -243,6 +246,8 @@ def validate_methods(cfg: RunConfig) -> None:
                          "with ppo.kl_mode: loss")
     if pc.loss_norm not in ("token", "sequence"):
         raise ValueError(f"ppo.loss_norm must be token or sequence, got {pc.loss_norm!r}")
+    if pc.logprob_gate_rows < 0:
+        raise ValueError(f"ppo.logprob_gate_rows must be >= 0 (0 = every row), got {pc.logprob_gate_rows}")
     if pc.kl_estimator not in ("k1", "k2", "k3", "abs"):
         raise ValueError(f"ppo.kl_estimator must be one of k1, k2, k3, abs, got {pc.kl_estimator!r}")
     if cfg.reward.active_selection not in ("off", "margin", "ensemble"):

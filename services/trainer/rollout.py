@@ -85,7 +85,7 @@ class RolloutWorker:
             return []
         t0 = time.perf_counter()
         from chatrl.services.proto.chatrl.v1 import common_pb2
-        from chatrl.services.runtime.tensors import from_proto
+        from chatrl.services.proto.codecs import tensor_from_proto
 
         # generate
         res = self.policy.generate(list(prompts), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -94,7 +94,7 @@ class RolloutWorker:
         rows = []
         for p, r in zip(prompts, res.results):
             for c in r.completions:
-                rows.append((p, list(r.prompt_token_ids), list(c.token_ids), from_proto(c.logprobs).tolist(),
+                rows.append((p, list(r.prompt_token_ids), list(c.token_ids), tensor_from_proto(c.logprobs).tolist(),
                              c.finish_reason == common_pb2.FINISH_REASON_STOP, c.text))
         nonempty = [x for x in rows if x[2]]
         ref = []

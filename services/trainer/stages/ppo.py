@@ -223,6 +223,8 @@ class PPOTrainer:
             return algos.logprob_gate(b.logprobs, b.logprobs, b.mask, same)  # nothing comparable: 0 tokens
         if self.cfg.dtype != "fp32" or recomputed is None:
             rows = same.nonzero().squeeze(1)
+            if self.pc.logprob_gate_rows > 0:
+                rows = rows[: self.pc.logprob_gate_rows]
             sub = b.select(rows)
             fp32, _ = policy_forward(self.policy, sub, dataclasses.replace(self.cfg, dtype="fp32"), self.pc.temperature)
             return algos.logprob_gate(fp32, sub.logprobs, sub.mask, torch.ones(len(rows), dtype=torch.bool))
