@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,11 +33,11 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from kit import free_port, micro_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "k8s" / "monitoring" / "chatrl-rules.yaml"
 DASHBOARD = REPO / "k8s" / "monitoring" / "grafana-dashboard.json"
-MICRO = REPO / "configs" / "micro.yaml"
 TOKEN_ENV = "CHATRL_PROM_TEST_TOKEN"
 JOBS = ("policy-inference", "reward-scoring", "reference-model", "trainer", "feedback")
 
@@ -82,12 +81,6 @@ NEGATIVE = ["The film was dull.", "This movie is a mess.", "The story felt long 
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 
 
@@ -190,7 +183,7 @@ def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin, ray_sessi
         started.append(trainer)
         servers = dict(zip(JOBS, (policy, reward, reference, trainer, feedback)))
 
-        port = _free_port()
+        port = free_port()
         cfg = {"global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
                "rule_files": [str(RULES)],
                "scrape_configs": [{"job_name": job, "static_configs": [
@@ -227,15 +220,6 @@ def stack(micro_run, tiny_data, tmp_path, monkeypatch, prometheus_bin, ray_sessi
                 close()
 
 
-def _micro_yaml(tiny_data) -> str:
-    d = yaml.safe_load(MICRO.read_text())
-    d.pop("run_dir")
-    d["data"] = {"pretrain_files": [str(tiny_data["corpus"])], "sft_file": str(tiny_data["sft"]),
-                 "prompts_file": str(tiny_data["prompts"]), "eval_prompts_file": str(tiny_data["eval_prompts"]),
-                 "rankings_file": str(tiny_data["rankings"])}
-    return yaml.safe_dump(d)
-
-
 def _drive_traffic(servers, tiny_data, cks, gold) -> int:
     """RPCs on every service (successes, client errors, a rejection), two trainer runs. Returns the
     number of accepted weight updates."""
@@ -265,7 +249,7 @@ def _drive_traffic(servers, tiny_data, cks, gold) -> int:
     services_yaml.write_text(yaml.safe_dump({n: {"auth_token_env": TOKEN_ENV}
                                              for n in ("policy", "reward", "reference", "feedback")}))
     with TrainerClient(addr["trainer"], token="tok", timeout=60) as tr:
-        tr.start_run("pretrain", _micro_yaml(tiny_data), overrides={"pretrain.steps": "6", "pretrain.log_every": "2"},
+        tr.start_run("pretrain", micro_yaml(tiny_data), overrides={"pretrain.steps": "6", "pretrain.log_every": "2"},
                      run_id="prom-pretrain")
         # STAGE_PPO's inputs: the SFT and reward-model checkpoints, and the running services (their token
         # is in TOKEN_ENV); the SFT weights are pushed first (version 2), then one push per iteration
@@ -284,7 +268,7 @@ def _drive_traffic(servers, tiny_data, cks, gold) -> int:
                         default_flow_style=True).strip()}
         for run_id, stage, over in (("prom-pretrain", None, None), ("prom-ppo", "ppo", ppo_over)):
             if stage:
-                tr.start_run(stage, _micro_yaml(tiny_data), overrides=over, run_id=run_id)
+                tr.start_run(stage, micro_yaml(tiny_data), overrides=over, run_id=run_id)
             events = list(tr.watch_run(run_id, timeout=300))
             final = [e.state_change.new_state for e in events if e.WhichOneof("payload") == "state_change"]
             assert final and final[-1] == trainer_pb2.RUN_STATE_SUCCEEDED, \
