@@ -134,17 +134,25 @@ def test_credentials_come_from_files_and_an_empty_one_is_refused(tmp_path):
         ServiceServer("x", ServerConfig(port=0, auth_token_env="", auth_token_file=str(tmp_path / "missing")))
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "chatrl-policy"])
+# Addresses a pod would bind. Nothing here binds or dials them: the check runs in the constructors before
+# any socket exists, and the allowed case is asked of the check itself, not of a server.
+EXPOSED = ["0.0.0.0", "::", "10.1.2.3", "chatrl-policy"]
+
+
+@pytest.mark.parametrize("host", EXPOSED)
 def test_a_non_loopback_bind_without_credentials_is_refused_before_binding(host):
-    # the constructor refuses: no socket was created, so nothing here binds beyond loopback
     with env_var(OP_ENV, ""):  # an empty Secret value is no credential
         with pytest.raises(CredentialError, match="allow_insecure"):
             ServiceServer("x", ServerConfig(host=host, port=0, auth_token_env=OP_ENV, labeler_token_env=""))
-        ServiceServer("x", ServerConfig(host=host, port=0, auth_token_env=OP_ENV, labeler_token_env="",
-                                        allow_insecure=True))  # said on purpose: allowed
-    ServiceServer("x", ServerConfig(host="127.0.0.1", port=0, auth_token_env="", labeler_token_env=""))
     with pytest.raises(CredentialError, match="allow_insecure"):
         LabelingWeb(FeedbackStore(":memory:"), host=host, port=0)
+    roles.check_exposure("x", [host], Credentials(), allow_insecure=True)  # said on purpose: allowed
+    roles.check_exposure("x", [host], Credentials(operator=OP), allow_insecure=False)  # a credential: allowed
+
+
+def test_loopback_needs_no_credential():
+    roles.check_exposure("x", ["127.0.0.1"], Credentials(), allow_insecure=False)
+    ServiceServer("x", ServerConfig(host="127.0.0.1", port=0, auth_token_env="", labeler_token_env=""))
 
 
 def test_a_labeler_credential_alone_is_refused():
