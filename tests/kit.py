@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 import grpc
 import pytest
+
+from chatrl.services.runtime.launcher import free_ports  # noqa: F401 (the one implementation, re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -34,29 +35,9 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_ENA
 
 # --- ports --------------------------------------------------------------------------------------------
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (each socket stays bound until all are picked, so no port is
-    handed out twice). A port can still be taken by someone else before the caller binds it; servers
-    started in-process should bind port 0 instead and report the port they got."""
-    try:  # the launcher's copy, once it exists (one implementation)
-        from chatrl.services.runtime.launcher import free_ports as launcher_free_ports
-    except ImportError:
-        launcher_free_ports = None
-    if launcher_free_ports is not None:
-        return launcher_free_ports(n)
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def free_port() -> int:
+    """One free loopback port (the launcher's free_ports). A port can still be taken by someone else before
+    the caller binds it; servers started in-process should bind port 0 and report the port they got."""
     return free_ports(1)[0]
 
 
