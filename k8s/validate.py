@@ -52,9 +52,10 @@ DESIGN_SERVICES = {
     "feedback": "feedback",
 }
 AUTOSCALED = ("policy-inference", "reward-scoring")
-# Secrets the operator creates (never committed): name → keys the manifests may read
-# operator and labeler credentials (services/runtime/roles.py), Ray's token (RayCluster authOptions)
-EXTERNAL_SECRETS = {"chatrl-auth": {"token"}, "chatrl-labeler": {"token"}, "chatrl-ray-auth": {"auth_token"}}
+# Secrets the operator creates (never committed): name → keys the manifests may reference one by one. The
+# operator's and the labelers' credentials (services/runtime/roles.py; chatrl-labelers' keys are the labeler
+# ids, so it is mounted whole as a volume), Ray's token (RayCluster authOptions)
+EXTERNAL_SECRETS = {"chatrl-auth": {"token"}, "chatrl-labelers": set(), "chatrl-ray-auth": {"auth_token"}}
 CONFIG_PATH = "/etc/chatrl/services.yaml"
 RUN_CONFIG = "run.yaml"
 SERVICES_CONFIG = "services.yaml"

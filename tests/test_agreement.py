@@ -57,8 +57,10 @@ def test_summary_per_labeler_and_overall():
 
 
 def _two_labelers_on_one_task(store: FeedbackStore) -> str:
-    (tid,) = store.create_tasks([{"prompt": "p", "responses": ["x", "y", "z"]}])
+    """One task ranked by alice and then bob (the store gives every task to two labelers)."""
+    (tid,) = store.create_tasks([{"prompt": "p", "responses": ["x", "y", "z"]}], lease_to="alice")
     store.submit_ranking("s-a", tid, "alice", [0, 1, 2])
+    assert store.next_task("bob")[0]["task_id"] == tid
     store.submit_ranking("s-b", tid, "bob", [1, 0, 2], tied_with_next=[True, False])
     return tid
 
@@ -78,9 +80,10 @@ def test_an_overlapping_task_stays_open_until_enough_labelers_ranked_it(tmp_path
 
 def test_no_overlap_by_default(tmp_path):
     with FeedbackStore(tmp_path / "f.db") as store:
-        (tid,) = store.create_tasks([{"prompt": "p", "responses": ["x", "y"]}])
+        (tid,) = store.create_tasks([{"prompt": "p", "responses": ["x", "y"]}], lease_to="alice")
         store.submit_ranking("s-a", tid, "alice", [0, 1])
         assert store.stats()["open_tasks"] == 0
+        assert store.next_task("bob") == (None, 0)
 
 
 def test_agreement_in_get_stats_and_metrics(tmp_path):
@@ -88,7 +91,8 @@ def test_agreement_in_get_stats_and_metrics(tmp_path):
     with env_var("CHATRL_AGREEMENT_TEST_TOKEN", "tok"):
         srv, svc = build(ServerConfig(port=0, metrics_port=0, auth_token_env="CHATRL_AGREEMENT_TEST_TOKEN",
                                       grace_seconds=1),
-                         FeedbackConfig(db=str(tmp_path / "f.db"), policy_address="127.0.0.1:1"))
+                         FeedbackConfig(db=str(tmp_path / "f.db"), policy_address="127.0.0.1:1",
+                                        overlap_fraction=1.0))
     try:
         _two_labelers_on_one_task(svc.store)
         with FeedbackClient(srv.address, token="tok") as c:

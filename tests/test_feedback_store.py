@@ -41,10 +41,11 @@ def store(tmp_path, clock):
     s.close()
 
 
-def _task(store: FeedbackStore, prompt="How was the film?", k=3, version=7) -> str:
+def _task(store: FeedbackStore, prompt="How was the film?", k=3, version=7, lease_to: str | None = None) -> str:
+    """A task; ``lease_to``: leased to that labeler at once (a ranking needs the lease)."""
     resp = [f"answer {i} to {prompt}" for i in range(k)]
     return store.create_tasks([{"prompt": prompt, "responses": resp, "finished": [i % 2 == 0 for i in range(k)]}],
-                              policy_model_version=version)[0]
+                              policy_model_version=version, lease_to=lease_to)[0]
 
 
 def _err(kind: str, field: str):
@@ -124,6 +125,35 @@ def test_lease_expiry_returns_task_to_pool(store, clock):
     assert store.next_task("alice") == (None, 0)  # now bob holds it
 
 
+def test_only_the_lease_holder_ranks_or_skips(store, clock):
+    t = _task(store)
+    with _err("precondition", "task_id") as c:  # never handed out: nobody holds it
+        store.submit_ranking("s0", t, "alice", [0, 1, 2])
+    assert "not leased to anyone" in str(c.err)
+    with _err("precondition", "task_id"):
+        store.skip_task("k0", t, "alice", "no lease")
+    assert store.next_task("alice")[0]["task_id"] == t
+    with _err("precondition", "task_id") as c:  # bob was not given it
+        store.submit_ranking("s1", t, "bob", [0, 1, 2])
+    assert "leased to another labeler" in str(c.err)
+    with _err("precondition", "task_id"):
+        store.skip_task("k1", t, "bob", "not mine")
+    clock.t += 61  # alice's lease ran out, but nobody else was given the task: her ranking still counts
+    assert store.submit_ranking("s2", t, "alice", [2, 1, 0])[1] is False
+    assert store.submit_ranking("s2", t, "alice", [2, 1, 0])[1] is True  # a retry after the lease cleared
+    assert store.stats()["rankings"] == 1 and store.stats()["skips"] == 0
+
+
+def test_an_expired_lease_handed_to_another_labeler_is_theirs(store, clock):
+    t = _task(store)
+    assert store.next_task("alice")[0]["task_id"] == t
+    clock.t += 61
+    assert store.next_task("bob")[0]["task_id"] == t
+    with _err("precondition", "task_id"):
+        store.submit_ranking("late", t, "alice", [0, 1, 2])
+    store.submit_ranking("b", t, "bob", [1, 0, 2])
+    assert [r["labeler_id"] for r in store.export("rankings")] == ["bob"]
+
 def test_never_the_same_task_twice_with_several_rankings(tmp_path, clock):
     s = FeedbackStore(tmp_path / "m.db", rankings_per_task=2, clock=clock)
     t = _task(s)
@@ -164,7 +194,7 @@ def test_demonstrations(store):
 # -- errors --------------------------------------------------------------------------------------
 
 def test_ranking_errors(store):
-    t = _task(store, k=3)
+    t = _task(store, k=3, lease_to="al")
     with _err("invalid", "ranking") as c:
         store.submit_ranking("x", t, "al", [0, 0, 1])
     assert "duplicates [0]" in str(c.err) and "missing [2]" in str(c.err)
@@ -192,7 +222,7 @@ def test_ranking_errors(store):
 
 
 def test_idempotent_ranking(store):
-    t = _task(store)
+    t = _task(store, lease_to="al")
     first = store.submit_ranking("sub-1", t, "al", [1, 0, 2])
     assert store.submit_ranking("sub-1", t, "al", [1, 0, 2]) == (first[0], True, 3)
     with _err("conflict", "submission_id"):
@@ -277,7 +307,7 @@ def test_export_errors(store):
 
 def test_export_rows_load_with_trainer_formats(store, clock, tmp_path):
     store.add_prompts([("Tell me a joke.", "chatterbot")])
-    ts = [_task(store, f"prompt {i}", k=3) for i in range(3)]
+    ts = [_task(store, f"prompt {i}", k=3, lease_to="al") for i in range(3)]
     for i, t in enumerate(ts):
         clock.t += 1
         store.submit_ranking(f"s{i}", t, "al", [(i + j) % 3 for j in range(3)])
@@ -303,7 +333,7 @@ def test_export_rows_load_with_trainer_formats(store, clock, tmp_path):
 
 def test_export_since_and_limit(store, clock):
     t0 = clock.t
-    ts = [_task(store, f"q{i}", k=2) for i in range(7)]
+    ts = [_task(store, f"q{i}", k=2, lease_to="al") for i in range(7)]
     for i, t in enumerate(ts):
         clock.t = t0 + 10 * (i + 1)
         store.submit_ranking(f"s{i}", t, "al", [0, 1])
@@ -327,7 +357,7 @@ def test_export_pages_past_page_size(store, monkeypatch):
 def test_export_after_sequence_reads_only_what_came_later(store, clock):
     # the sequence is the commit order, whatever the clock says: a reader holding a cursor never misses
     # a ranking committed after it, even one stamped earlier (a clock stepped back)
-    t1, t2, t3 = _task(store, "a", k=2), _task(store, "b", k=2), _task(store, "c", k=2)
+    t1, t2, t3 = (_task(store, q, k=2, lease_to="al") for q in "abc")
     assert store.sequence("rankings") == 0
     store.submit_ranking("s1", t1, "al", [0, 1])
     cursor = store.sequence("rankings")
@@ -345,7 +375,7 @@ def test_export_after_sequence_reads_only_what_came_later(store, clock):
 
 
 def test_wait_for_new_wakes_on_a_submission_from_another_thread(store):
-    t = _task(store, "a", k=2)
+    t = _task(store, "a", k=2, lease_to="al")
     cursor = store.sequence("rankings")
     assert store.wait_for_new("rankings", cursor, timeout_s=0) is False  # nothing yet, no wait
     waiting = threading.Event()
@@ -360,7 +390,7 @@ def test_wait_for_new_wakes_on_a_submission_from_another_thread(store):
 # -- concurrency & durability --------------------------------------------------------------------
 
 def test_concurrent_submissions_from_threads(store):
-    ts = [_task(store, f"c{i}", k=2) for i in range(20)]
+    ts = [_task(store, f"c{i}", k=2, lease_to="al") for i in range(20)]
     results, errors = [], []
 
     def worker(w):
@@ -395,7 +425,7 @@ sys.stdin.read()  # wait to be killed
 def test_label_survives_kill_9(tmp_path):
     db = tmp_path / "dur.db"
     with FeedbackStore(db) as s:
-        t = _task(s)
+        t = _task(s, lease_to="alice")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-c", _CHILD, str(db), t], cwd=ROOT, env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -30,7 +30,8 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 TOKEN, TOKEN_ENV = "browser-operator-token", "CHATRL_BROWSER_TEST_TOKEN"
-LABELER_TOKEN = "browser-labeler-token"
+LABELER_TOKEN = "browser-labeler-token"  # a team's shared credential: the labeler types their id
+PAT_TOKEN = "browser-pat-own-token"  # pat's own credential: it names pat
 WAIT_S = 120  # a shared 2-core machine: the browser and the tiny model can both be slow
 
 
@@ -40,8 +41,11 @@ def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("labeling-app")
     psrv, psvc = build_policy(ServerConfig(port=0, auth_token_env=""),
                               PolicyConfig(checkpoint=str(tiny_checkpoint(tmp / "ckpt")), max_new_tokens=16))
+    (tmp / "labelers").mkdir()
+    (tmp / "labelers" / "pat").write_text(PAT_TOKEN)
     with env_var(TOKEN_ENV, TOKEN), env_var("CHATRL_LABELER_TOKEN", LABELER_TOKEN):
-        srv, svc = build(ServerConfig(port=0, auth_token_env=TOKEN_ENV, grace_seconds=1),
+        srv, svc = build(ServerConfig(port=0, auth_token_env=TOKEN_ENV, grace_seconds=1,
+                                      labelers_dir=str(tmp / "labelers")),
                          FeedbackConfig(db=str(tmp / "feedback.db"), policy_address=psrv.address, web_port=0,
                                         web_chat_max_new_tokens=6, web_alternatives_k=3))
     yield SimpleNamespace(url=svc.web.url, store=svc.store, address=srv.address)
@@ -94,6 +98,15 @@ def test_a_wrong_credential_is_refused(app, browser):
     _sign_in(browser, app.url, "mallory", token="not-the-token")
     _wait(browser, lambda d: "credential" in d.find_element(By.ID, "msg").text.lower(), "the refusal")
     assert not browser.find_element(By.ID, "tabs").is_displayed()
+
+
+def test_a_personal_credential_signs_in_without_typing_an_id(app, browser):
+    _sign_in(browser, app.url, "", token=PAT_TOKEN)
+    _signed_in(browser, "pat")
+    assert browser.find_element(By.ID, "labeler").get_attribute("value") == "pat"
+    _sign_in(browser, app.url, "kb-alice", token=PAT_TOKEN)  # pat cannot label as someone else
+    _wait(browser, lambda d: "is not the labeler of the credential" in d.find_element(By.ID, "msg").text,
+          "the refusal")
 
 
 def test_keyboard_only_compare_with_ratings_flags_and_a_tie(app, browser):

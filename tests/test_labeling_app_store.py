@@ -17,8 +17,8 @@ def store(tmp_path):
         yield s
 
 
-def _task(store, k=3):
-    return store.create_tasks([{"prompt": "p", "responses": [f"r{i}" for i in range(k)]}])[0]
+def _task(store, k=3, lease_to: str | None = "alice"):
+    return store.create_tasks([{"prompt": "p", "responses": [f"r{i}" for i in range(k)]}], lease_to=lease_to)[0]
 
 
 def test_ties_ratings_and_flags_are_stored_and_exported(store):

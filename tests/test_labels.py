@@ -28,8 +28,9 @@ def feedback(tmp_path):
     svc.close()
 
 
-def _task(store, prompt: str) -> str:
-    return store.create_tasks([{"prompt": prompt, "responses": ["fine.", "It was warm and funny."]}])[0]
+def _task(store, prompt: str, lease_to: str | None = None) -> str:
+    return store.create_tasks([{"prompt": prompt, "responses": ["fine.", "It was warm and funny."]}],
+                              lease_to=lease_to)[0]
 
 
 class Spy:
@@ -46,7 +47,7 @@ class Spy:
 
 def test_wait_returns_once_a_person_ranks_every_task_through_the_service(feedback):
     store, client = feedback
-    old = _task(store, "An older task, ranked before this round.")
+    old = _task(store, "An older task, ranked before this round.", lease_to="carol")
     client.submit_ranking("old", old, "carol", [0, 1])
     service = labels.ServiceLabels(client)
     cursor = service.cursor()  # what the round sees: nothing before this
@@ -71,7 +72,7 @@ def test_wait_returns_once_a_person_ranks_every_task_through_the_service(feedbac
 
 def test_service_export_follows_the_cursor(feedback):
     store, client = feedback
-    tasks = [_task(store, f"prompt {i}") for i in range(3)]
+    tasks = [_task(store, f"prompt {i}", lease_to="alice") for i in range(3)]
     service = labels.ServiceLabels(client)
     assert service.cursor() == 0 and service.rankings_after(0, 0) == []
     client.submit_ranking("a", tasks[0], "alice", [0, 1])

@@ -58,7 +58,7 @@ def test_the_table_gives_each_write_its_role():
                    "chatrl.v1.ReferenceModelService/LoadModel", "chatrl.v1.TrainerService/StartRun",
                    "chatrl.v1.TrainerService/CancelRun", "chatrl.v1.FeedbackService/CreateComparisonTasks",
                    "chatrl.v1.FeedbackService/AddPrompts"):
-        assert creds.authorize(method, f"Bearer {OP}") == "operator"
+        assert creds.authorize(method, f"Bearer {OP}").role == "operator"
         with pytest.raises(Exception) as e:
             creds.authorize(method, f"Bearer {LAB}")
         assert e.value.code == CODE.PERMISSION_DENIED and "operator" in e.value.message
@@ -66,9 +66,9 @@ def test_the_table_gives_each_write_its_role():
             creds.authorize(method, "")
         assert e.value.code == CODE.UNAUTHENTICATED
     for method in ("NextTask", "SubmitRanking", "SubmitDemonstration"):
-        assert creds.authorize(f"chatrl.v1.FeedbackService/{method}", f"Bearer {LAB}") == "labeler"
-        assert creds.authorize(f"chatrl.v1.FeedbackService/{method}", f"Bearer {OP}") == "operator"
-    assert creds.authorize("chatrl.v1.PolicyInferenceService/Generate", "") == "open"
+        assert creds.authorize(f"chatrl.v1.FeedbackService/{method}", f"Bearer {LAB}").role == "labeler"
+        assert creds.authorize(f"chatrl.v1.FeedbackService/{method}", f"Bearer {OP}").role == "operator"
+    assert creds.authorize("chatrl.v1.PolicyInferenceService/Generate", "").role == "open"
     with pytest.raises(Exception) as e:  # not classified → refused, whoever asks
         creds.authorize("chatrl.v1.PolicyInferenceService/Unlisted", f"Bearer {OP}")
     assert e.value.code == CODE.PERMISSION_DENIED
@@ -232,3 +232,91 @@ def test_each_rpc_comment_states_the_role_the_table_enforces():
             assert roles.rule(f"chatrl.v1.{svc}/{rpc}").role == role, (svc, rpc)
             seen += 1
     assert seen == sum(1 for m in roles.METHODS if m.startswith("chatrl.v1."))
+
+
+# -- one credential per labeler (item 15): the credential decides the labeler id --------------------------
+
+ALICE, BOB = "alice-own-secret", "bob-own-secret"
+
+
+def _labelers_dir(root, **tokens):
+    d = root / "labelers"
+    d.mkdir()
+    for who, tok in tokens.items():
+        (d / who).write_text(tok + "\n")
+    (d / "..data").mkdir()  # what a mounted Secret volume also holds: skipped
+    return d
+
+
+def test_labeler_credentials_come_from_a_directory_and_are_checked(tmp_path):
+    d = _labelers_dir(tmp_path, alice=ALICE, bob=BOB)
+    assert roles.load_labelers(str(d), "x") == (("alice", ALICE), ("bob", BOB))
+    assert roles.load_labelers("", "x") == ()
+    for bad, why in (({"alice": ALICE, "bob": ALICE}, "same token"), ({"al ice": ALICE}, "not a labeler id"),
+                     ({"alice": " "}, "empty")):
+        root = tmp_path / f"bad{len(why)}"
+        root.mkdir()
+        with pytest.raises(CredentialError, match=why):
+            roles.load_labelers(str(_labelers_dir(root, **bad)), "x")
+    with pytest.raises(CredentialError, match="not a directory"):
+        roles.load_labelers(str(d / "alice"), "x")
+    with pytest.raises(CredentialError, match="differ"):  # a labeler's token must not be the operator's
+        Credentials(operator=ALICE, labelers=(("alice", ALICE),))
+
+
+def test_a_labeler_labels_only_under_their_own_id():
+    creds = Credentials(operator=OP, labeler=LAB, labelers=(("alice", ALICE), ("bob", BOB)))
+    alice = creds.authorize("chatrl.v1.FeedbackService/SubmitRanking", f"Bearer {ALICE}")
+    assert (alice.role, alice.labeler) == ("labeler", "alice")
+    assert creds.labeler_id(alice, "") == creds.labeler_id(alice, "alice") == "alice"
+    with pytest.raises(Exception) as e:
+        creds.labeler_id(alice, "bob")
+    assert e.value.code == CODE.PERMISSION_DENIED and e.value.message.startswith("labeler_id")
+    # the operator (simulated labelers) and the shared team credential name the labeler themselves
+    for tok in (OP, LAB):
+        assert creds.labeler_id(creds.authorize("chatrl.v1.FeedbackService/NextTask", f"Bearer {tok}"), "sim-3") \
+            == "sim-3"
+    with pytest.raises(Exception) as e:  # a labeler's own credential is still only a labeler's
+        creds.authorize("chatrl.v1.FeedbackService/AddPrompts", f"Bearer {ALICE}")
+    assert e.value.code == CODE.PERMISSION_DENIED
+
+
+def test_per_labeler_credentials_through_the_service_and_the_page(tmp_path):
+    from chatrl.services.feedback.server import FeedbackConfig
+    from chatrl.services.feedback.server import build as build_feedback
+
+    d = _labelers_dir(tmp_path, alice=ALICE, bob=BOB)
+    with env_var(OP_ENV, OP):
+        srv, svc = build_feedback(ServerConfig(port=0, auth_token_env=OP_ENV, labeler_token_env="",
+                                               labelers_dir=str(d), grace_seconds=0),
+                                  FeedbackConfig(db=str(tmp_path / "fb.db"), web_port=0))
+    t1, t2 = svc.store.create_tasks([{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(2)])
+    ch = grpc.insecure_channel(srv.address)
+    stub = feedback_pb2_grpc.FeedbackServiceStub(ch)
+    try:
+        # no labeler id needed: the credential is alice's; naming bob is refused
+        assert stub.NextTask(feedback_pb2.NextTaskRequest(), metadata=_md(ALICE), timeout=30).task.task_id == t1
+        assert svc.store.get_task(t1)["lease_labeler"] == "alice"
+        code, msg = rpc_error(stub.NextTask, feedback_pb2.NextTaskRequest(labeler_id="bob"), metadata=_md(ALICE),
+                              timeout=30)
+        assert code == CODE.PERMISSION_DENIED and "labeler_id" in msg
+        sub = feedback_pb2.SubmitRankingRequest(submission_id="s", task_id=t1, labeler_id="bob", ranking=[1, 0])
+        assert rpc_error(stub.SubmitRanking, sub, metadata=_md(ALICE), timeout=30)[0] == CODE.PERMISSION_DENIED
+        # bob, under his own name, cannot rank the task alice holds
+        code, msg = rpc_error(stub.SubmitRanking, sub, metadata=_md(BOB), timeout=30)
+        assert code == CODE.FAILED_PRECONDITION and "lease" in msg
+        sub.labeler_id = ""
+        stub.SubmitRanking(sub, metadata=_md(ALICE), timeout=30)
+        # the page: bob's credential leases under bob whatever the query says; alice's id is refused
+        port = svc.web.port
+        assert _http(port, "GET", "/api/next?labeler_id=alice", headers={"Authorization": f"Bearer {BOB}"})[0] == 403
+        status, body = _http(port, "GET", "/api/next", headers={"Authorization": f"Bearer {BOB}"})
+        assert status == 200 and body["task"]["task_id"] == t2
+        status, body = _http(port, "POST", "/api/rankings", {"submission_id": "w", "task_id": t2, "ranking": [0, 1]},
+                             {"Authorization": f"Bearer {BOB}"})
+        assert status == 200, body
+        assert [(r["task_id"], r["labeler_id"]) for r in svc.store.export("rankings")] == [(t1, "alice"), (t2, "bob")]
+    finally:
+        ch.close()
+        srv.stop(0)
+        svc.close()

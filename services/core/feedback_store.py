@@ -15,10 +15,11 @@ of ``services/trainer/labels.py``.
 - **Multi-turn prompts**: a prompt may be a conversation ending with a user turn (``messages``; its
   ``text`` is the rendering "User: …\n\nAssistant: …"); the K responses are candidate next assistant
   turns. A single-turn prompt is one user message.
-- **Rankings**: a permutation of 0..K-1, best first; one per (task, labeler); optionally ties
+- **Rankings**: a permutation of 0..K-1, best first; one per (task, labeler), taken only from the labeler
+  holding the task's lease (an expired lease still counts until the task is handed to someone else); ties
   (``tied_with_next``: K-1 booleans, a tied pair yields no preference pair) and a per-response
   assessment (a 1..7 rating, 0 = unrated, and flags from :data:`FLAGS`).
-- **Skips**: a labeler passes on a task with a reason; it is not offered to them again.
+- **Skips**: the lease holder passes on a task with a reason; it is not offered to them again.
 - **Overlap** (agreement): a fraction ``overlap_fraction`` of new tasks, chosen by their id, stays
   open until ``overlap_labelers`` distinct labelers ranked it, so that :meth:`agreement` has pairs of
   rankings of the same task to compare (``services/core/agreement.py``).
@@ -291,6 +292,16 @@ def untied_pairs(k: int, tied_with_next: Sequence[bool] | None) -> int:
             run = 1
     groups.append(run)
     return k * (k - 1) // 2 - sum(g * (g - 1) // 2 for g in groups)
+
+
+def _require_lease(holder: str | None, task_id: str, labeler_id: str) -> None:
+    """A ranking or skip is taken only from the labeler holding the task's lease: the one NextTask (or the
+    chat's alternatives) last gave it to. A lease that ran out still counts until another labeler is given
+    the task, so a slow labeler loses their work only to someone who was actually handed it."""
+    if holder != labeler_id:
+        why = "it is leased to another labeler" if holder else "it is not leased to anyone (NextTask leases it)"
+        raise StoreError("precondition", "task_id", f"task {task_id!r}: labeler {labeler_id[:64]!r} does not "
+                         f"hold its lease; {why}")
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -721,14 +732,15 @@ class FeedbackStore:
                           (task_id, labeler_id)).fetchone():
                 raise StoreError("conflict", "task_id", f"task {task_id!r} was already ranked by labeler "
                                  f"{labeler_id!r} (under another submission_id)")
+            _require_lease(task["lease_labeler"], task_id, labeler_id)
             rid = _new_id("r")
             db.execute("INSERT INTO rankings(id, task_id, labeler_id, ranking, submission_id, created_us, "
                        "tied_with_next, assessments) VALUES (?,?,?,?,?,?,?,?)",
                        (rid, task_id, labeler_id, json.dumps(ranking), submission_id, self._now(),
                         None if ties is None else json.dumps(ties),
                         None if judged is None else json.dumps(judged)))
-            lease_clear = ", lease_labeler=NULL, lease_expires_us=NULL" if task["lease_labeler"] == labeler_id else ""
-            db.execute(f"UPDATE tasks SET n_rankings = n_rankings + 1{lease_clear} WHERE id=?", (task_id,))
+            db.execute("UPDATE tasks SET n_rankings = n_rankings + 1, lease_labeler=NULL, lease_expires_us=NULL "
+                       "WHERE id=?", (task_id,))
             return rid, False, untied_pairs(k, ties)
 
     def skip_task(self, submission_id: str, task_id: str, labeler_id: str, reason: str) -> tuple[str, bool]:
@@ -754,11 +766,11 @@ class FeedbackStore:
                               (task_id, labeler_id)).fetchone():
                     raise StoreError("conflict", "task_id", f"task {task_id!r} was already {what} by labeler "
                                      f"{labeler_id!r}")
+            _require_lease(task["lease_labeler"], task_id, labeler_id)
             sid = _new_id("s")
             db.execute("INSERT INTO skips(id, task_id, labeler_id, reason, submission_id, created_us) "
                        "VALUES (?,?,?,?,?,?)", (sid, task_id, labeler_id, reason, submission_id, self._now()))
-            if task["lease_labeler"] == labeler_id:
-                db.execute("UPDATE tasks SET lease_labeler=NULL, lease_expires_us=NULL WHERE id=?", (task_id,))
+            db.execute("UPDATE tasks SET lease_labeler=NULL, lease_expires_us=NULL WHERE id=?", (task_id,))
             return sid, False
 
     def submit_demonstration(self, submission_id: str, labeler_id: str, messages) -> tuple[str, bool]:

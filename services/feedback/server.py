@@ -283,6 +283,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self.metrics = Metrics(registry, self.store)
         self.sampler = PolicySampler(cfg)
         self.web = None
+        self.creds = roles.Credentials()  # the server's (build() sets them): whose labeler id a call may use
+
+    def _labeler(self, requested: str, context) -> str:
+        """The labeler id the call labels under: a per-labeler credential's own (PERMISSION_DENIED for
+        another's), else the request's (roles.Credentials.labeler_id)."""
+        md = dict(context.invocation_metadata() or ())
+        return self.creds.labeler_id(self.creds.caller(md.get("authorization", "")), requested)
 
     def close(self) -> None:
         if self.web is not None:
@@ -333,7 +340,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
     def NextTask(self, request, context):
         try:
-            task, remaining = self.store.next_task(request.labeler_id)
+            task, remaining = self.store.next_task(self._labeler(request.labeler_id, context))
         except StoreError as e:
             raise _abort(e) from None
         if task is None:
@@ -357,7 +364,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     raise invalid(f"assessments[{i}].flags", "must be RESPONSE_FLAG_* values other than UNSPECIFIED")
                 assessments.append({"rating": a.rating, "flags": flags})
             rid, dup, pairs = self.store.submit_ranking(request.submission_id, request.task_id,
-                                                        request.labeler_id, list(request.ranking),
+                                                        self._labeler(request.labeler_id, context),
+                                                        list(request.ranking),
                                                         list(request.tied_with_next), assessments)
         except StoreError as e:
             raise _abort(e) from None
@@ -366,7 +374,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
     def SkipTask(self, request, context):
         try:
-            sid, dup = self.store.skip_task(request.submission_id, request.task_id, request.labeler_id,
+            sid, dup = self.store.skip_task(request.submission_id, request.task_id,
+                                            self._labeler(request.labeler_id, context),
                                             request.reason)
         except StoreError as e:
             raise _abort(e) from None
@@ -376,7 +385,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def SubmitDemonstration(self, request, context):
         msgs = _messages(request, "messages")
         try:
-            did, dup = self.store.submit_demonstration(request.submission_id, request.labeler_id, msgs)
+            did, dup = self.store.submit_demonstration(request.submission_id,
+                                                       self._labeler(request.labeler_id, context), msgs)
         except StoreError as e:
             raise _abort(e) from None
         self.metrics.submitted("demonstration", dup)
@@ -425,6 +435,7 @@ def build(server_cfg: ServerConfig, cfg: FeedbackConfig) -> tuple[ServiceServer,
     if cfg.web_port >= 0:  # the page's exposure is checked before anything binds, like the server's
         roles.check_exposure("feedback web page", [cfg.web_host], srv.creds, server_cfg.allow_insecure)
     svc = FeedbackServicer(cfg, srv.registry)
+    svc.creds = srv.creds
     srv.add_service(feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, svc,
                     feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name)
     srv.start()

@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from chatrl.services.core.feedback_store import FeedbackStore, StoreError, check_messages
+from chatrl.services.core.feedback_store import MAX_ID_CHARS, FeedbackStore, StoreError, check_messages
 from chatrl.services.runtime import roles
 from chatrl.services.runtime.errors import ServiceError, http_status
 
@@ -127,8 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
             fn()
         except StoreError as e:
             self._json(http_status(e.kind), {"error": e.message, "field": e.field})
-        except ServiceError as e:  # policy-inference refused or unreachable (chat, alternatives)
-            status = 400 if e.code.name == "INVALID_ARGUMENT" else 503
+        except ServiceError as e:  # another labeler's id, or policy-inference refused or unreachable (chat)
+            status = {"INVALID_ARGUMENT": 400, "PERMISSION_DENIED": 403}.get(e.code.name, 503)
             self._json(status, {"error": e.message})
         except Exception:
             log.exception("labeling page: unhandled error on %s %s", self.command, self.path)
@@ -170,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path in ("/api/next", "/api/me"):  # /api/next leases a task: a write, so it needs the labeler
             if not self._authorized("GET", url.path):
                 return
-            labeler = parse_qs(url.query).get("labeler_id", [""])[0]
+            labeler = self._who(parse_qs(url.query).get("labeler_id", [""])[0])
             if url.path == "/api/me":
                 self._json(200, store.labeler_stats(labeler))
                 return
@@ -185,14 +185,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no such page {url.path}"})
 
     def _authorized(self, verb: str, path: str) -> bool:
-        """True, or answers 401/403 and returns False: the endpoint's RPC decides the role it needs."""
+        """True, or answers 401/403 and returns False: the endpoint's RPC decides the role it needs. The
+        caller is kept for :meth:`_who`."""
         try:
-            self.web.auth.authorize(ROUTES[(verb, path)], self.headers.get("Authorization", ""))
+            self._caller = self.web.auth.authorize(ROUTES[(verb, path)], self.headers.get("Authorization", ""))
         except ServiceError as e:
             status = 403 if e.code.name == "PERMISSION_DENIED" else http_status("unauthenticated")
             self._json(status, {"error": e.message + (" (enter the token)" if status == 401 else "")})
             return False
         return True
+
+    def _who(self, requested) -> str:
+        """The labeler id this request labels under (a per-labeler credential's own; 403 for another's)."""
+        if not isinstance(requested, str):
+            raise StoreError("invalid", "labeler_id", "must be a string")
+        return self.web.auth.labeler_id(self._caller, requested)
 
     def _body(self, path: str) -> dict | None:
         """The request's JSON object within the endpoint's size limit, or None after answering the error."""
@@ -236,20 +243,23 @@ class _Handler(BaseHTTPRequestHandler):
         ranking = body.get("ranking")
         if not isinstance(ranking, list):
             raise StoreError("invalid", "ranking", "must be a list of integers")
-        sid, tid, who = _strings(body, "submission_id", "task_id", "labeler_id")
+        sid, tid = _strings(body, "submission_id", "task_id")
+        who = self._who(body.get("labeler_id", ""))
         rid, dup, pairs = self.web.store.submit_ranking(sid, tid, who, ranking, body.get("tied_with_next"),
                                                         body.get("assessments"))
         self._submitted("ranking", dup)
         self._json(200, {"ranking_id": rid, "duplicate": dup, "pairs": pairs})
 
     def _skip(self, body: dict) -> None:
-        sid, tid, who, reason = _strings(body, "submission_id", "task_id", "labeler_id", "reason")
+        sid, tid, reason = _strings(body, "submission_id", "task_id", "reason")
+        who = self._who(body.get("labeler_id", ""))
         skip_id, dup = self.web.store.skip_task(sid, tid, who, reason)
         self._submitted("skip", dup)
         self._json(200, {"skip_id": skip_id, "duplicate": dup})
 
     def _demonstration(self, body: dict) -> None:
-        sid, who = _strings(body, "submission_id", "labeler_id")
+        (sid,) = _strings(body, "submission_id")
+        who = self._who(body.get("labeler_id", ""))
         did, dup = self.web.store.submit_demonstration(sid, who, body.get("messages"))
         self._submitted("demonstration", dup)
         self._json(200, {"demonstration_id": did, "duplicate": dup})
@@ -259,13 +269,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise StoreError("unavailable", "", "this labeling page has no policy-inference to chat with")
         return self.web.policy
 
-    def _conversation(self, body: dict) -> list[dict]:
-        _strings(body, "labeler_id")
-        return check_messages(body.get("messages"), "messages", last="user")
+    def _conversation(self, body: dict) -> tuple[str, list[dict]]:
+        """(labeler id, messages) of a chat request, checked before any sampling."""
+        who = self._who(body.get("labeler_id", ""))
+        if not who or len(who) > MAX_ID_CHARS:
+            raise StoreError("invalid", "labeler_id", f"must be 1..{MAX_ID_CHARS} characters")
+        return who, check_messages(body.get("messages"), "messages", last="user")
 
     def _chat(self, body: dict) -> None:
         """Streams the policy's reply as NDJSON lines over a connection that closes at the end (HTTP/1.0)."""
-        messages, policy = self._conversation(body), self._policy()
+        (_, messages), policy = self._conversation(body), self._policy()
         stream = policy.stream(messages, self.web.chat_max_new_tokens)
         first = next(stream)  # errors before the first event still answer with a status code
         self._head(200, "application/x-ndjson; charset=utf-8", None)
@@ -278,14 +291,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _alternatives(self, body: dict) -> None:
-        messages, policy = self._conversation(body), self._policy()
-        (who,) = _strings(body, "labeler_id")
+        (who, messages), policy = self._conversation(body), self._policy()
         (reply,) = _strings(body, "reply")
         finished = body.get("finished", True)
         if not isinstance(finished, bool):
             raise StoreError("invalid", "finished", "must be a boolean")
         store = self.web.store
-        store.labeler_stats(who)  # checks the labeler id before any sampling
         k = self.web.alternatives_k
         responses, fins, version = policy.sample([messages], k - 1, self.web.chat_max_new_tokens)
         (tid,) = store.create_tasks([{"messages": messages, "responses": [reply] + responses[0],

@@ -8,7 +8,9 @@ Kubernetes Secret, compared in constant time):
   feedback port admits only the trainer and the Ray head) and health. Nothing open writes, and every open
   call is bounded (request size here, list and token counts in the service).
 - ``labeler``: leases and submits labels (NextTask, SubmitRanking, SkipTask, SubmitDemonstration, and the labeling
-  page's /api/next and /api/rankings, which are those RPCs over HTTP).
+  page's /api/next and /api/rankings, which are those RPCs over HTTP). Each labeler may have a credential of
+  their own (``labelers_dir``): it fixes the labeler id they label under (:meth:`Credentials.labeler_id`). A
+  team's shared labeler credential leaves the id to its holders.
 - ``operator``: changes what is served, trained or labelled: UpdateWeights, LoadModel, StartRun, CancelRun,
   AddPrompts, CreateComparisonTasks. The operator may also do everything a labeler may
   (the pipeline's simulated labelers label with the operator credential).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,50 +126,120 @@ def load_credential(env: str, path: str, what: str) -> str:
     return (os.environ.get(env, "") if env else "").strip()
 
 
+LABELER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a Kubernetes Secret key, and a store id
+
+
+def load_labelers(path: str, what: str) -> tuple[tuple[str, str], ...]:
+    """Per-labeler credentials from a directory — a Kubernetes Secret mounted as a volume, one key per
+    labeler: the file name is the labeler id, its content that labeler's token (dotfiles, such as the
+    volume's ``..data`` link, are skipped). '' = none configured. Raises :class:`CredentialError` for an
+    unreadable directory, a bad id, an empty token or two labelers sharing one."""
+    if not path:
+        return ()
+    d = Path(path)
+    if not d.is_dir():
+        raise CredentialError(f"{what}: {path} is not a directory (one file per labeler: name = labeler id, "
+                              f"content = token)")
+    out, seen = [], set()
+    for f in sorted(d.iterdir()):
+        if f.name.startswith(".") or f.is_dir():
+            continue
+        if not LABELER_ID.fullmatch(f.name):
+            raise CredentialError(f"{what}: {f.name[:64]!r} is not a labeler id (1-128 of A-Z a-z 0-9 . _ -)")
+        token = _read_secret(str(f), what)
+        if token in seen:
+            raise CredentialError(f"{what}: labeler {f.name!r} has the same token as another labeler")
+        seen.add(token)
+        out.append((f.name, token))
+    if not out:
+        raise CredentialError(f"{what}: {path} holds no labeler credentials")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called: the role their credential grants, and for a per-labeler credential the labeler it
+    belongs to (None: the operator, the shared labeler credential, or development mode)."""
+
+    role: str
+    labeler: str | None = None
+
+
 @dataclass(frozen=True)
 class Credentials:
     """The credential of each role this server knows; none at all = development mode (everything open,
-    allowed on loopback only unless ``allow_insecure``)."""
+    allowed on loopback only unless ``allow_insecure``). ``labelers``: (labeler id, token) pairs, one
+    credential per labeler, which also fixes the labeler id its holder labels under; ``labeler`` is one
+    credential shared by a team, whose holders declare their labeler id themselves."""
 
     operator: str = ""
     labeler: str = ""
+    labelers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        shared = [t for t in (self.operator, self.labeler) if t]
+        if any(tok in shared for _, tok in self.labelers) or (self.labeler and self.labeler == self.operator):
+            raise CredentialError("a labeler's credential equals another role's: every credential must differ")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.operator or self.labeler)
+        return bool(self.operator or self.labeler or self.labelers)
 
-    def role_of(self, presented: str) -> str | None:
-        """The role whose credential was presented, or None. Every configured credential is compared
+    def identify(self, presented: str) -> Caller | None:
+        """The caller whose credential was presented, or None. Every configured credential is compared
         (hmac.compare_digest), whatever matched, so the time does not tell which one was close."""
         got = presented.encode()
         found = None
-        for role, tok in ((OPERATOR, self.operator), (LABELER, self.labeler)):
+        candidates = [(Caller(OPERATOR), self.operator), (Caller(LABELER), self.labeler),
+                      *((Caller(LABELER, who), tok) for who, tok in self.labelers)]
+        for caller, tok in candidates:
             if tok and hmac.compare_digest(got, tok.encode()):
-                found = found or role
+                found = found or caller
         return found
 
-    def authorize(self, method: str, authorization: str) -> str:
-        """The caller's role for ``method`` (its metadata/header ``authorization: Bearer <token>``), or a
+    def caller(self, authorization: str) -> Caller:
+        """The caller of an already authorized call (metadata/header ``authorization``): open when auth is
+        off or nothing valid was presented."""
+        scheme, _, token = authorization.partition(" ")
+        if not self.enabled or scheme.lower() != "bearer" or not token:
+            return Caller(OPEN)
+        return self.identify(token) or Caller(OPEN)
+
+    @staticmethod
+    def labeler_id(caller: Caller, requested: str, field: str = "labeler_id") -> str:
+        """The labeler id a call labels under: a per-labeler credential's own (``requested`` may be empty or
+        must equal it: PERMISSION_DENIED otherwise); for the operator (the pipeline's simulated labelers),
+        the shared labeler credential and development mode, ``requested`` as given."""
+        if caller.labeler is None or requested in ("", caller.labeler):
+            return caller.labeler or requested
+        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{field}: {requested[:64]!r} is not the labeler of the credential presented "
+                           f"({caller.labeler!r}); a labeler labels only under their own id")
+
+    def authorize(self, method: str, authorization: str) -> Caller:
+        """The caller of ``method`` (its metadata/header ``authorization: Bearer <token>``), or a
         ServiceError: UNAUTHENTICATED without a valid credential, PERMISSION_DENIED with one of a role
         that may not call ``method`` or for a method missing from the table."""
         short = method.rsplit("/", 1)[-1]
         r = rule(method)
         if r is None:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"{short}: not in the role table (refused)")
-        if r.role == OPEN or not self.enabled:
-            return OPEN
+        if not self.enabled:
+            return Caller(OPEN)
+        if r.role == OPEN:
+            return self.caller(authorization)
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
                                f"{short} needs the {r.role} credential as 'authorization: Bearer <token>'")
-        role = self.role_of(token)
-        if role is None:
+        caller = self.identify(token)
+        if caller is None:
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, f"{short}: the credential presented is not valid (it needs the "
                                f"{r.role} credential as 'authorization: Bearer <token>')")
-        if r.role not in GRANTS[role]:
+        if r.role not in GRANTS[caller.role]:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"{short} needs the {r.role} role; the credential presented is a {role}'s")
-        return role
+                               f"{short} needs the {r.role} role; the credential presented is a {caller.role}'s")
+        return caller
 
 
 def is_loopback(host: str) -> bool:
@@ -187,6 +260,6 @@ def check_exposure(service: str, hosts: list[str], creds: Credentials, allow_ins
             f"{service}: refusing to listen on {exposed[0]!r} without an operator credential (set the env var "
             f"named by auth_token_env, or auth_token_file; an empty value is not a credential), or set "
             f"allow_insecure: true to serve every method unauthenticated")
-    if creds.labeler and not creds.operator:
+    if (creds.labeler or creds.labelers) and not creds.operator:
         raise CredentialError(f"{service}: a labeler credential without an operator credential would leave "
                               f"the operator methods unreachable; configure both")

@@ -62,8 +62,11 @@ class ServerConfig:
     # secretKeyRef). None configured = development mode: everything open, on loopback only.
     auth_token_env: str = "CHATRL_AUTH_TOKEN"  # the operator's bearer token (the one token of older configs)
     auth_token_file: str = ""
-    labeler_token_env: str = "CHATRL_LABELER_TOKEN"  # the labelers' bearer token (unset: labelers need the operator's)
+    labeler_token_env: str = "CHATRL_LABELER_TOKEN"  # a team's shared labeler token (labeler ids self-declared)
     labeler_token_file: str = ""
+    # one credential per labeler (a directory: file name = labeler id, content = token; a mounted Secret): its
+    # holder labels only under that id. Unset with no shared token: labelers need the operator's.
+    labelers_dir: str = ""
     allow_insecure: bool = False  # true: serve a non-loopback address with no credential (every method open)
     tls_cert: str = ""  # PEM server certificate (enables TLS)
     tls_key: str = ""  # PEM private key
@@ -219,7 +222,8 @@ class ServiceServer:
         self.creds = roles.Credentials(
             operator=roles.load_credential(cfg.auth_token_env, cfg.auth_token_file, f"{service}: auth_token_file"),
             labeler=roles.load_credential(cfg.labeler_token_env, cfg.labeler_token_file,
-                                          f"{service}: labeler_token_file"))
+                                          f"{service}: labeler_token_file"),
+            labelers=roles.load_labelers(cfg.labelers_dir, f"{service}: labelers_dir"))
         roles.check_exposure(service, [cfg.host], self.creds, cfg.allow_insecure)
         self.token = self.creds.operator  # the operator's credential (what older callers called the token)
         self._lanes = {"data": 0, "stream": 0, "control": 0}

@@ -33,6 +33,7 @@ async function api(path, body) {
 // -- sign in and own stats ------------------------------------------------------------------------
 async function refreshMe() {
   const me = await api("/api/me?labeler_id=" + encodeURIComponent(who()));
+  $("labeler").value = me.labeler_id;  // a personal credential names its labeler: the id may be left empty
   const a = me.agreement;
   $("me").textContent = `${me.labeler_id}: ${me.rankings} rankings · ${me.skips} skips · ${me.demonstrations} ` +
     `demonstrations` + (a.compared ? ` · agreement ${(100 * a.pairwise).toFixed(0)}% (τ ${a.kendall_tau.toFixed(2)}, ` +
@@ -40,9 +41,8 @@ async function refreshMe() {
 }
 $("signin").addEventListener("submit", async (e) => {
   e.preventDefault();
-  if (!who()) { say("Enter a labeler id first.", "err"); return; }
-  localStorage.setItem("chatrl.labeler", who()); sessionStorage.setItem("chatrl.token", $("token").value);
-  try { await refreshMe(); $("tabs").hidden = false; show("compare"); say("Signed in.", "ok"); }
+  sessionStorage.setItem("chatrl.token", $("token").value);
+  try { await refreshMe(); localStorage.setItem("chatrl.labeler", who()); $("tabs").hidden = false; show("compare"); say("Signed in.", "ok"); }
   catch (err) { $("tabs").hidden = true; hideViews(); say(err.message, "err"); }
 });
 function hideViews() { document.querySelectorAll(".view").forEach((v) => { v.hidden = true; }); }

@@ -117,7 +117,9 @@ class FeedbackServiceServicer:
 
     def SubmitRanking(self, request, context):
         """Records a ranking of a task's responses. Errors: INVALID_ARGUMENT (not a permutation),
-        NOT_FOUND (task), ALREADY_EXISTS (submission_id reused with different content).
+        NOT_FOUND (task), ALREADY_EXISTS (submission_id reused with different content),
+        FAILED_PRECONDITION (the labeler does not hold the task's lease: NextTask gave it to someone else,
+        or to nobody), PERMISSION_DENIED (labeler_id is not the labeler of the credential presented).
         Role: labeler (or operator) credential; requests up to 16 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -127,7 +129,8 @@ class FeedbackServiceServicer:
     def SkipTask(self, request, context):
         """Records that a labeler passed on a task, and why; the task is not offered to them again and
         their lease ends. Errors: INVALID_ARGUMENT (empty reason), NOT_FOUND (task), ALREADY_EXISTS
-        (submission_id reused with different content, or the task already ranked by this labeler).
+        (submission_id reused with different content, or the task already ranked by this labeler),
+        FAILED_PRECONDITION (the labeler does not hold the task's lease).
         Role: labeler (or operator) credential; requests up to 16 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
