@@ -95,7 +95,7 @@ def test_rank_flow_and_stats(store):
     t1, t2 = _task(store, "p1", k=4), _task(store, "p2", k=2)
     st = store.stats()
     assert st == {"prompts": 2, "open_tasks": 2, "tasks": 2, "rankings": 0, "demonstrations": 0,
-                  "rankings_sequence": 0, "skips": 0}
+                  "rankings_sequence": 0, "skips": 0, "leased_tasks": 0, "active_labelers": 0}
     task, remaining = store.next_task("alice")
     assert task["task_id"] == t1 and remaining == 1 and task["prompt"] == "p1"
     assert len(task["responses"]) == 4 and task["policy_model_version"] == 7
@@ -111,6 +111,20 @@ def test_rank_flow_and_stats(store):
     assert store.next_task("alice") == (None, 0)
     assert store.submit_ranking("s2", t2, "bob", [1, 0])[2] == 1
     assert store.stats()["open_tasks"] == 0
+
+
+def test_leased_tasks_and_active_labelers(store, clock):
+    t1, _ = _task(store, "p1"), _task(store, "p2")
+    store.next_task("alice")
+    store.next_task("bob")
+    assert (store.stats()["leased_tasks"], store.stats()["active_labelers"]) == (2, 2)
+    store.submit_ranking("s1", t1, "alice", [0, 1, 2])  # alice is active (a ranking), bob holds a lease
+    assert (store.stats()["leased_tasks"], store.stats()["active_labelers"]) == (1, 2)
+    clock.t += 61  # bob's lease ran out; alice's ranking is recent
+    assert (store.stats()["leased_tasks"], store.stats()["active_labelers"]) == (0, 1)
+    clock.t += 900  # nobody has done anything for 15 minutes: one open task, nobody on it
+    st = store.stats()
+    assert (st["open_tasks"], st["leased_tasks"], st["active_labelers"]) == (1, 0, 0)
 
 
 def test_lease_expiry_returns_task_to_pool(store, clock):
@@ -293,7 +307,7 @@ def test_task_and_prompt_errors(store):
     with _err("invalid", "samples[0].responses"):
         store.create_comparison_tasks(["p"], [], 4, lambda t, k: ([["a"]], [[True]], 1))
     assert store.stats() == {"prompts": 0, "open_tasks": 0, "tasks": 0, "rankings": 0, "demonstrations": 0,
-                             "rankings_sequence": 0, "skips": 0}
+                             "rankings_sequence": 0, "skips": 0, "leased_tasks": 0, "active_labelers": 0}
 
 
 def test_export_errors(store):

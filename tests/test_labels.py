@@ -81,3 +81,35 @@ def test_service_export_follows_the_cursor(feedback):
     client.submit_ranking("b", tasks[1], "alice", [1, 0])
     client.submit_ranking("c", tasks[2], "alice", [0, 1])
     assert [r["submission_id"] for r in service.rankings_after(first[-1]["sequence"], 0)] == ["b", "c"]
+
+
+def test_label_to_policy_latency_is_measured_at_the_rounds_first_push(tmp_path):
+    from chatrl.services.trainer.pipeline import LabelLatencySink, labelled_at
+
+    snap = tmp_path / "rankings_r0.jsonl"
+    snap.write_text('{"created_at": "2026-01-01T00:00:00Z"}\n{"created_at": "2026-01-01T00:01:40.000000Z"}\n'
+                    '{"prompt": "a user file without stamps"}\n')
+    t0 = 1767225600.0  # 2026-01-01T00:00:00Z
+    assert labelled_at(snap) == [t0, t0 + 100]
+    assert labelled_at(tmp_path / "missing.jsonl") == []
+
+    class Sink:
+        metadata = {"round": "0"}
+        pushes: list[int] = []
+
+        def push(self, state, version):
+            self.pushes.append(version)
+
+    class Rep(Reporter):
+        def metrics(self, stage, step, total, values):
+            self.history.append({"stage": stage, **values})
+
+    rep, now = Rep(quiet=True), [t0 + 400]
+    sink = LabelLatencySink(Sink(), labelled_at(snap), rep, "ppo_r0", clock=lambda: now[0])
+    assert sink.metadata == {"round": "0"}
+    sink.push({}, 2)
+    now[0] += 1000  # later pushes do not count: the first policy trained against the labels is version 2
+    sink.push({}, 3)
+    assert sink.sink.pushes == [2, 3]
+    assert sink.latency == {"label_to_policy_s_median": 350.0, "label_to_policy_s_max": 400.0, "labels": 2.0}
+    assert rep.history == [{"stage": "ppo_r0", **sink.latency}]

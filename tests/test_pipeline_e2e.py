@@ -56,6 +56,12 @@ def test_pipeline_end_to_end_through_services_and_ray(tiny_data, tiny_gold, tmp_
     assert "PPO round 0" in report.read_text()
     state = json.loads((run / "pipeline.json").read_text())
     assert {"pretrain", "sft", "labels_r0", "reward_r0", "ppo_r0"} <= set(state["times"])
+    # label-to-policy latency: every ranking's submission to the round's first push, within the round
+    lat = state["label_to_policy"]["ppo_r0"]
+    assert lat["labels"] == len(rankings)
+    spent = sum(state["times"][k] for k in ("labels_r0", "reward_r0", "ppo_r0"))
+    assert 0 <= lat["label_to_policy_s_median"] <= lat["label_to_policy_s_max"] <= spent
+    assert "Label-to-policy latency" in report.read_text()
 
 
 def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gold, tmp_path, ray_session):

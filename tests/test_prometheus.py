@@ -67,12 +67,16 @@ SIGNALS = {
     "ChatrlRewardHacking": [
         'deriv(chatrl_trainer_metric{name="reward", stage=~"ppo.*"}[30m])',
         'deriv(chatrl_trainer_metric{name="gold_train", stage=~"ppo.*"}[30m])'],
+    "ChatrlLabelingStalled": ["max by (job) (chatrl_feedback_open_tasks)", "max by (job) (chatrl_feedback_active_labelers)"],
 }
 # alerts this run must fire, because the test provokes them on purpose
 FIRING_HERE = {"ChatrlWeightUpdateRejected": "a stale UpdateWeights push is rejected",
                "ChatrlRequestsRejected": "one Generate asks for more samples than max_request_samples"}
-# dashboard queries allowed to return nothing here, with the reason (none today: every panel has data)
-ALLOWED_EMPTY_PANELS: dict[str, str] = {}
+# dashboard queries allowed to return nothing here, with the reason
+ALLOWED_EMPTY_PANELS: dict[str, str] = {
+    f'chatrl_trainer_metric{{run_id=~"$run_id", stage=~"$stage", name="label_to_policy_s_{q}"}}':
+        "this run's PPO is STAGE_PPO from given checkpoints: no rankings of its own to time (the pipeline "
+        "test checks the figure)" for q in ("median", "max")}
 
 POSITIVE = ["The film was warm and funny.", "This movie is a delight.", "The cast felt honest and moving.",
             "The story is wonderful.", "The music was charming.", "A lovely, kind and funny film."]

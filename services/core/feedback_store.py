@@ -65,6 +65,7 @@ MAX_PROMPT_CHARS = 20_000
 # caps on what a caller may store (issue 11): every field is bounded before it reaches the database lock
 MAX_K = 64  # default bound on responses per task = entries of a ranking (the service passes its max_k)
 MAX_ID_CHARS = 128  # submission, labeler, task and prompt ids
+ACTIVE_WINDOW_S = 900  # a labeler who stored something this recently (or holds a lease) is active
 MAX_SOURCE_CHARS = 256  # a prompt's source tag
 MAX_MESSAGES = 64  # turns of one demonstration
 MAX_DEMO_CHARS = 100_000  # all turns of one demonstration together (each also <= MAX_PROMPT_CHARS)
@@ -885,11 +886,23 @@ class FeedbackStore:
                 self._changed.wait(min(left, _RECHECK_S))
 
     def stats(self) -> dict:
+        """Counts; ``leased_tasks``: open tasks a labeler holds right now; ``active_labelers``: labelers who
+        hold a lease or stored anything in the last :data:`ACTIVE_WINDOW_S` seconds."""
+        now = self._now()
+        since = now - int(ACTIVE_WINDOW_S * 1e6)
         with self._lock:
             q = lambda sql, *a: self._db.execute(sql, a).fetchone()[0]  # noqa: E731
             return {"prompts": q("SELECT COUNT(*) FROM prompts"),
                     "open_tasks": q("SELECT COUNT(*) FROM tasks WHERE n_rankings < MAX(needed, ?)",
                                     self.rankings_per_task),
+                    "leased_tasks": q("SELECT COUNT(*) FROM tasks WHERE n_rankings < MAX(needed, ?) AND "
+                                      "lease_labeler IS NOT NULL AND lease_expires_us > ?",
+                                      self.rankings_per_task, now),
+                    "active_labelers": q("SELECT COUNT(*) FROM (SELECT labeler_id FROM rankings WHERE created_us >= ? "
+                                         "UNION SELECT labeler_id FROM skips WHERE created_us >= ? "
+                                         "UNION SELECT labeler_id FROM demonstrations WHERE created_us >= ? "
+                                         "UNION SELECT lease_labeler FROM tasks WHERE lease_labeler IS NOT NULL "
+                                         "AND lease_expires_us > ?)", since, since, since, now),
                     "skips": q("SELECT COUNT(*) FROM skips"),
                     "tasks": q("SELECT COUNT(*) FROM tasks"),
                     "rankings": q("SELECT COUNT(*) FROM rankings"),

@@ -113,6 +113,9 @@ class Metrics:
         self.labels_by_labeler = Counter("chatrl_feedback_labeler_submissions_total",
                                          "new labels stored through the labeling app, by kind", ["kind"],
                                          registry=registry)
+        for kind in ("ranking", "skip", "demonstration"):  # every series exists from the start (rates, alerts)
+            self.labels.labels(kind)
+            self.duplicates.labels(kind)
         registry.register(_StoreCounts(store))
 
     def submitted(self, kind: str, duplicate: bool) -> None:
@@ -129,11 +132,16 @@ class _StoreCounts:
 
     def _families(self, st: dict | None):
         fams = GaugeMetricFamily("chatrl_feedback_open_tasks", "comparison tasks not yet ranked"), \
-            GaugeMetricFamily("chatrl_feedback_records", "records stored, by kind", labels=["kind"])
+            GaugeMetricFamily("chatrl_feedback_records", "records stored, by kind", labels=["kind"]), \
+            GaugeMetricFamily("chatrl_feedback_leased_tasks", "open tasks a labeler holds a lease on now"), \
+            GaugeMetricFamily("chatrl_feedback_active_labelers", "labelers holding a lease or who stored a "
+                              "label in the last 15 minutes")
         if st is not None:
             fams[0].add_metric([], st["open_tasks"])
             for kind in self.KINDS:
                 fams[1].add_metric([kind], st[kind])
+            fams[2].add_metric([], st["leased_tasks"])
+            fams[3].add_metric([], st["active_labelers"])
         return fams
 
     def describe(self):  # names only: registering must not query the database

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatrl.services.core.checkpoint import atomic_write_text, load_checkpoint
+from chatrl.services.core.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.formats import load_prompts
 from chatrl.services.trainer import labels
@@ -142,17 +142,60 @@ def heal_policy_replicas(policy, version: int, push_state, full_state, metadata:
     return len(behind)
 
 
+def labelled_at(snapshot: Path) -> list[float]:
+    """When each ranking of a round's snapshot was submitted (epoch seconds): the rows the feedback service
+    exports carry ``created_at``; rankings from a user's file may not (then none)."""
+    from datetime import datetime
+
+    out = []
+    for line in snapshot.read_text().splitlines() if snapshot.exists() else ():
+        stamp = json.loads(line).get("created_at") if line.strip() else None
+        if isinstance(stamp, str):
+            out.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    return out
+
+
+class LabelLatencySink:
+    """A weight sink that, at its first push, measures label-to-policy latency: from each ranking's
+    submission to the first policy version trained against a reward model that used it (the first push
+    of the round whose reward model was fitted on those rankings). Reported as round metrics
+    ``label_to_policy_s_median`` / ``_max`` (``chatrl_trainer_metric`` on /metrics) and kept in
+    :attr:`latency` for the run report."""
+
+    def __init__(self, sink: PolicyServiceSink, labelled: list[float], reporter: Reporter, stage: str,
+                 clock=time.time) -> None:
+        self.sink, self.labelled, self.reporter, self.stage, self.clock = sink, labelled, reporter, stage, clock
+        self.latency: dict[str, float] | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.sink.metadata
+
+    def push(self, state_dict: dict, version: int) -> None:
+        self.sink.push(state_dict, version)
+        if self.latency is None and self.labelled:
+            lat = np.maximum(0.0, self.clock() - np.asarray(self.labelled))
+            self.latency = {"label_to_policy_s_median": float(np.median(lat)),
+                            "label_to_policy_s_max": float(lat.max()), "labels": float(len(lat))}
+            self.reporter.metrics(self.stage, 0, 0, self.latency)
+
+
 def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRollout, round_: int,
               policy_ckpt: Path, rm_ckpt: Path, version: int, prompts: list[str], push_meta: dict[str, str],
-              gold, reference_ckpt: Path | None = None) -> RoundResult:
+              gold, reference_ckpt: Path | None = None, labelled: list[float] | None = None,
+              latency: dict | None = None) -> RoundResult:
     """One PPO round through the services: the RL loop from ``policy_ckpt`` (served as ``version``) with
     the value model from ``rm_ckpt``, pushes to every policy replica. A rollout that fails because a service
     died is sampled again once the restarted services are healed: the reference model (``reference_ckpt``,
     the SFT checkpoint) and the reward model re-loaded, the current weights re-pushed to a policy replica
     behind the trainer's version (:func:`heal_policy_replicas`: the full weights to an empty one, also with
-    LoRA)."""
+    LoRA). ``labelled``: when the reward model's rankings were submitted; the label-to-policy latency
+    measured at the round's first push (:class:`LabelLatencySink`) is stored into ``latency``."""
     trainer = ppo.PPOTrainer.from_checkpoints(cfg, load_checkpoint(policy_ckpt), load_checkpoint(rm_ckpt), round_)
-    sink = PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)})
+    stage = round_stage(cfg, round_)[0]
+    resuming = latest_checkpoint(stage_dir(cfg, stage)) is not None  # its first push came before an interruption
+    sink = LabelLatencySink(PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)}),
+                            [] if resuming else labelled or [], reporter, stage)
 
     def heal(version: int, push_state) -> None:
         """After a service died and was restarted (empty): the reference and reward models loaded again,
@@ -168,7 +211,10 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
         if n:
             reporter.log(f"policy-inference: pushed version {version} again to {n} replica(s) behind it")
 
-    return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold), heal=heal).run(version)
+    result = RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold), heal=heal).run(version)
+    if latency is not None and sink.latency is not None:
+        latency.update(sink.latency)
+    return result
 
 
 METHOD_LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
@@ -307,16 +353,19 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
                 svc.policy.update_weights(load_checkpoint(policy_ckpt).model_state(), version,
                                           metadata={**push_meta, "round": str(r)})
                 pushed = True
+            snapshot = run_dir(cfg) / "data" / f"rankings_r{r}.jsonl"
             rankings = timed(f"labels_r{r}", labels.collect_rankings, cfg, labels.ServiceLabels(svc.feedback),
-                             prompts, gold, f"r{r}", run_dir(cfg) / "data" / f"rankings_r{r}.jsonl", reporter)
+                             prompts, gold, f"r{r}", snapshot, reporter)
             if cfg.pipeline.method == "dpo":  # the rankings train the policy directly: no reward model, no RL
                 res = timed(name, dpo_round, cfg, reporter, svc, r, policy_ckpt, rankings, version, push_meta)
             else:
                 rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
                            rankings=rankings, stage=f"reward_r{r}")
                 serve_reward_model(svc, rm.checkpoint, reporter)
+                latency = state.setdefault("label_to_policy", {}).setdefault(name, {})
                 res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version,
-                            prompts, push_meta, gold, reference_ckpt=sft_res.checkpoint)
+                            prompts, push_meta, gold, reference_ckpt=sft_res.checkpoint,
+                            labelled=labelled_at(snapshot), latency=latency)
             state["history"][name] = res.history or state["history"].get(name, [])
             policy_ckpt, version, pushed = res.checkpoint, res.version, True
             write_json(state_file, state)

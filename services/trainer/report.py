@@ -61,6 +61,11 @@ def write_report(cfg: RunConfig, state: dict) -> Path:
           "(reference) model.", "", eval_table(state.get("evals", {})), "", "## Wall time per stage", "",
           "| stage | seconds |", "|---|---:|"]
     md += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    latency = {k: v for k, v in state.get("label_to_policy", {}).items() if v}
+    if latency:  # from a ranking's submission to the first policy trained against an RM that used it
+        md += ["", "## Label-to-policy latency", "", "| round | rankings | median s | max s |", "|---|---:|---:|---:|"]
+        md += [f"| {k} | {v['labels']:.0f} | {v['label_to_policy_s_median']:.0f} | {v['label_to_policy_s_max']:.0f} |"
+               for k, v in latency.items()]
     for name, rows in hist.items():
         if rows:
             last = rows[-1]

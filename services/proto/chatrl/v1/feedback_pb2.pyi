@@ -216,7 +216,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("prompts", "open_tasks", "tasks", "rankings", "demonstrations", "rankings_sequence", "skips", "agreement", "labelers")
+    __slots__ = ("prompts", "open_tasks", "tasks", "rankings", "demonstrations", "rankings_sequence", "skips", "agreement", "labelers", "leased_tasks", "active_labelers")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     OPEN_TASKS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,8 @@ class GetStatsResponse(_message.Message):
     SKIPS_FIELD_NUMBER: _ClassVar[int]
     AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     LABELERS_FIELD_NUMBER: _ClassVar[int]
+    LEASED_TASKS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_LABELERS_FIELD_NUMBER: _ClassVar[int]
     prompts: int
     open_tasks: int
     tasks: int
@@ -235,7 +237,9 @@ class GetStatsResponse(_message.Message):
     skips: int
     agreement: Agreement
     labelers: _containers.RepeatedCompositeFieldContainer[LabelerAgreement]
-    def __init__(self, prompts: _Optional[int] = ..., open_tasks: _Optional[int] = ..., tasks: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ..., rankings_sequence: _Optional[int] = ..., skips: _Optional[int] = ..., agreement: _Optional[_Union[Agreement, _Mapping]] = ..., labelers: _Optional[_Iterable[_Union[LabelerAgreement, _Mapping]]] = ...) -> None: ...
+    leased_tasks: int
+    active_labelers: int
+    def __init__(self, prompts: _Optional[int] = ..., open_tasks: _Optional[int] = ..., tasks: _Optional[int] = ..., rankings: _Optional[int] = ..., demonstrations: _Optional[int] = ..., rankings_sequence: _Optional[int] = ..., skips: _Optional[int] = ..., agreement: _Optional[_Union[Agreement, _Mapping]] = ..., labelers: _Optional[_Iterable[_Union[LabelerAgreement, _Mapping]]] = ..., leased_tasks: _Optional[int] = ..., active_labelers: _Optional[int] = ...) -> None: ...
 
 class Agreement(_message.Message):
     __slots__ = ("compared", "pairwise", "kendall_tau")
