@@ -87,8 +87,9 @@ def test_label_to_policy_latency_is_measured_at_the_rounds_first_push(tmp_path):
     from chatrl.services.trainer.pipeline import LabelLatencySink, labelled_at
 
     snap = tmp_path / "rankings_r0.jsonl"
-    snap.write_text('{"created_at": "2026-01-01T00:00:00Z"}\n{"created_at": "2026-01-01T00:01:40.000000Z"}\n'
-                    '{"prompt": "a user file without stamps"}\n')
+    snap.write_text('{"created_at": "2026-01-01T00:00:00Z", "prompt": "two\u2028lines"}\n'
+                    '{"created_at": "2026-01-01T00:01:40.000000Z"}\n{"prompt": "a user file without stamps"}\n',
+                    encoding="utf-8")
     t0 = 1767225600.0  # 2026-01-01T00:00:00Z
     assert labelled_at(snap) == [t0, t0 + 100]
     assert labelled_at(tmp_path / "missing.jsonl") == []

@@ -148,10 +148,12 @@ def labelled_at(snapshot: Path) -> list[float]:
     from datetime import datetime
 
     out = []
-    for line in snapshot.read_text().splitlines() if snapshot.exists() else ():
-        stamp = json.loads(line).get("created_at") if line.strip() else None
-        if isinstance(stamp, str):
-            out.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    if snapshot.exists():
+        with open(snapshot, encoding="utf-8") as f:  # lines end at "\n" only: texts may hold U+2028 and kin
+            for line in f:
+                stamp = json.loads(line).get("created_at") if line.strip() else None
+                if isinstance(stamp, str):
+                    out.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
     return out
 
 
