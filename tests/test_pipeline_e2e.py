@@ -35,32 +35,44 @@ def pipeline_on_local_services(cfg) -> dict:
 
 
 def test_pipeline_end_to_end_through_services_and_ray(tiny_data, tiny_gold, tmp_path, ray_session):
-    cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "run")
+    """Two RLHF rounds: round 1 ranks fresh samples of round 0's final policy, its reward model learns from
+    both rounds' rankings, and its PPO continues from round 0's policy and version."""
+    cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "run", ["pipeline.rounds=2"])
     res = pipeline_on_local_services(cfg)
     run = tmp_path / "run"
-    # labels went through the feedback service: its database holds them, the export matches
-    rankings = load_rankings(run / "data" / "rankings_r0.jsonl")
-    assert len(rankings) == cfg.reward.num_prompts and all(len(r.responses) == cfg.reward.k for r in rankings)
-    # PPO ran its iterations against the services; one weight push per iteration
-    hist = res["history"]["ppo_r0"]
-    assert len(hist) == cfg.ppo.iterations
-    assert [h["policy_version"] for h in hist] == [2 + i for i in range(cfg.ppo.iterations)]
-    assert all(h["samples"] == cfg.ppo.prompts_per_iteration * cfg.ppo.samples_per_prompt for h in hist)
+    it = cfg.ppo.iterations
+    # labels went through the feedback service, each round's from that round's starting policy
+    for r, version in ((0, 1), (1, 1 + it)):  # the SFT weights are version 1; round 0 pushes 2 … 1 + it
+        rows = [json.loads(ln) for ln in (run / "data" / f"rankings_r{r}.jsonl").open()]
+        assert len(rows) == cfg.reward.num_prompts and all(len(x["responses"]) == cfg.reward.k for x in rows)
+        assert {x["policy_model_version"] for x in rows} == {version}
+    rankings = load_rankings(run / "data" / "rankings_r1.jsonl")
+    # round 1's reward model learned from every ranking so far (reward.train_on: all)
+    assert load_checkpoint(run / "checkpoints" / "reward_r0").manifest["meta"]["num_rankings"] == len(rankings)
+    assert load_checkpoint(run / "checkpoints" / "reward_r1").manifest["meta"]["num_rankings"] == 2 * len(rankings)
+    # PPO ran its iterations against the services; one weight push per iteration, versions continuing
+    for r in (0, 1):
+        hist = res["history"][f"ppo_r{r}"]
+        assert [h["policy_version"] for h in hist] == [2 + r * it + i for i in range(it)]
+        assert all(h["samples"] == cfg.ppo.prompts_per_iteration * cfg.ppo.samples_per_prompt for h in hist)
     ck = load_checkpoint(run / "checkpoints" / "policy")
-    assert ck.manifest["meta"]["final"] and ck.manifest["meta"]["policy_version"] == 1 + cfg.ppo.iterations
+    assert ck.manifest["meta"]["final"] and ck.manifest["meta"]["policy_version"] == 1 + 2 * it
     # evaluation rows for every stage and a report with plots
-    assert set(res["evals"]) == {"base (pre-trained)", "SFT", "PPO round 0"}
+    assert set(res["evals"]) == {"base (pre-trained)", "SFT", "PPO round 0", "PPO round 1"}
     assert all("gold" in e and "kl" in e for e in res["evals"].values())
     report = Path(res["report"])
     assert report.exists() and (report.parent / "ppo.png").exists()
-    assert "PPO round 0" in report.read_text()
+    assert "PPO round 1" in report.read_text()
     state = json.loads((run / "pipeline.json").read_text())
-    assert {"pretrain", "sft", "labels_r0", "reward_r0", "ppo_r0"} <= set(state["times"])
-    # label-to-policy latency: every ranking's submission to the round's first push, within the round
-    lat = state["label_to_policy"]["ppo_r0"]
-    assert lat["labels"] == len(rankings)
-    spent = sum(state["times"][k] for k in ("labels_r0", "reward_r0", "ppo_r0"))
-    assert 0 <= lat["label_to_policy_s_median"] <= lat["label_to_policy_s_max"] <= spent
+    assert {"pretrain", "sft", "labels_r0", "reward_r0", "ppo_r0", "labels_r1", "reward_r1", "ppo_r1"} \
+        <= set(state["times"])
+    # label-to-policy latency: each round's rankings to the round's first push (round 1's RM also used round
+    # 0's, but round 0's policy was the first trained on those)
+    for r in (0, 1):
+        lat = state["label_to_policy"][f"ppo_r{r}"]
+        assert lat["labels"] == len(rankings)
+        spent = sum(state["times"][k] for k in (f"labels_r{r}", f"reward_r{r}", f"ppo_r{r}"))
+        assert 0 <= lat["label_to_policy_s_median"] <= lat["label_to_policy_s_max"] <= spent
     assert "Label-to-policy latency" in report.read_text()
 
 

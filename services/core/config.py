@@ -95,6 +95,9 @@ class RewardConfig:
     # sampled responses the current reward model scores closest together; ensemble = those on which an
     # ensemble of reward models disagrees most. Needs a reward model (rounds after the first).
     active_selection: str = "off"
+    # what round r's reward model learns from: all = every round's rankings so far (InstructGPT: a new RM on
+    # all comparisons collected); latest = only round r's fresh rankings of the current policy
+    train_on: str = "all"
 
 
 RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
@@ -250,6 +253,8 @@ def validate_methods(cfg: RunConfig) -> None:
         raise ValueError(f"ppo.logprob_gate_rows must be >= 0 (0 = every row), got {pc.logprob_gate_rows}")
     if pc.kl_estimator not in ("k1", "k2", "k3", "abs"):
         raise ValueError(f"ppo.kl_estimator must be one of k1, k2, k3, abs, got {pc.kl_estimator!r}")
+    if cfg.reward.train_on not in ("all", "latest"):
+        raise ValueError(f"reward.train_on must be all or latest, got {cfg.reward.train_on!r}")
     if cfg.reward.active_selection not in ("off", "margin", "ensemble"):
         raise ValueError(f"reward.active_selection must be off, margin or ensemble, got {cfg.reward.active_selection!r}")
     if cfg.pipeline.method not in PIPELINE_METHODS:

@@ -32,7 +32,7 @@ import numpy as np
 
 from chatrl.services.core.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
 from chatrl.services.core.config import RunConfig
-from chatrl.services.core.formats import load_prompts
+from chatrl.services.core.formats import load_prompts, load_rankings
 from chatrl.services.trainer import labels
 from chatrl.services.trainer.rl import PolicyServiceSink, RLLoop, RoundResult
 from chatrl.services.trainer.rollout import Endpoints, RayRollout
@@ -222,6 +222,15 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
 METHOD_LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
 
 
+def rm_rankings(cfg: RunConfig, r: int, fresh: list) -> list:
+    """Round ``r``'s reward-model data: with ``reward.train_on: all`` every earlier round's snapshot (each
+    ranked samples of that round's policy) plus ``fresh``; with ``latest`` only ``fresh``."""
+    if cfg.reward.train_on == "latest":
+        return fresh
+    earlier = [run_dir(cfg) / "data" / f"rankings_r{i}.jsonl" for i in range(r)]
+    return [rk for path in earlier if path.exists() for rk in load_rankings(path)] + list(fresh)
+
+
 def round_stage(cfg: RunConfig, r: int) -> tuple[str, str]:
     """(checkpoint stage, report label) of round ``r``: the RL round (whatever ``ppo.algorithm``) or DPO."""
     if cfg.pipeline.method == "dpo":
@@ -362,7 +371,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
                 res = timed(name, dpo_round, cfg, reporter, svc, r, policy_ckpt, rankings, version, push_meta)
             else:
                 rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
-                           rankings=rankings, stage=f"reward_r{r}")
+                           rankings=rm_rankings(cfg, r, rankings), stage=f"reward_r{r}")
                 serve_reward_model(svc, rm.checkpoint, reporter)
                 latency = state.setdefault("label_to_policy", {}).setdefault(name, {})
                 res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version,
