@@ -126,6 +126,27 @@ def test_keyboard_only_compare_with_ratings_flags_and_a_tie(app, browser):
     assert row["flags"] == [[], [], ["fails_instruction", "unfinished"]]
 
 
+def test_rank_by_dragging_with_the_mouse(app, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    (tid,) = app.store.create_tasks([{"prompt": "Name a colour.", "responses": ["red", "green", "blue"]}])
+    _sign_in(browser, app.url, "drag-carol")
+    _signed_in(browser, "drag-carol")
+    browser.find_element(By.ID, "next").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#list li.resp")) == 3, "the responses")
+    order = lambda d: [li.get_attribute("data-index") for li in d.find_elements(By.CSS_SELECTOR, "#list li.resp")]  # noqa: E731
+    # a real pointer drag (the browser's own HTML5 drag and drop): press on "blue", move over the upper half
+    # of "red" in small steps, release
+    blue, red = (browser.find_element(By.CSS_SELECTOR, f'#list li.resp[data-index="{i}"] .txt') for i in (2, 0))
+    ActionChains(browser).click_and_hold(blue).move_by_offset(0, -8).move_to_element_with_offset(red, 0, -6) \
+        .move_by_offset(0, -2).release().perform()
+    _wait(browser, lambda d: order(d) == ["2", "0", "1"], "blue dragged to the top")
+    browser.find_element(By.ID, "submit").click()
+    _wait(browser, lambda d: "Saved (3 preference pairs" in d.find_element(By.ID, "msg").text, "the saved message")
+    (row,) = [r for r in app.store.export("rankings") if r["task_id"] == tid]
+    assert row["labeler_id"] == "drag-carol" and row["ranking"] == [2, 0, 1]
+
+
 def test_a_two_turn_written_demonstration_is_exported(app, browser):
     _sign_in(browser, app.url, "writer-bob")
     _signed_in(browser, "writer-bob")
