@@ -409,13 +409,19 @@ class FeedbackClient(_Client):
         req = feedback_pb2.AddPromptsRequest(prompts=[feedback_pb2.NewPrompt(text=p, source=source) for p in prompts])
         return self._call(self.stub.AddPrompts, req)
 
-    def create_comparison_tasks(self, prompts: Sequence[str], k: int, *, max_new_tokens: int = 0,
+    def create_comparison_tasks(self, prompts: Sequence[str | Sequence[dict]], k: int, *, max_new_tokens: int = 0,
                                 temperature: float | None = None, top_p: float | None = None,
                                 seed: int | None = None, timeout: float | None = None, request_id: str = ""
                                 ) -> feedback_pb2.CreateComparisonTasksResponse:
-        """``request_id`` (default: a fresh random one) makes the retries of this call create the tasks once."""
+        """``prompts``: texts and conversations (lists of {"role","content"} ending with a user turn); the
+        answer's task ids are the texts' first, then the conversations'. ``request_id`` (default: a fresh
+        random one) makes the retries of this call create the tasks once."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        chats = [common_pb2.Conversation(messages=[chat_message(m["role"], m["content"]) for m in p])
+                 for p in prompts if not isinstance(p, str)]
         req = feedback_pb2.CreateComparisonTasksRequest(
-            prompts=list(prompts), k=k, sampling=sampling_params(max_new_tokens, temperature, 0, top_p, (), seed),
+            prompts=texts, conversations=chats, k=k,
+            sampling=sampling_params(max_new_tokens, temperature, 0, top_p, (), seed),
             request_id=request_id or new_request_id())
         return self._call(self.stub.CreateComparisonTasks, req, timeout)
 

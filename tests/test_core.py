@@ -24,6 +24,7 @@ from chatrl.services.core.formats import (
     load_prompts,
     load_rankings,
     load_sft,
+    prompt_text,
     read_corpus,
 )
 from chatrl.services.core.generate import (
@@ -302,8 +303,11 @@ def test_formats_accept_valid_files(tmp_path):
     assert load_sft(sft)[0][1]["content"] == "hello"
     r = _write(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}])
     assert load_rankings(r)[0].finished == [True, True, True]
-    pr = _write(tmp_path / "p.jsonl", [{"prompt": "x"}, {"prompt": "y"}])
-    assert load_prompts(pr) == ["x", "y"]
+    chat = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "And the film?"}]
+    pr = _write(tmp_path / "p.jsonl", [{"prompt": "x"}, {"messages": chat}, {"messages": [chat[2]]}])
+    assert load_prompts(pr) == ["x", chat, "And the film?"]  # a conversation of one user turn is its text
+    assert prompt_text(chat) == "User: Hi.\n\nAssistant: Hello.\n\nUser: And the film?"
     pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     assert load_pairs(pairs)[0]["chosen"] == "a"
 
@@ -318,11 +322,13 @@ def test_formats_accept_valid_files(tmp_path):
     (load_rankings, {"responses": ["a", "b"], "ranking": [0, 1]}, "missing field 'prompt'"),
     (load_pairs, {"prompt": "p", "chosen": 3, "rejected": "b"}, "'chosen' must be a string"),
     (load_prompts, {"prompt": ""}, "'prompt' must not be empty"),
+    (load_prompts, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "must end with the user turn"),
 ])
 def test_format_errors_name_file_line_and_field(tmp_path, loader, line, msg):
     ok = {"prompt": "ok", "messages": [{"role": "assistant", "content": "x"}], "responses": ["a", "b"],
           "ranking": [0, 1], "chosen": "a", "rejected": "b"}
-    if loader is load_rankings:  # a ranking's messages is its prompt conversation (ends with a user turn)
+    if loader in (load_rankings, load_prompts):  # a prompt conversation ends with a user turn
         ok["messages"] = [{"role": "user", "content": "ok"}]
     p = _write(tmp_path / "bad.jsonl", [ok, line])
     with pytest.raises(FormatError, match=msg) as e:

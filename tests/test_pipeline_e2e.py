@@ -36,8 +36,18 @@ def pipeline_on_local_services(cfg) -> dict:
 
 def test_pipeline_end_to_end_through_services_and_ray(tiny_data, tiny_gold, tmp_path, ray_session):
     """Two RLHF rounds: round 1 ranks fresh samples of round 0's final policy, its reward model learns from
-    both rounds' rankings, and its PPO continues from round 0's policy and version."""
-    cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "run", ["pipeline.rounds=2"])
+    both rounds' rankings, and its PPO continues from round 0's policy and version. A third of the prompts
+    are conversations (multi-turn): they reach the comparison tasks, the reward model and PPO as such."""
+    prompts = tmp_path / "prompts.jsonl"
+    with open(tiny_data["prompts"]) as src, open(prompts, "w") as out:
+        for i, line in enumerate(src):
+            q = json.loads(line)["prompt"]
+            row = {"messages": [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content":
+                                "Hello! Ask me about a film."}, {"role": "user", "content": q}]} if i % 3 == 0 \
+                else {"prompt": q}
+            out.write(json.dumps(row) + "\n")
+    cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "run", ["pipeline.rounds=2",
+                                                                      f"data.prompts_file={prompts}"])
     res = pipeline_on_local_services(cfg)
     run = tmp_path / "run"
     it = cfg.ppo.iterations
@@ -46,6 +56,8 @@ def test_pipeline_end_to_end_through_services_and_ray(tiny_data, tiny_gold, tmp_
         rows = [json.loads(ln) for ln in (run / "data" / f"rankings_r{r}.jsonl").open()]
         assert len(rows) == cfg.reward.num_prompts and all(len(x["responses"]) == cfg.reward.k for x in rows)
         assert {x["policy_model_version"] for x in rows} == {version}
+        multi = [x for x in rows if len(x["messages"]) > 1]  # conversations, ranked as conversations
+        assert multi and all(x["messages"][0]["content"] == "Hello there." for x in multi)
     rankings = load_rankings(run / "data" / "rankings_r1.jsonl")
     # round 1's reward model learned from every ranking so far (reward.train_on: all)
     assert load_checkpoint(run / "checkpoints" / "reward_r0").manifest["meta"]["num_rankings"] == len(rankings)

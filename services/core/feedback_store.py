@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from chatrl.services.core.formats import prompt_text
+
 SCHEMA_VERSION = 2
 ROLES = ("system", "user", "assistant")
 # what can be wrong with a response (feedback.proto ResponseFlag, lower-case without the prefix)
@@ -242,13 +244,6 @@ def check_messages(messages, field: str = "messages", last: str = "assistant") -
         raise _invalid(f"{field}[{len(out) - 1}].role", f"the last message must be the {last} turn, "
                        f"got {out[-1]['role']!r}")
     return out
-
-
-def render_conversation(messages: Sequence[dict]) -> str:
-    """A conversation prompt as one text (its prompt-pool key and what a plain-text reader sees)."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def check_ties(tied_with_next, k: int, field: str = "tied_with_next") -> list[bool] | None:
@@ -466,7 +461,7 @@ class FeedbackStore:
         if row:
             return row[0], False
         pid = _new_id("p")
-        multi = messages is not None and render_conversation(messages) != messages[-1]["content"]
+        multi = messages is not None and prompt_text(messages) != messages[-1]["content"]
         db.execute("INSERT INTO prompts(id, text, source, created_us, messages) VALUES (?,?,?,?,?)",
                    (pid, text, source, now, json.dumps(messages, ensure_ascii=False) if multi else None))
         return pid, True
@@ -475,7 +470,7 @@ class FeedbackStore:
     def _check_conversation(messages, field: str) -> tuple[str, list[dict]]:
         """(its text, the checked conversation) of a multi-turn prompt, which ends with a user turn."""
         msgs = check_messages(messages, field, last="user")
-        text = render_conversation(msgs)
+        text = prompt_text(msgs)
         if len(text) > MAX_DEMO_CHARS:
             raise _invalid(field, f"must be at most {MAX_DEMO_CHARS} characters in all")
         return text, msgs

@@ -11,7 +11,9 @@
   ties; a tied pair is no preference); optional ``"messages"``: the prompt as a conversation ending with a
   user turn (the feedback service's export writes it; ``prompt`` is then its plain-text rendering) — the
   K responses are candidate next assistant turns
-- prompts: JSONL ``{"prompt": str}`` or plain text, one prompt per line
+- prompts: plain text, one prompt per line, or JSONL ``{"prompt": str}`` or ``{"messages": [...]}`` (a
+  conversation ending with the user turn the model answers next; multi-turn prompts reach comparison
+  tasks, the reward model and RL as conversations)
 
 A *prompt* the models see (:data:`Prompt`) is a text (one user turn) or a conversation; tokenizers'
 ``prompt_ids`` render either with the chat template.
@@ -36,6 +38,16 @@ class FormatError(ValueError):
 
 
 Prompt = str | list[dict]  # one user turn, or a conversation [{"role", "content"}, ...] ending with a user turn
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one text: a single user turn is its content, a conversation "User: …\n\nAssistant: …"
+    (the feedback store's prompt-pool key, what a task's ``prompt`` shows and what the gold labeler reads)."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        return prompt[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
 @dataclass
@@ -206,10 +218,20 @@ def conversation(msgs, prompt: str, where: str) -> list[dict] | None:
     return None if msgs == [{"role": "user", "content": prompt}] else msgs
 
 
-def load_prompts(path: Path) -> list[str]:
+def load_prompts(path: Path) -> list[Prompt]:
+    """Prompts: texts, and (JSONL rows with ``messages``) conversations ending with a user turn — a
+    conversation of that one user turn is its text."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        return [_str(o, "prompt", f"{path}:{n}") for n, o in _jsonl(path)]
+        out: list[Prompt] = []
+        for n, o in _jsonl(path):
+            where = f"{path}:{n}"
+            if "messages" in o:
+                msgs = conversation(o["messages"], "", where)
+                out.append(prompt_text(msgs) if len(msgs) == 1 else msgs)
+            else:
+                out.append(_str(o, "prompt", where))
+        return out
     if not path.exists():
         raise FormatError(f"{path}: file not found")
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]

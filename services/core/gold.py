@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from chatrl.services.core.checkpoint import atomic_write_bytes
+from chatrl.services.core.formats import prompt_text
 
 FORMAT_VERSION = 1
 NONWORD_LEN = 18  # unknown words longer than this are not words (real ones: "institutionalized", 17)
@@ -428,8 +429,9 @@ class GoldLabeler:
             "low_variety_penalty": ttr_pen, "sentiment_density_penalty": dens_pen,
             "long_unknown_words": long_unknown, "unknown_share_penalty": unk_pen}
 
-    def components(self, prompt: str, response: str, finished: bool) -> dict:
-        """Every term and the details behind it (for reports)."""
+    def components(self, prompt: str | list[dict], response: str, finished: bool) -> dict:
+        """Every term and the details behind it (for reports). A conversation prompt is read as its text."""
+        prompt = prompt_text(prompt)
         markers = len(_MARKER_RE.findall(response))
         toks = tokenize(_MARKER_RE.sub(" ", response))
         fmt, d1 = self._format(tokenize(prompt), toks, bool(finished), markers)
@@ -448,7 +450,7 @@ class GoldLabeler:
                 "sentiment_raw": sent, "sentiment_gate": gate, "sentiment_logit": z,
                 "finished": bool(finished), **d1, **d2}
 
-    def score(self, prompt: str, response: str, finished: bool) -> float:
+    def score(self, prompt: str | list[dict], response: str, finished: bool) -> float:
         """How much a (simulated) person would like ``response`` to ``prompt``; higher is better."""
         return self.components(prompt, response, finished)["total"]
 

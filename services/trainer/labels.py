@@ -43,7 +43,7 @@ import numpy as np
 
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.feedback_store import FeedbackStore
-from chatrl.services.core.formats import Ranking, load_rankings, write_jsonl
+from chatrl.services.core.formats import Prompt, Ranking, load_rankings, write_jsonl
 from chatrl.services.core.generate import SamplingParams, generate
 from chatrl.services.core.model import GPT
 from chatrl.services.core.seeding import derive_seed
@@ -65,7 +65,7 @@ class LabelStore(Protocol):
     ``prompt``, ``responses`` and ``finished``; ranking rows are the store's export rows (each with
     its ``sequence``)."""
 
-    def create_comparison_tasks(self, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
+    def create_comparison_tasks(self, prompts: list[Prompt], k: int, max_new_tokens: int, temperature: float,
                                 seed: int) -> tuple[list[str], int]: ...  # (task ids, policy version)
 
     def next_task(self, labeler_id: str) -> dict | None: ...
@@ -178,7 +178,10 @@ class LocalLabels:
             samples = sample_responses(self.policy, self.tok, texts, kk, temperature, max_new_tokens, seed, self.cfg)
             return [s[0] for s in samples], [s[1] for s in samples], self.version
 
-        return self.store.create_comparison_tasks(prompts, [], k, sampler, source="chatrl train reward")
+        texts = [p for p in prompts if isinstance(p, str)]
+        chats = [p for p in prompts if not isinstance(p, str)]
+        return self.store.create_comparison_tasks(texts, [], k, sampler, source="chatrl train reward",
+                                                  conversations=chats)
 
     def next_task(self, labeler_id):
         return self.store.next_task(labeler_id)[0]
@@ -252,7 +255,7 @@ def wait_for_rankings(labels: LabelStore, task_ids: set[str], cursor: int, repor
     return rows
 
 
-def collect_rankings(cfg: RunConfig, labels: LabelStore, prompts: list[str], gold, name: str, out: Path,
+def collect_rankings(cfg: RunConfig, labels: LabelStore, prompts: list[Prompt], gold, name: str, out: Path,
                      reporter: Reporter, n_labelers: int | None = None, select: Select | None = None
                      ) -> list[Ranking]:
     """Fresh rankings for the reward model ``name`` (e.g. ``reward`` or ``r0``), snapshotted to ``out``
