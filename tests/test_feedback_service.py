@@ -265,6 +265,16 @@ def test_export_and_stats(fb, client, tmp_path):
     msgs = list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_PROMPTS)))
     assert [len(m.lines) for m in msgs] == [2, 2, 2]
     assert len(client.export("prompts", limit=2)) == 2
+    # pairs (TRL / OpenRLHF's prompt/chosen/rejected): C(3,2) + C(2,2); a ranking's pairs share one message
+    msgs = list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_PAIRS)))
+    assert [len(m.lines) for m in msgs] == [3, 1] and [m.next_after_sequence for m in msgs] == \
+        [rows[0]["sequence"], rows[1]["sequence"]]
+    pairs = [json.loads(ln) for m in msgs for ln in m.lines]
+    r1 = rows[0]["responses"]  # ranked [2, 0, 1]: 2 > 0 > 1
+    assert [(x["chosen"], x["rejected"]) for x in pairs[:3]] == [(r1[0], r1[1]), (r1[2], r1[0]), (r1[2], r1[1])]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(client.export("pairs")) + "\n")
+    assert len(formats.load_pairs(path)) == 4 and pairs[0]["ranking_id"] == rows[0]["ranking_id"]
     future = Timestamp(seconds=4_000_000_000)
     assert list(client.stub.Export(feedback_pb2.ExportRequest(kind=feedback_pb2.EXPORT_KIND_RANKINGS,
                                                               since=future))) == []

@@ -312,7 +312,7 @@ def test_task_and_prompt_errors(store):
 
 def test_export_errors(store):
     with _err("invalid", "kind"):
-        store.export("pairs")
+        store.export("triples")
     with _err("invalid", "limit"):
         store.export("rankings", limit=-1)
 
@@ -343,6 +343,16 @@ def test_export_rows_load_with_trainer_formats(store, clock, tmp_path):
     assert formats.load_sft(tmp_path / "demonstrations.jsonl")[0][-1]["content"] == "Hello."
     p = next(store.export("prompts"))
     assert p["text"] == p["prompt"] == "Tell me a joke." and p["source"] == "chatterbot"
+
+
+def test_export_pairs_skip_tied_pairs(store):
+    t = _task(store, "Which is best?", k=4, lease_to="al")
+    # ranking 3 > (1 = 0) > 2: C(4,2) = 6 pairs less the tied one
+    store.submit_ranking("s", t, "al", [3, 1, 0, 2], tied_with_next=[False, True, False])
+    got = {(p["chosen"].split()[1], p["rejected"].split()[1]) for p in store.export("pairs")}  # "answer i to …"
+    assert got == {("3", "1"), ("3", "0"), ("3", "2"), ("1", "2"), ("0", "2")}
+    assert store.sequence("pairs") == store.sequence("rankings") > 0
+    assert list(store.export("pairs", after_sequence=store.sequence("pairs"))) == []
 
 
 def test_export_since_and_limit(store, clock):

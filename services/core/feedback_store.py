@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from chatrl.services.core import agreement
 from chatrl.services.core.formats import prompt_text
 
 SCHEMA_VERSION = 2
@@ -62,7 +63,8 @@ ROLES = ("system", "user", "assistant")
 FLAGS = ("fails_instruction", "made_up_facts", "harmful", "unfinished")
 MAX_RATING = 7  # ratings are 1..MAX_RATING; 0 = not rated
 MAX_REASON_CHARS = 1000  # a skip's reason
-EXPORT_KINDS = ("rankings", "demonstrations", "prompts")
+EXPORT_KINDS = ("rankings", "demonstrations", "prompts", "pairs")
+_TABLE = {"pairs": "rankings"}  # an export kind's table, where the name differs (sequences are its rowids)
 MAX_PROMPT_CHARS = 20_000
 # caps on what a caller may store (issue 11): every field is bounded before it reaches the database lock
 MAX_K = 64  # default bound on responses per task = entries of a ranking (the service passes its max_k)
@@ -826,6 +828,21 @@ class FeedbackStore:
                    "labeler_id": r["labeler_id"], "submission_id": r["submission_id"],
                    "policy_model_version": r["policy_model_version"], "created_at": rfc3339(r["created_us"])}
 
+    def export_pairs(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
+        """Every ranking as its preference pairs — one row per pair of responses in different tiers (a tied
+        pair is no preference), ``{"prompt","chosen","rejected"}`` as TRL's and OpenRLHF's reward trainers
+        read them, plus "messages" (the prompt conversation), "ranking_id", "labeler_id" and the ranking's
+        "sequence" (shared by its pairs; ``limit`` counts rankings)."""
+        for r in self.export_rankings(since, limit, after_sequence):
+            tier = agreement.tiers(r["ranking"], r["tied_with_next"])
+            resp = r["responses"]
+            for a in range(len(resp)):
+                for b in range(len(resp)):
+                    if tier[a] < tier[b]:
+                        yield {"sequence": r["sequence"], "prompt": r["prompt"], "messages": r["messages"],
+                               "chosen": resp[a], "rejected": resp[b], "ranking_id": r["ranking_id"],
+                               "labeler_id": r["labeler_id"], "created_at": r["created_at"]}
+
     def export_demonstrations(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
         """Rows in the trainer's SFT format ({"messages": [...]}) plus metadata."""
         for r in self._paged("SELECT x.*, x.rowid AS rid FROM demonstrations x", to_us(since), limit,
@@ -859,7 +876,7 @@ class FeedbackStore:
         """The newest record's sequence (0 = none yet): ``export(kind, after_sequence=this)`` returns only
         what is stored from now on."""
         self._check_export(kind)
-        return int(self._read(f"SELECT COALESCE(MAX(rowid), 0) FROM {kind}")[0][0])
+        return int(self._read(f"SELECT COALESCE(MAX(rowid), 0) FROM {_TABLE.get(kind, kind)}")[0][0])
 
     def wait_for_new(self, kind: str, after_sequence: int, timeout_s: float,
                      stop: Callable[[], bool] | None = None) -> bool:
@@ -873,7 +890,8 @@ class FeedbackStore:
             while True:
                 if self._closed:
                     return False
-                if self._db.execute(f"SELECT 1 FROM {kind} WHERE rowid > ? LIMIT 1", (after_sequence,)).fetchone():
+                if self._db.execute(f"SELECT 1 FROM {_TABLE.get(kind, kind)} WHERE rowid > ? LIMIT 1",
+                                    (after_sequence,)).fetchone():
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0 or (stop is not None and stop()):
@@ -908,7 +926,6 @@ class FeedbackStore:
         """Agreement between labelers over every task ranked by two or more of them (services/core/
         agreement.py): {"overall": {"compared","pairwise","kendall_tau"}, "labelers": {id: the same}}.
         Recomputed only when a ranking was stored since the last call."""
-        from chatrl.services.core import agreement
 
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM rankings").fetchone()[0]

@@ -403,7 +403,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def Export(self, request, context):
         kind = _EXPORT_KINDS.get(request.kind)
         if kind is None:
-            raise invalid("kind", "must be EXPORT_KIND_RANKINGS, EXPORT_KIND_DEMONSTRATIONS or EXPORT_KIND_PROMPTS")
+            raise invalid("kind", "must be EXPORT_KIND_RANKINGS, _DEMONSTRATIONS, _PROMPTS or _PAIRS")
         require(request.limit >= 0, "limit", f"must be >= 0, got {request.limit}")
         require(request.after_sequence >= 0, "after_sequence", f"must be >= 0, got {request.after_sequence}")
         require(request.wait_seconds >= 0, "wait_seconds", f"must be >= 0, got {request.wait_seconds}")
@@ -419,7 +419,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             size = 0
             for row in rows:
                 line = json.dumps(row, ensure_ascii=False)
-                if batch and (len(batch) >= self.cfg.export_batch_lines or size + len(line) > (1 << 20)):
+                # a message ends only where a record ends (a ranking's pairs share its sequence): the cursor
+                # it carries then never points past half a record
+                if batch and row["sequence"] != cursor and (len(batch) >= self.cfg.export_batch_lines
+                                                            or size + len(line) > (1 << 20)):
                     yield feedback_pb2.ExportResponse(lines=batch, next_after_sequence=cursor)
                     batch, size = [], 0
                 batch.append(line)

@@ -25,6 +25,7 @@ class ExportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_KIND_RANKINGS: _ClassVar[ExportKind]
     EXPORT_KIND_DEMONSTRATIONS: _ClassVar[ExportKind]
     EXPORT_KIND_PROMPTS: _ClassVar[ExportKind]
+    EXPORT_KIND_PAIRS: _ClassVar[ExportKind]
 RESPONSE_FLAG_UNSPECIFIED: ResponseFlag
 RESPONSE_FLAG_FAILS_INSTRUCTION: ResponseFlag
 RESPONSE_FLAG_MADE_UP_FACTS: ResponseFlag
@@ -34,6 +35,7 @@ EXPORT_KIND_UNSPECIFIED: ExportKind
 EXPORT_KIND_RANKINGS: ExportKind
 EXPORT_KIND_DEMONSTRATIONS: ExportKind
 EXPORT_KIND_PROMPTS: ExportKind
+EXPORT_KIND_PAIRS: ExportKind
 
 class NewPrompt(_message.Message):
     __slots__ = ("text", "source")
