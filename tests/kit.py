@@ -249,6 +249,39 @@ class Process:
         self.stop()
 
 
+def kill_9_in_ppo_then_resume(cfg, env: dict[str, str], after_kill: Callable[[], None] | None = None,
+                               poll_s: float = 0.02) -> str:
+    """``chatrl pipeline run`` of ``cfg`` in its own session, SIGKILLed with its whole process group (the
+    trainer and its Ray) once round 0's first PPO checkpoint is committed and before the round ends; then
+    ``after_kill()``, then ``chatrl pipeline resume``. Returns the resume's stderr (it must succeed)."""
+    import yaml
+
+    run = Path(cfg.run_dir)
+    cfg_file = run.parent / f"{run.name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    err_file = run.parent / f"{run.name}.err"  # a file, not a pipe nobody reads while polling (it could block)
+    with open(err_file, "wb") as err:
+        p = subprocess.Popen([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "run", "-c", str(cfg_file)],
+                             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+    # LATEST is the commit point of a checkpoint (written after the rename): a directory alone may not be
+    # resumed from yet
+    marker, final = run / "checkpoints" / "ppo_r0" / "LATEST", run / "checkpoints" / "ppo_r0" / "final"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert p.poll() is None, err_file.read_text()[-3000:]
+        assert time.monotonic() < deadline, "PPO never reached its first checkpoint: " + err_file.read_text()[-3000:]
+        time.sleep(poll_s)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not final.exists(), "the run finished before it could be killed"
+    if after_kill is not None:
+        after_kill()
+    r = subprocess.run([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "resume", str(run)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
+
+
 def random_words(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = "the film movie story cast was is warm funny dull a delight mess long charming honest".split()

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from kit import CHILD_ENV, MICRO, tiny_hf_dir  # noqa: E402
+from kit import CHILD_ENV, MICRO, kill_9_in_ppo_then_resume, tiny_hf_dir  # noqa: E402
 
 from chatrl.services.core.checkpoint import load_checkpoint  # noqa: E402
 from chatrl.services.core.config import load_config  # noqa: E402
@@ -149,37 +147,15 @@ def test_ppo_without_lora_trains_and_pushes_every_weight(tiny_data, tiny_gold, m
 def test_kill_9_then_resume_an_hf_run(lora_run, tiny_data, tiny_gold, model_dir, tmp_path):
     """kill -9 the LoRA pipeline in the middle of PPO; `chatrl pipeline resume` continues from the last
     checkpoints and ends with the uninterrupted run's weights."""
-    import yaml
-
     ref_cfg, ref = lora_run
     cfg = hf_cfg(tiny_data, tiny_gold, model_dir, tmp_path / "b", *LORA)
     assert cfg.to_dict() | {"run_dir": ""} == ref_cfg.to_dict() | {"run_dir": ""}
-    cfg_file = tmp_path / "b.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **CHILD_ENV}
-    err_file = tmp_path / "run.err"
-    with open(err_file, "wb") as err:
-        p = subprocess.Popen([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "run", "-c", str(cfg_file)],
-                             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
-    # LATEST is the commit point of a checkpoint (written after the rename): a directory alone may not
-    # be resumed from yet
-    marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "LATEST"
-    final = tmp_path / "b" / "checkpoints" / "ppo_r0" / "final"
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert p.poll() is None, err_file.read_text()[-3000:]
-        assert time.monotonic() < deadline, "PPO never reached iteration 2: " + err_file.read_text()[-3000:]
-        time.sleep(POLL_S)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not final.exists(), "the run finished before it could be killed"
-    r = subprocess.run([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "resume", str(tmp_path / "b")],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    resumed = re.search(r"resuming after iteration (\d+)", r.stderr)
-    assert resumed and 2 <= int(resumed.group(1)) < cfg.ppo.iterations, r.stderr[-3000:]
+    stderr = kill_9_in_ppo_then_resume(cfg, env)
+    resumed = re.search(r"resuming after iteration (\d+)", stderr)
+    assert resumed and 2 <= int(resumed.group(1)) < cfg.ppo.iterations, stderr[-3000:]
     wa = load_checkpoint(Path(ref["policy"])).model_state()
-    wb = load_checkpoint(final).model_state()
+    wb = load_checkpoint(tmp_path / "b" / "checkpoints" / "ppo_r0" / "final").model_state()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), (k, float((wa[k] - wb[k]).abs().max()))
 

@@ -9,6 +9,8 @@ import json
 import re
 from pathlib import Path
 
+from kit import MICRO, kill_9_in_ppo_then_resume
+
 from chatrl.services.core.checkpoint import load_checkpoint
 from chatrl.services.core.config import load_config
 from chatrl.services.core.formats import load_rankings
@@ -16,7 +18,6 @@ from chatrl.services.trainer.pipeline import run_pipeline
 from chatrl.services.trainer.runs import run_endpoints
 from chatrl.services.trainer.stages.common import Reporter
 
-MICRO = Path(__file__).parents[1] / "configs" / "micro.yaml"
 POLL_S = 0.02
 
 
@@ -92,54 +93,32 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(tiny_data, tiny_gol
     """kill -9 the pipeline (and its Ray) in the middle of PPO; `chatrl pipeline resume` continues from
     the last checkpoints and, with the fixed seed, ends where an uninterrupted run ends."""
     import os
-    import signal
-    import subprocess
-    import sys
     import time
 
     import torch
-    import yaml
 
     longer = ["ppo.iterations=10"]  # room to kill it between the iteration-2 checkpoint and the end
     ref_cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "ref", longer)
     ref = pipeline_on_local_services(ref_cfg)
     cfg = micro_pipeline_cfg(tiny_data, tiny_gold, tmp_path / "b", longer)
-    cfg_file = tmp_path / "b.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    err_file = tmp_path / "run.err"  # a file, not a pipe nobody reads while polling (it could fill and block)
-    with open(err_file, "wb") as err:
-        p = subprocess.Popen([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "run", "-c", str(cfg_file)],
-                             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
-    # LATEST is the commit point of a checkpoint (written after the rename): a directory alone may not
-    # be resumed from yet
-    marker = tmp_path / "b" / "checkpoints" / "ppo_r0" / "LATEST"
-    final = tmp_path / "b" / "checkpoints" / "ppo_r0" / "final"
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert p.poll() is None, err_file.read_text()[-3000:]
-        assert time.monotonic() < deadline, "PPO never reached iteration 2: " + err_file.read_text()[-3000:]
-        time.sleep(POLL_S)  # polling the condition above
-    os.killpg(p.pid, signal.SIGKILL)  # the trainer and its Ray processes die at once
-    p.wait()
-    assert not final.exists(), "the run finished before it could be killed"
-    # the services it started (in their own sessions) notice their parent is gone and drain
-    logs = tmp_path / "b" / "logs"
-    deadline = time.monotonic() + 60
-    while not all("is gone; draining" in (logs / f"{n}.log").read_text()
-                  for n in ("policy", "reward", "reference", "feedback")):
-        assert time.monotonic() < deadline, "services outlived the killed pipeline"
-        time.sleep(POLL_S)
-    r = subprocess.run([sys.executable, "-m", "chatrl.clients.cli", "pipeline", "resume", str(tmp_path / "b")],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "pretrain: already finished" in r.stderr
+
+    def services_drain() -> None:  # the services it started (own sessions) notice their parent is gone
+        logs = tmp_path / "b" / "logs"
+        deadline = time.monotonic() + 60
+        while not all("is gone; draining" in (logs / f"{n}.log").read_text()
+                      for n in ("policy", "reward", "reference", "feedback")):
+            assert time.monotonic() < deadline, "services outlived the killed pipeline"
+            time.sleep(POLL_S)
+
+    stderr = kill_9_in_ppo_then_resume(cfg, env, after_kill=services_drain)
+    assert "pretrain: already finished" in stderr
     # it was killed at or after the iteration-2 checkpoint (a fast machine may finish another iteration
     # between seeing the marker and the kill) and before the end
-    resumed = re.search(r"resuming after iteration (\d+)", r.stderr)
-    assert resumed and 2 <= int(resumed.group(1)) < 10, r.stderr[-3000:]
+    resumed = re.search(r"resuming after iteration (\d+)", stderr)
+    assert resumed and 2 <= int(resumed.group(1)) < 10, stderr[-3000:]
     wa = load_checkpoint(Path(ref["policy"])).model_state()
-    wb = load_checkpoint(final).model_state()
+    wb = load_checkpoint(tmp_path / "b" / "checkpoints" / "ppo_r0" / "final").model_state()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), (k, float((wa[k] - wb[k]).abs().max()))
     assert json.loads((tmp_path / "b" / "pipeline.json").read_text())["evals"].keys() == ref["evals"].keys()
