@@ -192,21 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SERVER_COMMANDS:
-        return hand_off(argv)
-    args = build_parser().parse_args(argv)
+def run_command(fn, args, usage_errors: tuple[type[BaseException], ...], interrupted: str = "") -> int:
+    """``fn(args)``'s exit status, the errors a user can act on turned into one line each: bad input or
+    config (``usage_errors``) → 2, a gRPC status → 1 with its code and message, Ctrl-C → 130 (after
+    ``interrupted``, if given). Both ``chatrl`` entry points (client and server commands) end here."""
     try:
-        return args.fn(args)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        return fn(args)
+    except usage_errors as e:
         print(f"chatrl: error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:
         print(f"chatrl: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if interrupted:
+            print(f"chatrl: {interrupted}", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVER_COMMANDS:
+        return hand_off(argv)
+    args = build_parser().parse_args(argv)
+    return run_command(args.fn, args, (OSError, ValueError, yaml.YAMLError))
 
 
 if __name__ == "__main__":

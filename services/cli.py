@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
 
 def _config(args):
     from chatrl.services.core.config import load_config
@@ -327,21 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv[:2])
         return cmd_serve(args, argv[2:])
     args = build_parser().parse_args(argv)
+    from chatrl.clients.cli import run_command
     from chatrl.services.core.config import ConfigError
     from chatrl.services.core.formats import FormatError
 
     t0 = time.perf_counter()
-    try:
-        rc = args.fn(args)
-    except (ConfigError, FormatError, FileNotFoundError, TimeoutError) as e:
-        print(f"chatrl: error: {e}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as e:
-        print(f"chatrl: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("chatrl: interrupted (checkpoints written so far are kept; rerun to resume)", file=sys.stderr)
-        return 130
+    rc = run_command(args.fn, args, (ConfigError, FormatError, FileNotFoundError, TimeoutError),
+                     interrupted="interrupted (checkpoints written so far are kept; rerun to resume)")
     if args.cmd in ("train", "demo"):
         print(f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     return rc
