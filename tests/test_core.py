@@ -309,7 +309,10 @@ def test_formats_accept_valid_files(tmp_path):
     assert load_prompts(pr) == ["x", chat, "And the film?"]  # a conversation of one user turn is its text
     assert prompt_text(chat) == "User: Hi.\n\nAssistant: Hello.\n\nUser: And the film?"
     pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    assert load_pairs(pairs)[0]["chosen"] == "a"
+    assert load_pairs(pairs)[0]["chosen"] == "a" and load_pairs(pairs)[0]["finished"] == [True, True]
+    pairs = _write(tmp_path / "pairs2.jsonl", [{"prompt": "p", "messages": chat, "chosen": "a", "rejected": "b",
+                                                "chosen_finished": True, "rejected_finished": False}])
+    assert load_pairs(pairs)[0]["messages"] == chat and load_pairs(pairs)[0]["finished"] == [True, False]
 
 
 @pytest.mark.parametrize("loader,line,msg", [
@@ -328,7 +331,7 @@ def test_formats_accept_valid_files(tmp_path):
 def test_format_errors_name_file_line_and_field(tmp_path, loader, line, msg):
     ok = {"prompt": "ok", "messages": [{"role": "assistant", "content": "x"}], "responses": ["a", "b"],
           "ranking": [0, 1], "chosen": "a", "rejected": "b"}
-    if loader in (load_rankings, load_prompts):  # a prompt conversation ends with a user turn
+    if loader in (load_rankings, load_prompts, load_pairs):  # a prompt conversation ends with a user turn
         ok["messages"] = [{"role": "user", "content": "ok"}]
     p = _write(tmp_path / "bad.jsonl", [ok, line])
     with pytest.raises(FormatError, match=msg) as e:

@@ -106,11 +106,12 @@ def test_label_to_policy_latency_is_measured_at_the_rounds_first_push(tmp_path):
             self.history.append({"stage": stage, **values})
 
     rep, now = Rep(quiet=True), [t0 + 400]
-    sink = LabelLatencySink(Sink(), labelled_at(snap), rep, "ppo_r0", clock=lambda: now[0])
+    got = []
+    sink = LabelLatencySink(Sink(), labelled_at(snap), rep, "ppo_r0", clock=lambda: now[0], on_measured=got.append)
     assert sink.metadata == {"round": "0"}
     sink.push({}, 2)
     now[0] += 1000  # later pushes do not count: the first policy trained against the labels is version 2
     sink.push({}, 3)
     assert sink.sink.pushes == [2, 3]
     assert sink.latency == {"label_to_policy_s_median": 350.0, "label_to_policy_s_max": 400.0, "labels": 2.0}
-    assert rep.history == [{"stage": "ppo_r0", **sink.latency}]
+    assert rep.history == [{"stage": "ppo_r0", **sink.latency}] and got == [sink.latency]

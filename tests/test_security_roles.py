@@ -272,10 +272,16 @@ def test_a_labeler_labels_only_under_their_own_id():
     with pytest.raises(Exception) as e:
         creds.labeler_id(alice, "bob")
     assert e.value.code == CODE.PERMISSION_DENIED and e.value.message.startswith("labeler_id")
-    # the operator (simulated labelers) and the shared team credential name the labeler themselves
+    # the operator (simulated labelers) and the shared team credential name the labeler themselves …
     for tok in (OP, LAB):
         assert creds.labeler_id(creds.authorize("chatrl.v1.FeedbackService/NextTask", f"Bearer {tok}"), "sim-3") \
             == "sim-3"
+    # … but the shared one cannot take the id of a labeler who has a credential of their own
+    team = creds.authorize("chatrl.v1.FeedbackService/NextTask", f"Bearer {LAB}")
+    with pytest.raises(Exception) as e:
+        creds.labeler_id(team, "alice")
+    assert e.value.code == CODE.PERMISSION_DENIED and "own" in e.value.message
+    assert creds.labeler_id(creds.authorize("chatrl.v1.FeedbackService/NextTask", f"Bearer {OP}"), "alice") == "alice"
     with pytest.raises(Exception) as e:  # a labeler's own credential is still only a labeler's
         creds.authorize("chatrl.v1.FeedbackService/AddPrompts", f"Bearer {ALICE}")
     assert e.value.code == CODE.PERMISSION_DENIED

@@ -389,6 +389,8 @@ class FeedbackStore:
                 for stmt in _MIGRATIONS[v].split(";"):
                     if stmt.strip():
                         db.execute(stmt)
+            # stats()' active-labeler window reads skips by time (an index any v2 database may gain)
+            db.execute("CREATE INDEX IF NOT EXISTS skips_created ON skips(created_us)")
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
             if not row:
@@ -831,7 +833,8 @@ class FeedbackStore:
     def export_pairs(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:
         """Every ranking as its preference pairs — one row per pair of responses in different tiers (a tied
         pair is no preference), ``{"prompt","chosen","rejected"}`` as TRL's and OpenRLHF's reward trainers
-        read them, plus "messages" (the prompt conversation), "ranking_id", "labeler_id" and the ranking's
+        read them, plus "messages" (the prompt conversation), "chosen_finished" / "rejected_finished",
+        "ranking_id", "labeler_id" and the ranking's
         "sequence" (shared by its pairs; ``limit`` counts rankings)."""
         for r in self.export_rankings(since, limit, after_sequence):
             tier = agreement.tiers(r["ranking"], r["tied_with_next"])
@@ -840,7 +843,8 @@ class FeedbackStore:
                 for b in range(len(resp)):
                     if tier[a] < tier[b]:
                         yield {"sequence": r["sequence"], "prompt": r["prompt"], "messages": r["messages"],
-                               "chosen": resp[a], "rejected": resp[b], "ranking_id": r["ranking_id"],
+                               "chosen": resp[a], "rejected": resp[b], "chosen_finished": r["finished"][a],
+                               "rejected_finished": r["finished"][b], "ranking_id": r["ranking_id"],
                                "labeler_id": r["labeler_id"], "created_at": r["created_at"]}
 
     def export_demonstrations(self, since=None, limit: int = 0, after_sequence: int = 0) -> Iterator[dict]:

@@ -157,11 +157,18 @@ def load_sft(path: Path) -> list[list[dict]]:
 
 
 def load_pairs(path: Path) -> list[dict]:
+    """Pairwise preferences: {"prompt","chosen","rejected"}, optionally "messages" (the prompt as a
+    conversation ending with a user turn) and "chosen_finished" / "rejected_finished" (default true) — what
+    the feedback service's EXPORT_KIND_PAIRS writes."""
     out = []
     for n, o in _jsonl(path):
         w = f"{path}:{n}"
-        out.append({"prompt": _str(o, "prompt", w), "chosen": _str(o, "chosen", w, True),
-                    "rejected": _str(o, "rejected", w, True)})
+        prompt = _str(o, "prompt", w)
+        fin = [o.get(f"{side}_finished", True) for side in ("chosen", "rejected")]
+        if not all(isinstance(f, bool) for f in fin):
+            raise FormatError(f"{w}: 'chosen_finished' and 'rejected_finished' must be booleans")
+        out.append({"prompt": prompt, "chosen": _str(o, "chosen", w, True), "rejected": _str(o, "rejected", w, True),
+                    "messages": conversation(o.get("messages"), prompt, w), "finished": fin})
     return out
 
 

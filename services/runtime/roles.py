@@ -131,8 +131,8 @@ LABELER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a Kubernetes Secret key, an
 
 def load_labelers(path: str, what: str) -> tuple[tuple[str, str], ...]:
     """Per-labeler credentials from a directory — a Kubernetes Secret mounted as a volume, one key per
-    labeler: the file name is the labeler id, its content that labeler's token (dotfiles, such as the
-    volume's ``..data`` link, are skipped). '' = none configured. Raises :class:`CredentialError` for an
+    labeler: the file name is the labeler id, its content that labeler's token (the volume's own
+    ``..data`` and ``..<timestamp>`` entries are skipped). '' = none configured. Raises :class:`CredentialError` for an
     unreadable directory, a bad id, an empty token or two labelers sharing one."""
     if not path:
         return ()
@@ -142,7 +142,7 @@ def load_labelers(path: str, what: str) -> tuple[tuple[str, str], ...]:
                               f"content = token)")
     out, seen = [], set()
     for f in sorted(d.iterdir()):
-        if f.name.startswith(".") or f.is_dir():
+        if f.name.startswith("..") or f.is_dir():  # a mounted Secret's ..data and ..<timestamp> entries
             continue
         if not LABELER_ID.fullmatch(f.name):
             raise CredentialError(f"{what}: {f.name[:64]!r} is not a labeler id (1-128 of A-Z a-z 0-9 . _ -)")
@@ -205,16 +205,23 @@ class Credentials:
             return Caller(OPEN)
         return self.identify(token) or Caller(OPEN)
 
-    @staticmethod
-    def labeler_id(caller: Caller, requested: str, field: str = "labeler_id") -> str:
+    def labeler_id(self, caller: Caller, requested: str, field: str = "labeler_id") -> str:
         """The labeler id a call labels under: a per-labeler credential's own (``requested`` may be empty or
-        must equal it: PERMISSION_DENIED otherwise); for the operator (the pipeline's simulated labelers),
-        the shared labeler credential and development mode, ``requested`` as given."""
-        if caller.labeler is None or requested in ("", caller.labeler):
-            return caller.labeler or requested
-        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                           f"{field}: {requested[:64]!r} is not the labeler of the credential presented "
-                           f"({caller.labeler!r}); a labeler labels only under their own id")
+        must equal it: PERMISSION_DENIED otherwise); for the operator (the pipeline's simulated labelers)
+        and development mode, ``requested`` as given; for the shared labeler credential, ``requested`` unless
+        it is the id of a labeler with a credential of their own (PERMISSION_DENIED: only they label as
+        themselves)."""
+        if caller.labeler is not None:
+            if requested in ("", caller.labeler):
+                return caller.labeler
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{field}: {requested[:64]!r} is not the labeler of the credential presented "
+                               f"({caller.labeler!r}); a labeler labels only under their own id")
+        if caller.role == LABELER and any(requested == who for who, _ in self.labelers):
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{field}: {requested[:64]!r} has a credential of their own; the shared labeler "
+                               f"credential cannot label under that id")
+        return requested
 
     def authorize(self, method: str, authorization: str) -> Caller:
         """The caller of ``method`` (its metadata/header ``authorization: Bearer <token>``), or a
@@ -224,10 +231,8 @@ class Credentials:
         r = rule(method)
         if r is None:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"{short}: not in the role table (refused)")
-        if not self.enabled:
+        if not self.enabled or r.role == OPEN:  # who called an open method is not needed: compare nothing
             return Caller(OPEN)
-        if r.role == OPEN:
-            return self.caller(authorization)
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,

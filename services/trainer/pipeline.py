@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatrl.services.core.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
+from chatrl.services.core.checkpoint import atomic_write_text, load_checkpoint
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.formats import load_prompts, load_rankings
 from chatrl.services.trainer import labels
@@ -165,8 +165,9 @@ class LabelLatencySink:
     :attr:`latency` for the run report."""
 
     def __init__(self, sink: PolicyServiceSink, labelled: list[float], reporter: Reporter, stage: str,
-                 clock=time.time) -> None:
+                 clock=time.time, on_measured=None) -> None:
         self.sink, self.labelled, self.reporter, self.stage, self.clock = sink, labelled, reporter, stage, clock
+        self.on_measured = on_measured  # called with the figures at once (the pipeline persists them)
         self.latency: dict[str, float] | None = None
 
     @property
@@ -180,24 +181,24 @@ class LabelLatencySink:
             self.latency = {"label_to_policy_s_median": float(np.median(lat)),
                             "label_to_policy_s_max": float(lat.max()), "labels": float(len(lat))}
             self.reporter.metrics(self.stage, 0, 0, self.latency)
+            if self.on_measured is not None:
+                self.on_measured(self.latency)
 
 
 def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRollout, round_: int,
               policy_ckpt: Path, rm_ckpt: Path, version: int, prompts: list[str], push_meta: dict[str, str],
               gold, reference_ckpt: Path | None = None, labelled: list[float] | None = None,
-              latency: dict | None = None) -> RoundResult:
+              on_latency=None) -> RoundResult:
     """One PPO round through the services: the RL loop from ``policy_ckpt`` (served as ``version``) with
     the value model from ``rm_ckpt``, pushes to every policy replica. A rollout that fails because a service
     died is sampled again once the restarted services are healed: the reference model (``reference_ckpt``,
     the SFT checkpoint) and the reward model re-loaded, the current weights re-pushed to a policy replica
     behind the trainer's version (:func:`heal_policy_replicas`: the full weights to an empty one, also with
-    LoRA). ``labelled``: when the reward model's rankings were submitted; the label-to-policy latency
-    measured at the round's first push (:class:`LabelLatencySink`) is stored into ``latency``."""
+    LoRA). ``labelled``: when the round's fresh rankings were submitted; the label-to-policy latency is
+    measured at the round's first push (:class:`LabelLatencySink`) and handed to ``on_latency``."""
     trainer = ppo.PPOTrainer.from_checkpoints(cfg, load_checkpoint(policy_ckpt), load_checkpoint(rm_ckpt), round_)
-    stage = round_stage(cfg, round_)[0]
-    resuming = latest_checkpoint(stage_dir(cfg, stage)) is not None  # its first push came before an interruption
-    sink = LabelLatencySink(PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)}),
-                            [] if resuming else labelled or [], reporter, stage)
+    sink = LabelLatencySink(PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)}), labelled or [],
+                            reporter, round_stage(cfg, round_)[0], on_measured=on_latency)
 
     def heal(version: int, push_state) -> None:
         """After a service died and was restarted (empty): the reference and reward models loaded again,
@@ -213,10 +214,7 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
         if n:
             reporter.log(f"policy-inference: pushed version {version} again to {n} replica(s) behind it")
 
-    result = RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold), heal=heal).run(version)
-    if latency is not None and sink.latency is not None:
-        latency.update(sink.latency)
-    return result
+    return RLLoop(trainer, source, sink, prompts, reporter, observe=gold_observer(gold), heal=heal).run(version)
 
 
 METHOD_LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
@@ -373,10 +371,14 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
                 rm = timed(f"reward_r{r}", reward_model.run, cfg, reporter, init=str(sft_res.checkpoint),
                            rankings=rm_rankings(cfg, r, rankings), stage=f"reward_r{r}")
                 serve_reward_model(svc, rm.checkpoint, reporter)
-                latency = state.setdefault("label_to_policy", {}).setdefault(name, {})
+                def measured(figures: dict, name=name) -> None:  # persisted at once: a resumed round keeps it
+                    state.setdefault("label_to_policy", {})[name] = figures
+                    write_json(state_file, state)
+
+                known = state.get("label_to_policy", {}).get(name)  # measured before an interruption
                 res = timed(name, ppo_round, cfg, reporter, svc, source, r, policy_ckpt, rm.checkpoint, version,
                             prompts, push_meta, gold, reference_ckpt=sft_res.checkpoint,
-                            labelled=labelled_at(snapshot), latency=latency)
+                            labelled=[] if known else labelled_at(snapshot), on_latency=measured)
             state["history"][name] = res.history or state["history"].get(name, [])
             policy_ckpt, version, pushed = res.checkpoint, res.version, True
             write_json(state_file, state)

@@ -130,8 +130,8 @@ def run(cfg: RunConfig, reporter: Reporter | None = None, init: str | None = Non
     if rankings is None:
         rankings = get_rankings(cfg, base, tok, stage, reporter)
     if cfg.data.pairs_file:
-        rankings = rankings + [Ranking(p["prompt"], [p["chosen"], p["rejected"]], [0, 1], [True, True])
-                               for p in load_pairs(Path(cfg.data.pairs_file))]
+        rankings = rankings + [Ranking(p["prompt"], [p["chosen"], p["rejected"]], [0, 1], p["finished"],
+                                       messages=p["messages"]) for p in load_pairs(Path(cfg.data.pairs_file))]
     if len(rankings) < 2:
         raise ValueError(f"reward model needs at least 2 rankings, got {len(rankings)}")
     torch.manual_seed(derive_seed(cfg.seed, stage, "init"))  # the fresh scalar head depends on the seed only

@@ -109,6 +109,7 @@ class FeedbackServiceServicer:
 
     def NextTask(self, request, context):
         """Hands a labeler the next open task (never one they have already ranked), leasing it to them.
+        Errors: PERMISSION_DENIED (labeler_id is not the labeler of the credential presented).
         Role: labeler (or operator) credential; requests up to 4 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -130,7 +131,8 @@ class FeedbackServiceServicer:
         """Records that a labeler passed on a task, and why; the task is not offered to them again and
         their lease ends. Errors: INVALID_ARGUMENT (empty reason), NOT_FOUND (task), ALREADY_EXISTS
         (submission_id reused with different content, or the task already ranked by this labeler),
-        FAILED_PRECONDITION (the labeler does not hold the task's lease).
+        FAILED_PRECONDITION (the labeler does not hold the task's lease), PERMISSION_DENIED (labeler_id is
+        not the labeler of the credential presented).
         Role: labeler (or operator) credential; requests up to 16 KiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -139,7 +141,8 @@ class FeedbackServiceServicer:
 
     def SubmitDemonstration(self, request, context):
         """Records a demonstration: a conversation whose last turn is the ideal assistant reply.
-        Errors: INVALID_ARGUMENT (empty, or last message not ASSISTANT), ALREADY_EXISTS (as above).
+        Errors: INVALID_ARGUMENT (empty, or last message not ASSISTANT), ALREADY_EXISTS (as above),
+        PERMISSION_DENIED (labeler_id is not the labeler of the credential presented).
         Role: labeler (or operator) credential; requests up to 1 MiB (services/runtime/roles.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
