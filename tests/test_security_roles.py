@@ -134,20 +134,34 @@ def test_credentials_come_from_files_and_an_empty_one_is_refused(tmp_path):
         ServiceServer("x", ServerConfig(port=0, auth_token_env="", auth_token_file=str(tmp_path / "missing")))
 
 
-# Addresses a pod would bind. Nothing here binds or dials them: the check runs in the constructors before
-# any socket exists, and the allowed case is asked of the check itself, not of a server.
+# Addresses a pod would bind. Only the pure check is asked about them: nothing in the suite is configured
+# with, binds or dials anything but loopback.
 EXPOSED = ["0.0.0.0", "::", "10.1.2.3", "chatrl-policy"]
 
 
 @pytest.mark.parametrize("host", EXPOSED)
-def test_a_non_loopback_bind_without_credentials_is_refused_before_binding(host):
-    with env_var(OP_ENV, ""):  # an empty Secret value is no credential
-        with pytest.raises(CredentialError, match="allow_insecure"):
-            ServiceServer("x", ServerConfig(host=host, port=0, auth_token_env=OP_ENV, labeler_token_env=""))
+def test_a_non_loopback_address_needs_a_credential_or_allow_insecure(host):
     with pytest.raises(CredentialError, match="allow_insecure"):
-        LabelingWeb(FeedbackStore(":memory:"), host=host, port=0)
+        roles.check_exposure("x", [host], Credentials(), allow_insecure=False)
     roles.check_exposure("x", [host], Credentials(), allow_insecure=True)  # said on purpose: allowed
     roles.check_exposure("x", [host], Credentials(operator=OP), allow_insecure=False)  # a credential: allowed
+
+
+def test_servers_ask_the_exposure_check_before_binding(monkeypatch):
+    """The server and the labeling page consult roles.check_exposure with their bind address in their
+    constructors, before any socket exists: a refusal leaves nothing listening."""
+    asked = []
+
+    def refuse(service, hosts, creds, allow_insecure):
+        asked.append(hosts)
+        raise CredentialError("refused")
+
+    monkeypatch.setattr(roles, "check_exposure", refuse)
+    with pytest.raises(CredentialError):
+        ServiceServer("x", ServerConfig(host="127.0.0.1", port=0, auth_token_env="", labeler_token_env=""))
+    with pytest.raises(CredentialError):
+        LabelingWeb(FeedbackStore(":memory:"), host="127.0.0.1", port=0)
+    assert asked == [["127.0.0.1"], ["127.0.0.1"]]
 
 
 def test_loopback_needs_no_credential():
