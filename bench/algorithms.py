@@ -3,6 +3,7 @@
     python -m bench.algorithms                      # configs/compare_tiny.yaml, 5 methods x 3 seeds (after make demo)
     python -m bench.algorithms --quick              # the micro config end to end, 1 seed (minutes; the smoke test)
     python -m bench.algorithms --methods grpo,dpo --seeds 1 --set ppo.iterations=30
+    python -m bench.algorithms --config configs/compare_smollm2.yaml --seeds 1   # the real model (after make demo-real)
 
 **Matched.** Every run is a ``chatrl pipeline run`` with ``pipeline.reuse_from``: it copies the same
 pre-training, SFT model, round-0 rankings (K responses of the SFT model per prompt, ranked by the simulated
@@ -19,7 +20,8 @@ every run, and the SFT row is evaluated once and shared.
 Runs go one after another (the machine has 2 cores), each in its own process with its own services, into
 ``<runs>/<method>-s<seed>``; a finished one is read back, not rerun, and an interrupted one resumes from its
 checkpoints (its wall time then counts only the resumed part, flagged in the JSON). Results:
-``bench/results/algorithms-<date>.md`` / ``.json`` (``-quick`` with --quick) and the table on stdout.
+``bench/results/algorithms-<date>.md`` / ``.json`` (``-quick`` with --quick, ``-<config name>`` with another
+config than the default, e.g. ``-smollm2`` for ``configs/compare_smollm2.yaml``) and the table on stdout.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from bench.common import RAY_ENV, ROOT, log, machine, versions
 METHODS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo")
 DEFAULT_CONFIG = "configs/compare_tiny.yaml"
 QUICK_CONFIG = "configs/micro.yaml"
-SHARED_EVALS = ("base (pre-trained)", "SFT")  # evaluated once: neither depends on the method or the seed
 REUSED = ("checkpoints/sft", "checkpoints/reward_r0", "data/rankings_r0.jsonl")
 
 
@@ -108,6 +109,9 @@ def n_pairs(rankings_file: Path) -> int:
 def read_result(cfg, method: str, seed: int) -> dict | None:
     """One finished run's figures from its pipeline state, or None if it has not finished."""
     from chatrl.services.trainer.pipeline import round_stage
+    from chatrl.services.trainer.report import BASE_LABEL
+
+    shared_evals = (BASE_LABEL, "SFT")  # evaluated once: neither depends on the method or the seed
 
     state_file = Path(cfg.run_dir) / "pipeline.json"
     if not state_file.exists():
@@ -126,7 +130,7 @@ def read_result(cfg, method: str, seed: int) -> dict | None:
            "length": ev["length"], "n_eval": ev["n"], "round_seconds": seconds,
            "run_wall_seconds": json.loads(run_file.read_text())["run_wall_seconds"] if run_file.exists() else None,
            "peak_rss_gib": json.loads(resources.read_text()).get("peak_rss_gib") if resources.exists() else None,
-           "sft_eval": state["evals"].get("SFT"), "shared_evals": {k: state["evals"][k] for k in SHARED_EVALS
+           "sft_eval": state["evals"].get("SFT"), "shared_evals": {k: state["evals"][k] for k in shared_evals
                                                                    if k in state["evals"]}}
     if method == "dpo":
         pairs = n_pairs(Path(cfg.run_dir) / "data" / "rankings_r0.jsonl")
@@ -330,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
            "runs_seconds": sum(r["run_wall_seconds"] or 0.0 for r in runs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"algorithms-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}"
+    # the default (tiny) comparison keeps the short name; any other config's results are named after it
+    named = "-quick" if args.quick else "" if config.endswith(DEFAULT_CONFIG) else f"-{base.name}"
+    stem = f"algorithms-{time.strftime('%Y-%m-%d')}{named}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     (out / f"{stem}.md").write_text(markdown(res))
     print(table(res))

@@ -144,6 +144,36 @@ def test_ppo_without_lora_trains_and_pushes_every_weight(tiny_data, tiny_gold, m
     assert moved.abs().max() > 0  # every weight trains without LoRA
 
 
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_critic_free_rl_and_dpo_train_the_adapters_of_an_hf_model(lora_run, tiny_data, tiny_gold, model_dir,
+                                                                   tmp_path, method):
+    """The comparison's other methods on an HF model with LoRA, from the LoRA run's SFT model, rankings and RM
+    (``pipeline.reuse_from``): GRPO through the services with no value model anywhere and adapter-only pushes,
+    DPO on the rankings against the frozen SFT reference. Each moves the adapters and nothing else."""
+    from chatrl.services.trainer.pipeline import round_stage
+
+    ref_cfg, _ = lora_run
+    extra = ["pipeline.method=dpo", "dpo.epochs=1", "dpo.lr=1e-3"] if method == "dpo" else [
+        "ppo.algorithm=grpo", "ppo.iterations=2"]
+    cfg = hf_cfg(tiny_data, tiny_gold, model_dir, tmp_path / "run", *LORA, f"pipeline.reuse_from={ref_cfg.run_dir}",
+                 "pipeline.eval_prompts=4", *extra)
+    res = pipeline(cfg)
+    stage, label = round_stage(cfg, 0)
+    assert label in res["evals"]
+    sft_w = load_checkpoint(Path(ref_cfg.run_dir) / "checkpoints" / "sft").model_state()
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / stage)
+    assert not ck.has("value")
+    w = ck.model_state()
+    assert set(w) == set(sft_w)
+    moved = {k for k in w if not torch.equal(w[k], sft_w[k])}
+    assert moved and all(".lora_A." in k or ".lora_B." in k for k in moved), sorted(moved)[:5]
+    if method == "grpo":
+        adapters = {k: v for k, v in w.items() if ".lora_A." in k or ".lora_B." in k}
+        hist = res["history"][stage]
+        assert [h["push_bytes"] for h in hist] == [float(state_bytes(adapters))] * 2
+        assert all("value_loss" not in h for h in hist)
+
+
 def test_kill_9_then_resume_an_hf_run(lora_run, tiny_data, tiny_gold, model_dir, tmp_path):
     """kill -9 the LoRA pipeline in the middle of PPO; `chatrl pipeline resume` continues from the last
     checkpoints and ends with the uninterrupted run's weights."""

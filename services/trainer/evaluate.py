@@ -50,5 +50,6 @@ def evaluate_stage(cfg: RunConfig, ck, ref_ckpt, rm_ckpt, prompts: list[str], go
         sc = score_pairs(rm, tok, [p for p, *_ in out], [t for _, _, _, t, _ in out], [f for *_, f in out],
                          bias=float(rck.manifest["meta"].get("reward_bias", 0.0)), dtype=cfg.dtype, device=cfg.device)
         res["rm"] = float(np.mean(sc))
+    res["gold_scores"] = [round(float(x), 5) for x in g]  # per prompt, for paired differences between stages
     res["samples"] = [{"prompt": p, "response": t, "finished": f} for p, _, _, t, f in out[:5]]
     return res

@@ -34,6 +34,7 @@ from chatrl.services.core.checkpoint import atomic_write_text, load_checkpoint
 from chatrl.services.core.config import RunConfig
 from chatrl.services.core.formats import load_prompts, load_rankings
 from chatrl.services.trainer import labels
+from chatrl.services.trainer.report import BASE_LABEL
 from chatrl.services.trainer.rl import PolicyServiceSink, RLLoop, RoundResult
 from chatrl.services.trainer.rollout import Endpoints, RayRollout
 from chatrl.services.trainer.stages import dpo, ppo, pretrain, reward_model, sft
@@ -289,15 +290,16 @@ def run_ppo_stage(cfg: RunConfig, reporter: Reporter, endpoints: Endpoints) -> R
 
 def reuse(src: Path, dst: Path, reporter: Reporter) -> None:
     """Start from another run's pre-training, SFT, round-0 labels and reward model (ablations: the same
-    starting point, only PPO differs). Copies are made once; existing files are kept."""
+    starting point, only PPO differs). Copies are made once; existing files are kept. The tokenizer and token
+    cache of chatrl's own pre-training come along when there are any (an imported HF model has neither)."""
     import shutil
 
-    for rel in ("tokenizer.json", "data/pretrain_tokens.npy", "data/rankings_r0.jsonl", "checkpoints/pretrain",
-                "checkpoints/sft", "checkpoints/reward_r0"):
+    needed = ("data/rankings_r0.jsonl", "checkpoints/pretrain", "checkpoints/sft", "checkpoints/reward_r0")
+    for rel in ("tokenizer.json", "data/pretrain_tokens.npy", *needed):
         s, d = src / rel, dst / rel
-        if not s.exists():
+        if not s.exists() and rel in needed:
             raise FileNotFoundError(f"pipeline.reuse_from: {s} does not exist (run that pipeline first)")
-        if d.exists():
+        if d.exists() or not s.exists():
             continue
         d.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if s.is_dir() else shutil.copy2)(s, d)
@@ -391,7 +393,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
     # evaluation on held-out prompts (gold never seen by any RM), with the last RM's score and KL to SFT
     if gold is not None:
         last_rm = stage_done(stage_dir(cfg, f"reward_r{cfg.pipeline.rounds - 1}"))
-        stages = [("base (pre-trained)", "pretrain"), ("SFT", "sft")] + [
+        stages = [(BASE_LABEL, "pretrain"), ("SFT", "sft")] + [
             round_stage(cfg, r)[::-1] for r in range(cfg.pipeline.rounds)]
         for label, st in stages:
             if label in state["evals"]:

@@ -8,6 +8,8 @@ from chatrl.services.core.checkpoint import atomic_write_text
 from chatrl.services.core.config import RunConfig
 from chatrl.services.trainer.stages.common import run_dir
 
+BASE_LABEL = "base (pre-trained)"  # the pipeline's label of the starting model's evaluation
+
 PLOTS = [("reward", "RM score (train samples)"), ("gold_train", "gold score (train samples)"),
          ("kl", "KL to SFT per response (nats)"), ("beta", "KL coefficient β"),
          ("policy_loss", "policy loss"), ("value_loss", "value loss"), ("entropy", "entropy"),
@@ -46,7 +48,8 @@ def write_report(cfg: RunConfig, state: dict) -> Path:
             ax.set_title(title)
             ax.set_xlabel("PPO iteration")
             ax.grid(alpha=0.3)
-        axes.flat[0].legend()
+        if axes.flat[0].get_legend_handles_labels()[0]:  # a DPO round logs none of these curves
+            axes.flat[0].legend()
         fig.tight_layout()
         fig.savefig(out / "ppo.png", dpi=80)
         plt.close(fig)
@@ -80,15 +83,33 @@ def write_report(cfg: RunConfig, state: dict) -> Path:
     return path
 
 
+def lift(after: dict, before: dict) -> tuple[float, float, str]:
+    """gold(after) − gold(before) and its standard error: paired over the held-out prompts when both
+    evaluations kept their per-prompt scores (every stage answers the same prompts with the same sampling
+    seeds, so prompt difficulty cancels), else as two independent samples."""
+    d = after["gold"] - before["gold"]
+    a, b = after.get("gold_scores"), before.get("gold_scores")
+    if a and b and len(a) == len(b) > 1:
+        diffs = [x - y for x, y in zip(a, b)]
+        mean = sum(diffs) / len(diffs)
+        var = sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
+        return d, (var / len(diffs)) ** 0.5, "paired"
+    return d, (after["gold_se"] ** 2 + before["gold_se"] ** 2) ** 0.5, "unpaired"
+
+
 def lift_lines(evals: dict[str, dict]) -> list[str]:
-    """gold(last PPO round) − gold(SFT, where PPO started), in standard errors of the difference."""
-    start, last = evals.get("SFT"), next((evals[k] for k in reversed(list(evals)) if k.startswith("PPO")), None)
-    if not start or not last:
+    """gold(last round) − gold(SFT, where RLHF started) and − gold(the base model), in standard errors of the
+    difference."""
+    starts = [k for k in ("SFT", BASE_LABEL) if k in evals]
+    last = next((k for k in reversed(list(evals)) if k not in starts), None)
+    if last is None or not starts:
         return []
-    d = last["gold"] - start["gold"]
-    se = (last["gold_se"] ** 2 + start["gold_se"] ** 2) ** 0.5
-    return ["", f"Held-out gold, PPO − SFT: {d:+.3f} ({d / se if se else float('nan'):+.1f} standard errors "
-                f"of the difference, n = {int(last.get('n', 0))} per row)."]
+    out = [""]
+    for k in starts:
+        d, se, how = lift(evals[last], evals[k])
+        out.append(f"Held-out gold, {last} − {k}: {d:+.3f} ({d / se if se else float('nan'):+.1f} standard errors "
+                   f"of the {how} difference, n = {int(evals[last].get('n', 0))}).")
+    return out
 
 
 def before_after(evals: dict[str, dict], n: int = 5) -> list[str]:
