@@ -102,7 +102,9 @@ class MemorySampler:
     this process and all its descendants (the services the run
     launched, Ray's GCS, raylet and workers), sampled on a thread — what `make demo-real` prints."""
 
-    def __init__(self, every_s: float = 1.0) -> None:
+    # every 5 s: reading /proc/<pid>/smaps_rollup of a dozen multi-GiB processes cost ~20 % of a core at 1 s
+    # (profiled in demo-real), and a stage's memory moves over minutes, not seconds
+    def __init__(self, every_s: float = 5.0) -> None:
         import threading
 
         self.every_s, self.peak_bytes, self.peak_procs = every_s, 0, 0

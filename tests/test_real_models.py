@@ -125,6 +125,31 @@ def test_lora_trains_only_the_adapters_and_starts_from_the_base(hf_dir):
     assert model.cfg.to_dict()["lora"] == Q_V.to_dict()
 
 
+def test_lora_on_the_top_layers_only_leaves_the_lower_layers_out_of_backward(hf_dir, tmp_path):
+    model, tok = load_hf(hf_dir)
+    top = LoraConfig(enabled=True, r=4, alpha=8, target_modules=["all-linear"], top_layers=1)
+    apply_lora(model, top)
+    adapted = {n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}  # hf.model.layers.<i>…: layer 1 of 2 only
+    for v in adapter_state_dict(model).values():
+        v.data.normal_(std=0.5)
+    ids, mask = batch(tok)
+    grads = []  # what reaches layer 0's output in backward: nothing, the graph starts above it
+    model.hf.model.layers[0].register_forward_hook(lambda _m, _a, out: grads.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    model(ids, mask).logits.sum().backward()
+    assert grads == [False]
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    back = model_from_checkpoint(save(tmp_path / "ck", model, tok))  # the manifest rebuilds the same layers
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask).logits, model(ids, mask).logits)
+    config = json.loads((hf_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"lora.top_layers: 3 is more than the model's 2 decoder layers"):
+        check_lora_targets(config, LoraConfig(enabled=True, top_layers=3))
+    with pytest.raises(ValueError, match="lora.top_layers"):
+        LoraConfig(top_layers=-1)
+
+
 @torch.no_grad()
 def test_lora_checkpoint_adapter_push_and_merge(hf_dir, tmp_path):
     model, tok = load_hf(hf_dir)
