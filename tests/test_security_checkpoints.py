@@ -10,8 +10,9 @@ import torch
 from kit import rpc_error, save_tiny_checkpoint, tiny_gpt, tiny_tokenizer
 
 from chatrl.services.core.checkpoint import load_checkpoint, save_checkpoint
+from chatrl.services.core.generate import token_logprobs
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
-from chatrl.services.reference.server import ReferenceConfig, build, token_logprobs
+from chatrl.services.reference.server import ReferenceConfig, build
 from chatrl.services.runtime.server import ServerConfig
 
 CODE = grpc.StatusCode

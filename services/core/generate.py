@@ -172,6 +172,25 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list
     return out
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   max_elems: int = 1 << 24) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[b, t, targets[b, t]]`` as ``logit - logsumexp``, in chunks of
+    at most ``max_elems`` fp32 logits, so no full fp32 ``[B, T, V]`` copy (nor its softmax) is built: with a
+    152k vocabulary that copy is 600 kB per token.
+
+    Args: logits ``[B, T, V]`` (any float dtype; position t scores ``targets[:, t]``), targets ``[B, T]``.
+    Returns: ``[B, T]`` float32.
+    """
+    b, t, v = logits.shape
+    out = torch.empty(b, t, dtype=torch.float32, device=logits.device)
+    step = max(1, max_elems // max(1, v))  # (row, position) pairs per chunk
+    flat, tgt, dst = logits.reshape(b * t, v), targets.reshape(b * t), out.view(b * t)
+    for s in range(0, b * t, step):
+        chunk = flat[s:s + step].float() / temperature  # [step, V] fp32
+        dst[s:s + step] = chunk.gather(-1, tgt[s:s + step, None]).squeeze(-1) - torch.logsumexp(chunk, -1)
+    return out
+
+
 @torch.no_grad()
 def sequence_logprobs(model: GPT, seqs: list[list[int]], pad_id: int = 0, temperature: float = 1.0,
                       dtype: str | None = None, device: str = "cpu", chunk: int = 16) -> list[list[float]]:
@@ -179,7 +198,7 @@ def sequence_logprobs(model: GPT, seqs: list[list[int]], pad_id: int = 0, temper
 
     ``chunk`` sequences at a time, each chunk padded to its own longest: the logits of a real vocabulary are
     [rows, length, 49k] floats (128 rows x 100 tokens of SmolLM2 are 2.5 GB), so all at once is a memory
-    peak and a slow normalisation; a token's logprob is its logit minus the row's logsumexp."""
+    peak and a slow normalisation (:func:`token_logprobs` then bounds the fp32 copy within a chunk)."""
     out: list[list[float]] = []
     for c in range(0, len(seqs), chunk):
         part = seqs[c: c + chunk]
@@ -193,9 +212,7 @@ def sequence_logprobs(model: GPT, seqs: list[list[int]], pad_id: int = 0, temper
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         with autocast(dtype, device.split(":")[0]):
-            logits = model(ids[:, :-1], mask[:, :-1]).logits.float()
-        if temperature and temperature != 1.0:
-            logits = logits / temperature
-        tok_lp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            logits = model(ids[:, :-1], mask[:, :-1]).logits
+        tok_lp = token_logprobs(logits, ids[:, 1:], temperature or 1.0)
         out.extend([0.0] + tok_lp[i, : len(s) - 1].tolist() for i, s in enumerate(part))
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from chatrl.services.core.generate import token_logprobs
 from chatrl.services.core.model import autocast
 from chatrl.services.core.scoring import right_pad
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
@@ -23,25 +24,6 @@ from chatrl.services.runtime.model_host import ModelHost, ServedModel
 from chatrl.services.runtime.server import ServerConfig, ServiceServer
 
 MAX_SEQUENCES = 4096
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   max_elems: int = 1 << 24) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[b, t, targets[b, t]]`` as ``logit - logsumexp``, in chunks of
-    at most ``max_elems`` fp32 logits, so no full fp32 ``[B, T, V]`` copy (nor its softmax) is built: with a
-    152k vocabulary that copy is 600 kB per token.
-
-    Args: logits ``[B, T, V]`` (any float dtype; position t scores ``targets[:, t]``), targets ``[B, T]``.
-    Returns: ``[B, T]`` float32.
-    """
-    b, t, v = logits.shape
-    out = torch.empty(b, t, dtype=torch.float32, device=logits.device)
-    step = max(1, max_elems // max(1, v))  # (row, position) pairs per chunk
-    flat, tgt, dst = logits.reshape(b * t, v), targets.reshape(b * t), out.view(b * t)
-    for s in range(0, b * t, step):
-        chunk = flat[s:s + step].float() / temperature  # [step, V] fp32
-        dst[s:s + step] = chunk.gather(-1, tgt[s:s + step, None]).squeeze(-1) - torch.logsumexp(chunk, -1)
-    return out
 
 
 @dataclass
