@@ -118,7 +118,7 @@ def read_result(cfg, method: str, seed: int) -> dict | None:
         return None
     state = json.loads(state_file.read_text())
     run_file = Path(cfg.run_dir) / "bench-run.json"  # the whole process, services and evaluation included
-    resources = Path(cfg.run_dir) / "resources.json"  # what `chatrl pipeline run` measured: peak RSS of the tree
+    resources = Path(cfg.run_dir) / "resources.json"  # what `chatrl pipeline run` measured: peak PSS of the tree
     stage, label = round_stage(cfg, 0)
     ev = state.get("evals", {}).get(label)
     if ev is None:
@@ -129,7 +129,7 @@ def read_result(cfg, method: str, seed: int) -> dict | None:
            "gold": ev["gold"], "gold_se": ev["gold_se"], "rm": ev.get("rm"), "kl": ev["kl"],
            "length": ev["length"], "n_eval": ev["n"], "round_seconds": seconds,
            "run_wall_seconds": json.loads(run_file.read_text())["run_wall_seconds"] if run_file.exists() else None,
-           "peak_rss_gib": json.loads(resources.read_text()).get("peak_rss_gib") if resources.exists() else None,
+           "peak_pss_gib": json.loads(resources.read_text()).get("peak_pss_gib") if resources.exists() else None,
            "sft_eval": state["evals"].get("SFT"), "shared_evals": {k: state["evals"][k] for k in shared_evals
                                                                    if k in state["evals"]}}
     if method == "dpo":
@@ -248,9 +248,10 @@ def markdown(res: dict) -> str:
         lines.append(f"- Resumed after an interruption (wall time covers the resumed part only): {', '.join(resumed)}.")
     for r in res.get("failed", []):
         lines.append(f"- **Failed**: {r['method']} seed {r['seed']}: {r['error'].splitlines()[0]}")
-    lines += ["- Per run (gold ± eval SE, RM, KL, round seconds): " + "; ".join(
+    lines += ["- Per run (gold ± eval SE, RM, KL, round seconds, peak memory of the run's processes): " + "; ".join(
         f"{r['method']} s{r['seed']} {r['gold']:+.3f} ± {r['gold_se']:.3f}, {_num(r['rm'], True)}, {r['kl']:.2f}, "
-        f"{r['round_seconds']:.0f}" for r in runs),
+        f"{r['round_seconds']:.0f}, " + (f"{r['peak_pss_gib']:.1f} GiB" if r.get("peak_pss_gib") else "–")
+        for r in runs),
         "- Machine: " + ", ".join(f"{k} {m[k]}" for k in m) + f"; the runs took {res['runs_seconds']:.0f} s "
         "in all (their processes: service and Ray start-up and evaluation included).", ""]
     return "\n".join(lines)
