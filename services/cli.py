@@ -133,10 +133,6 @@ class MemorySampler:
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> MemorySampler:
-        try:
-            import psutil  # noqa: F401 — installed with Ray; without it nothing is measured
-        except ImportError:
-            return self
         self._thread.start()
         return self
 

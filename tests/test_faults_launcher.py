@@ -28,3 +28,39 @@ def test_running_out_of_time_says_what_to_raise_and_stops_the_processes(tmp_path
     msg = str(e.value)
     assert "feedback (UNAVAILABLE)" in msg and START_TIMEOUT_ENV in msg and str(tmp_path / "logs") in msg
     assert c.procs == {}  # stopped
+
+
+RAY_HALF_START = """
+import json, psutil, ray, ray._private.services as services
+from chatrl.services.trainer.rollout import init_ray
+real, calls = services.get_node, []
+def get_node(*a, **k):  # the raylet "never registers" on the first start: Ray gives up after GCS + raylet are up
+    calls.append(1)
+    if len(calls) == 1:
+        raise ValueError("simulated: the raylet did not register in time")
+    return real(*a, **k)
+services.get_node = get_node
+init_ray(num_cpus=1)
+names = [p.name() for p in psutil.Process().children(recursive=True)]
+print(json.dumps({"gcs": names.count("gcs_server"), "raylet": names.count("raylet"),
+                  "cpus": ray.cluster_resources().get("CPU")}))
+ray.shutdown()
+"""
+
+
+def test_a_ray_start_that_fails_half_way_leaves_nothing_running_beside_the_retry(tmp_path):
+    """The first ray.init gets as far as a running GCS and raylet, then fails (as Ray's fixed 30-s raylet
+    registration wait does on a loaded machine); the retry runs beside no leftover of it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from kit import CHILD_ENV
+
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **CHILD_ENV}
+    r = subprocess.run([sys.executable, "-c", RAY_HALF_START], capture_output=True, text=True, env=env,
+                       timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trying once more" in r.stderr and "the failed Ray start left behind" in r.stderr, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"gcs": 1, "raylet": 1, "cpus": 1.0}

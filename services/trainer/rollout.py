@@ -127,6 +127,7 @@ def init_ray(num_cpus: int | None = None, attempts: int = 2) -> None:
     wait = os.environ.get(RAY_START_TIMEOUT_ENV, "300")
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(float(wait))))
     for attempt in range(1, attempts + 1):
+        before = _descendants()
         try:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
@@ -138,13 +139,38 @@ def init_ray(num_cpus: int | None = None, attempts: int = 2) -> None:
                      _node_ip_address="127.0.0.1", log_to_driver=False)
             return
         except Exception as e:  # Ray raises plain Exception / RuntimeError / TimeoutError here
-            ray.shutdown()  # stop what the failed start left running before the next try
+            ray.shutdown()
+            # A start that fails half-way (the raylet did not register within Ray's fixed 30 s on a loaded
+            # machine) leaves its GCS, raylet and agents running, which shutdown() does not know about: they
+            # would compete with the next try (measured: a second try beside them never got its GCS up)
+            _kill_new_descendants(before)
             if attempt == attempts:
                 raise RuntimeError(
                     f"Ray did not start ({attempts} tries): {type(e).__name__}: {e}. On a busy machine raise "
                     f"${RAY_START_TIMEOUT_ENV} (seconds, now {wait}); Ray's logs are under /tmp/ray/session_latest"
                 ) from e
             log.warning("Ray start-up failed (%s: %s); trying once more", type(e).__name__, e)
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _kill_new_descendants(before: set[int]) -> None:
+    """SIGKILL the processes below this one that were not there in ``before`` (what a failed start spawned)."""
+    import psutil
+
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    if procs:
+        log.warning("stopped %d processes the failed Ray start left behind", len(procs))
 
 
 class RolloutPool:
