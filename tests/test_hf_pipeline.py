@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,7 @@ def test_policy_service_applies_pushed_adapters_to_its_base(lora_run):
         assert meta["lora_base"] == sft_ck.sha256
         sink = PolicyServiceSink(client, meta)
         sink.push(sft_ck.model_state(), 1)  # seeding: the full SFT weights (with its adapters)
+        first = svc.engine.latest.model.state_dict()
         ppo_model = model_from_checkpoint(ppo_ck)
         sink.push(adapter_state_dict(ppo_model), 2)
         served = svc.engine.latest
@@ -119,17 +121,83 @@ def test_policy_service_applies_pushed_adapters_to_its_base(lora_run):
         mine = served.model.state_dict()
         for k, v in ppo_model.state_dict().items():
             assert torch.equal(mine[k], v), k
+        # the new version holds only the adapter's bytes: its base tensors are version 1's, not a copy
+        for k, v in mine.items():
+            assert (v.data_ptr() == first[k].data_ptr()) == ("lora_" not in k), k
+        # full pushes after that get weights of their own, and no push overwrites in place a retired model that
+        # shares its base with another (version 1 and 2 share one: whichever serves must keep its weights)
+        sft = model_from_checkpoint(sft_ck).state_dict()
+        for version in (3, 4):
+            full = {k: v + version if v.is_floating_point() else v for k, v in ppo_model.state_dict().items()}
+            sink.push(full, version)
+            now = svc.engine.latest.model.state_dict()
+            assert all(now[k].data_ptr() != first[k].data_ptr() for k in now)
+            assert all(torch.equal(now[k], full[k]) for k in full)
+        assert all(torch.equal(first[k], sft[k]) for k in sft)
+        assert all(torch.equal(mine[k], v) for k, v in ppo_model.state_dict().items())
         info = client.model_info()
         assert info.architecture == "hf" and info.tokenizer.kind.startswith("hf:")
         import grpc
 
         with pytest.raises(grpc.RpcError) as e:
-            PolicyServiceSink(client, {**meta, "lora_base": "0" * 64}).push(adapter_state_dict(ppo_model), 3)
+            PolicyServiceSink(client, {**meta, "lora_base": "0" * 64}).push(adapter_state_dict(ppo_model), 5)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "lora_base" in e.value.details()
     finally:
         client.close()
         srv.stop(0)
         svc.close()
+
+
+def test_model_services_hold_an_hf_model_in_bf16_when_asked(lora_run):
+    """dtype bf16: policy-inference, reference-model and reward-scoring hold an HF model's weights in bf16 (half
+    the memory and the bytes a decode step reads), fp32 pushes and adapters included, and still answer:
+    sampled tokens with finite logprobs, reference logprobs and rewards within bf16 rounding of fp32's."""
+    from chatrl.clients.lib import PolicyClient
+    from chatrl.services.core.build import model_from_checkpoint
+    from chatrl.services.core.generate import sequence_logprobs
+    from chatrl.services.core.lora import adapter_state_dict
+    from chatrl.services.policy.server import PolicyConfig, build
+    from chatrl.services.runtime.model_host import ModelHost
+    from chatrl.services.runtime.server import ServerConfig
+    from chatrl.services.trainer.pipeline import policy_metadata
+    from chatrl.services.trainer.rl import PolicyServiceSink
+
+    cfg, _ = lora_run
+    run = Path(cfg.run_dir)
+    sft_ck, ppo_ck = load_checkpoint(run / "checkpoints" / "sft"), load_checkpoint(run / "checkpoints" / "ppo_r0")
+    srv, svc = build(ServerConfig(port=0, auth_token_env=""), PolicyConfig(dtype="bf16"))
+    client = PolicyClient(srv.address, timeout=120)
+    try:
+        sink = PolicyServiceSink(client, policy_metadata(sft_ck.path))
+        sink.push(sft_ck.model_state(), 1)
+        ppo_model = model_from_checkpoint(ppo_ck)
+        sink.push(adapter_state_dict(ppo_model), 2)
+        res = client.generate(["How was the film?"], n=2, max_new_tokens=6, temperature=1.0, seed=3)
+        assert res.model_version == 2
+        served = svc.engine.latest.model
+        assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
+        for k, v in adapter_state_dict(ppo_model).items():
+            assert torch.equal(served.state_dict()[k], v.to(torch.bfloat16)), k
+        from chatrl.services.proto.codecs import tensor_from_proto
+
+        for c in res.results[0].completions:
+            assert len(c.token_ids) == 6 and np.isfinite(tensor_from_proto(c.logprobs)).all()
+    finally:
+        client.close()
+        srv.stop(0)
+        svc.close()
+    ref32, ref16 = (ModelHost("reference-model", scalar_head=False, dtype=d).load(str(ppo_ck.path)).model
+                    for d in ("fp32", "bf16"))
+    assert {p.dtype for p in ref16.parameters()} == {torch.bfloat16}
+    seqs = [list(range(5, 25)), list(range(30, 42))]
+    lp32, lp16 = (sequence_logprobs(m, seqs) for m in (ref32, ref16))
+    diff = torch.tensor([a - b for x, y in zip(lp32, lp16) for a, b in zip(x, y)]).abs()
+    assert diff.mean() < 0.1, diff
+    rm32, rm16 = (ModelHost("reward-model", scalar_head=True, dtype=d).load(str(run / "checkpoints" / "reward_r0"))
+                  .model for d in ("fp32", "bf16"))
+    assert rm16.scalar_head.weight.dtype == torch.bfloat16
+    ids = torch.tensor(seqs[0])[None]
+    assert abs(float(rm32(ids).scalar[0, -1]) - float(rm16(ids).scalar[0, -1])) < 0.05
 
 
 def test_ppo_without_lora_trains_and_pushes_every_weight(tiny_data, tiny_gold, model_dir, tmp_path, ray_session):

@@ -351,8 +351,14 @@ def load_state_into(template: torch.nn.Module, state: dict[str, torch.Tensor], d
                     into: torch.nn.Module | None = None) -> torch.nn.Module:
     """A model shaped like ``template`` holding ``state`` (copied: ``state`` may be views of a buffer the
     caller reuses); strict about names and shapes (tied / absent heads allowed). ``into``, a retired model
-    of the same architecture, is overwritten instead of copying ``template`` (no fresh allocation)."""
+    of the same architecture, is overwritten instead of copying ``template`` (no fresh allocation).
+
+    Tensors of ``state`` that *are* the template's own (a LoRA adapter push: the new adapter plus the base
+    this replica holds) are shared, not copied: the new model costs the adapter's bytes, not another copy of
+    the base. Models that share weights are marked and never overwritten in place as ``into``."""
     own = template.state_dict()
+    shared = {k for k, t in state.items() if k in own and torch.is_tensor(t) and t.data_ptr() == own[k].data_ptr()
+              and t.dtype == own[k].dtype and t.shape == own[k].shape}
     tied = getattr(getattr(template, "cfg", None), "tie_embeddings", False)
     unexpected = sorted(k for k in state if k not in own and not k.startswith("scalar_head."))
     missing = sorted(k for k in own if k not in state and not (tied and k == "lm_head.weight")
@@ -365,14 +371,25 @@ def load_state_into(template: torch.nn.Module, state: dict[str, torch.Tensor], d
         if k in own and tuple(own[k].shape) != tuple(t.shape):
             raise ValueError(f"weights[{k!r}] has shape {list(t.shape)}, the model expects {list(own[k].shape)}")
         # min and max propagate NaN and inf, and cost ~20x less than a full isfinite mask
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+        if (k not in shared and t.is_floating_point() and t.numel()
+                and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())):
             raise ValueError(f"weights[{k!r}] contains NaN or inf")
+    if shared:
+        params = template.state_dict(keep_vars=True)
+        model = copy.deepcopy(template, {id(params[k]): params[k] for k in shared})  # the memo: kept, not copied
+        model._chatrl_shares_weights = template._chatrl_shares_weights = True
+        model.load_state_dict({k: v for k, v in state.items() if k in own and k not in shared}, strict=False)
+        return model.to(device).eval()
     if into is not None:
         mine = into.state_dict()
-        if type(into) is not type(template) or mine.keys() != own.keys() or any(
-                mine[k].shape != own[k].shape or mine[k].dtype != own[k].dtype for k in own):
+        if getattr(into, "_chatrl_shares_weights", False) or type(into) is not type(template) or (
+                mine.keys() != own.keys()) or any(mine[k].shape != own[k].shape or mine[k].dtype != own[k].dtype
+                                                  for k in own):
             into = None
-    model = into if into is not None else copy.deepcopy(template)
+    if into is None:
+        into = copy.deepcopy(template)
+        into._chatrl_shares_weights = False  # a copy of everything: its own weights
+    model = into
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model.to(device).eval()
 
@@ -409,7 +426,7 @@ class GenerationEngine:
         if model is not None:
             if version < 1:
                 raise ValueError("version must be >= 1 for a loaded model")
-            self._active = ModelSlot(model.to(device).eval(), version, tokenizer, dict(meta or {}))
+            self._active = ModelSlot(self._serving(model), version, tokenizer, dict(meta or {}))
             self._stats.model_version = version
         self._tokenizer = tokenizer
         # decode-thread state
@@ -574,7 +591,7 @@ class GenerationEngine:
         version = int(version)
         owned = not isinstance(weights, torch.nn.Module)
         if not owned:
-            model = weights.to(self.device).eval()
+            model = self._serving(weights)
         else:
             template = self.latest
             if template is None:
@@ -606,6 +623,16 @@ class GenerationEngine:
                         raise TimeoutError(f"version {version} not active after {timeout}s")
                     self._swapped.wait(left)
         return prev
+
+    def _serving(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the engine's device, in eval mode; a Hugging Face model also with its weights in the
+        engine's dtype (bf16: half the bytes each decode step reads, half the memory), as ModelHost loads
+        them. chatrl's GPT keeps fp32 weights and runs under autocast."""
+        model = model.to(self.device).eval()
+        hf = getattr(getattr(model, "cfg", None), "to_dict", lambda: {})().get("architecture") == "hf"
+        if hf and self.dtype in ("bf16", "fp16"):
+            model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype])
+        return model
 
     def _check_version(self, version: int) -> None:
         with self._cv:

@@ -37,6 +37,10 @@ class Loaded:
 
 
 class ModelHost:
+    """``dtype`` (fp32 | bf16 | fp16): what the model computes in. A Hugging Face model also *holds* its weights
+    in it (bf16 halves the memory and the bytes each decode step reads); chatrl's GPT keeps fp32 weights and
+    runs under autocast."""
+
     def __init__(self, name: str, scalar_head: bool, device: str = "cpu", dtype: str | None = None) -> None:
         self.name, self.scalar_head, self.device, self.dtype = name, scalar_head, device, dtype
         self._lock = threading.Lock()
@@ -100,7 +104,7 @@ class ModelHost:
         if self.scalar_head and not has_head:
             raise invalid("checkpoint_uri", f"{ck.path} has no scalar head (not a reward model checkpoint)")
         try:  # GPT or HF (architecture "hf", LoRA adapters included), as the manifest says
-            model = model_from_checkpoint(ck, self.scalar_head, self.device)
+            model = model_from_checkpoint(ck, self.scalar_head, self.device, self.dtype)
             tok = tokenizer_from_checkpoint(ck)
         except ImportError as e:  # transformers is an optional extra
             raise precondition(f"checkpoint_uri: {ck.path} holds a Hugging Face model, which needs the "
@@ -122,7 +126,8 @@ class ModelHost:
         if self.scalar_head and not (path / "scalar_head.safetensors").is_file():
             raise invalid("checkpoint_uri", f"{path} has no scalar_head.safetensors (not a reward model)")
         try:
-            model, tok = load_hf(path, scalar_head=self.scalar_head, device=self.device)
+            model, tok = load_hf(path, scalar_head=self.scalar_head, device=self.device,
+                                 dtype=self.dtype or torch.float32)
         except ImportError as e:  # transformers is an optional extra
             raise precondition(f"checkpoint_uri: {path} is a Hugging Face model directory, which needs the "
                                f"transformers extra (pip install 'chatrl[hf]'): {e}") from None
