@@ -5,7 +5,8 @@ Opt-in, ``python -m bench.run --real``: the rows take ~15 minutes on 2 idle core
 1. **Generate** over gRPC (policy-inference, a separate process, 1 torch thread) vs HF ``generate()``
    in-process (1 thread) on the same weights, batch 1 and 16, sampled (T = 1), the same chat-rendered
    prompts and exactly ``max_new_tokens`` new tokens on both sides (no end token: the policy is pushed
-   without a tokenizer, HF's ``eos_token_id`` is unset). Goal ≥ 2×.
+   without a tokenizer, HF's ``eos_token_id`` is unset). Goal ≥ 2×. Twice: fp32 weights on both sides;
+   then the service holding bf16 weights (``policy.dtype=bf16``) vs HF with bf16 weights and vs HF fp32.
 2. **One RL iteration** (rollout + score + reference + update + push) of chatrl — the RL loop with Ray
    workers calling the three model services, ``ppo.algorithm: rloo`` (TRL's algorithm), LoRA adapters
    trained and pushed — vs TRL ``RLOOTrainer`` with the same model, prompts (P × K completions, ≤ N tokens,
@@ -101,52 +102,77 @@ def chat_prompt_ids(tok, n: int, seed: int) -> list[list[int]]:
 
 
 def generation_rows(rs: RealSize, wd: Workdir, src: Path, notes: list[str]) -> list[Row]:
+    """Per dtype: the policy service holding fp32 weights vs HF in fp32; then the service holding bf16 weights
+    (``policy.dtype=bf16``, what demo-real serves) vs HF with bf16 weights and vs HF fp32 (HF's default, the
+    issue's baseline) in the same interleaved repeats."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chatrl.clients.lib import PolicyClient
     from chatrl.services.core.build import open_model
 
     model, tok = open_model(src)  # chatrl's view of the same weights: what the policy service is pushed
-    hf = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # exactly max_new_tokens, as the tokenizer-less policy
-    hf.generation_config.pad_token_id = tok.pad_id
+    state, config_json = model.state_dict(), json.dumps(model.cfg.to_dict())
+    del model
+    hfs = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        hf = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=dt).eval()
+        hf.generation_config.eos_token_id = None  # exactly max_new_tokens, as the tokenizer-less policy
+        hf.generation_config.pad_token_id = tok.pad_id
+        hfs[name] = hf
+    rows: list[Row] = []
+    for dtype in ("fp32", "bf16"):
+        with ServiceProc("policy", wd.path / "logs", threads=1, metrics=True, max_batch_size=max(rs.gen_batches),
+                         dtype=dtype) as svc:
+            rows += _generation_pass(rs, svc, tok, state, config_json, hfs, dtype)
+    notes.append("Generate: goal ≥ 2× HF generate() (issue 10); 1 torch thread on both sides, no end token; the "
+                 "fp32 rows hold fp32 weights on both sides; the bf16 rows serve bf16 weights (policy.dtype=bf16, "
+                 "demo-real's setting) against HF holding bf16 weights too, and against HF's fp32 default")
+    return rows
+
+
+def _generation_pass(rs: RealSize, svc: ServiceProc, tok, state: dict, config_json: str, hfs: dict,
+                     dtype: str) -> list[Row]:
+    from chatrl.clients.lib import PolicyClient
+
     n_new = rs.gen_new_tokens
     rows: list[Row] = []
-    with ServiceProc("policy", wd.path / "logs", threads=1, metrics=True, max_batch_size=max(rs.gen_batches)) as svc:
-        svc.wait(serving=False)
-        client = PolicyClient(svc.address, timeout=600)
-        # no tokenizer_json: the engine knows no end token, so every row decodes n_new tokens like HF's
-        client.update_weights(model.state_dict(), 1, metadata={"config_json": json.dumps(model.cfg.to_dict())})
-        del model
-        svc.wait(serving=True)
-        for b in rs.gen_batches:
-            prompts = chat_prompt_ids(tok, b, seed=5 + b)
+    svc.wait(serving=False)
+    client = PolicyClient(svc.address, timeout=600)
+    # no tokenizer_json: the engine knows no end token, so every row decodes n_new tokens like HF's
+    client.update_weights(state, 1, metadata={"config_json": config_json})
+    svc.wait(serving=True)
+    for b in rs.gen_batches:
+        prompts = chat_prompt_ids(tok, b, seed=5 + b)
 
-            def ours(prompts=prompts) -> float:
+        def ours(prompts=prompts) -> float:
+            t = time.perf_counter()
+            res = client.generate(prompts, max_new_tokens=n_new, temperature=1.0, seed=7)
+            dt = time.perf_counter() - t
+            toks = sum(len(c.token_ids) for r in res.results for c in r.completions)
+            assert toks == len(prompts) * n_new, f"expected {len(prompts) * n_new} tokens, got {toks}"
+            return toks / dt
+
+        def theirs(hf, prompts=prompts) -> float:
+            with torch_threads(1):
                 t = time.perf_counter()
-                res = client.generate(prompts, max_new_tokens=n_new, temperature=1.0, seed=7)
-                dt = time.perf_counter() - t
-                toks = sum(len(c.token_ids) for r in res.results for c in r.completions)
-                assert toks == len(prompts) * n_new, f"expected {len(prompts) * n_new} tokens, got {toks}"
-                return toks / dt
+                toks = hf_generate(hf, prompts, n_new, tok.pad_id, seed=7)
+                return toks / (time.perf_counter() - t)
 
-            def theirs(prompts=prompts) -> float:
-                with torch_threads(1):
-                    t = time.perf_counter()
-                    toks = hf_generate(hf, prompts, n_new, tok.pad_id, seed=7)
-                    return toks / (time.perf_counter() - t)
-
-            log(f"real model: Generate, sampled, batch {b}")
-            before = svc.metric("chatrl_policy_batch_size_sum"), svc.metric("chatrl_policy_batch_size_count")
-            r = interleave(rs.reps, {"chatrl": ours, "peer": theirs})
-            steps = svc.metric("chatrl_policy_batch_size_count") - before[1]
-            mean_batch = (svc.metric("chatrl_policy_batch_size_sum") - before[0]) / steps if steps else None
-            rows.append(compare(NAME, f"Generate, sampled, batch {b}", "tokens/s", r["chatrl"], PEER_GEN, r["peer"],
-                                new_tokens=n_new, mean_prompt_len=sum(map(len, prompts)) / b,
+        peers = {"fp32": lambda: theirs(hfs["fp32"])}
+        if dtype == "bf16":
+            peers = {"bf16": lambda: theirs(hfs["bf16"]), **peers}
+        label = "" if dtype == "fp32" else ", bf16 weights"
+        log(f"real model: Generate, sampled, batch {b}{label}")
+        before = svc.metric("chatrl_policy_batch_size_sum"), svc.metric("chatrl_policy_batch_size_count")
+        r = interleave(rs.reps, {"chatrl": ours, **peers})
+        steps = svc.metric("chatrl_policy_batch_size_count") - before[1]
+        mean_batch = (svc.metric("chatrl_policy_batch_size_sum") - before[0]) / steps if steps else None
+        for peer_dtype in peers:
+            peer = PEER_GEN + ("" if peer_dtype == dtype else f", {peer_dtype} weights")
+            rows.append(compare(NAME, f"Generate, sampled, batch {b}{label}", "tokens/s", r["chatrl"], peer,
+                                r[peer_dtype], new_tokens=n_new, mean_prompt_len=sum(map(len, prompts)) / b,
                                 mean_engine_batch=mean_batch, threads=1))
-        client.close()
-    notes.append("Generate: goal ≥ 2× HF generate() (issue 10); both sides fp32, 1 torch thread, no end token")
+    client.close()
     return rows
 
 
@@ -301,7 +327,12 @@ def rl_rows(rs: RealSize, wd: Workdir, src: Path, cfg, chatrl_iterations, phases
 def trl_peer(rs: RealSize, wd: Workdir, src: Path, cfg):
     """TRL RLOO on ``src`` with the run's LoRA setting and a reward model of the same backbone (random head)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     from bench.rl_iteration import trl_rloo
 
@@ -313,8 +344,11 @@ def trl_peer(rs: RealSize, wd: Workdir, src: Path, cfg):
         str(src), local_files_only=True, num_labels=1, dtype=torch.float32, pad_token_id=tok.pad_token_id)
     prompts = [[{"role": "user", "content": p}] for p in prompts_text(rs.rl_prompts * 64, 11)]
     mb = rs.rl_prompts * rs.rl_samples
+    with torch.device("meta"):  # the architecture names the LoRA targets; no weights needed for that
+        shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src), local_files_only=True))
+    peft_config = cfg.lora.to_peft(shape, shape.config.num_hidden_layers)
     return trl_rloo(wd, src, reward, tok, prompts, prompts_per_iteration=rs.rl_prompts, samples=rs.rl_samples,
-                    new_tokens=rs.rl_new_tokens, minibatch=mb, peft_config=cfg.lora.to_peft(), out="trl-real")
+                    new_tokens=rs.rl_new_tokens, minibatch=mb, peft_config=peft_config, out="trl-real")
 
 
 def push_rows(rs: RealSize, trainer, sink, client, meta: dict, phases: list[dict], notes: list[str]) -> list[Row]:

@@ -128,9 +128,15 @@ def test_real_model_rows_on_a_tiny_llama(wd, ray_bench, tmp_path):
 
     rows, notes = real_model.run(MICRO, wd, tiny_hf_dir(tmp_path / "llama"))
     _check_rows(rows, "real_model")
-    assert [r.case for r in rows[:2]] == ["Generate, sampled, batch 1", "Generate, sampled, batch 4"]
-    assert rows[2].case.startswith("RLOO iteration with LoRA")
-    assert rows[2].peer_name.startswith("TRL") == common.trl_available()
+    gen = [(r.case, r.peer_name) for r in rows if r.case.startswith("Generate")]
+    hf = real_model.PEER_GEN
+    assert gen == [("Generate, sampled, batch 1", hf), ("Generate, sampled, batch 4", hf),
+                   ("Generate, sampled, batch 1, bf16 weights", hf),
+                   ("Generate, sampled, batch 1, bf16 weights", f"{hf}, fp32 weights"),
+                   ("Generate, sampled, batch 4, bf16 weights", hf),
+                   ("Generate, sampled, batch 4, bf16 weights", f"{hf}, fp32 weights")]
+    rl = rows[len(gen)]
+    assert rl.case.startswith("RLOO iteration with LoRA") and rl.peer_name.startswith("TRL") == common.trl_available()
     size = next(r for r in rows if r.unit == "MB")
     assert size.chatrl["median"] < size.peer["median"]  # the adapter is a fraction of the full state dict
     assert 0 < size.extra["fraction_of_full"] < 1 and size.extra["rl_loop_MB_pushed_per_iteration"] == \
