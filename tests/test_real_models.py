@@ -45,6 +45,7 @@ from chatrl.services.core.lora import (  # noqa: E402
     check_lora_targets,
     load_adapter_state,
     merge_lora,
+    share_frozen_weights,
     state_bytes,
 )
 from chatrl.services.core.scoring import last_token_scalar  # noqa: E402
@@ -148,6 +149,33 @@ def test_lora_on_the_top_layers_only_leaves_the_lower_layers_out_of_backward(hf_
         check_lora_targets(config, LoraConfig(enabled=True, top_layers=3))
     with pytest.raises(ValueError, match="lora.top_layers"):
         LoraConfig(top_layers=-1)
+
+
+def test_a_lora_value_model_shares_the_policys_frozen_base(hf_dir):
+    """PPO's value model (base + adapters + scalar head) and policy (base + adapters) hold one copy of the
+    base: equal frozen weights become the same tensors, trainable ones stay each model's own, a frozen weight
+    that differs is not shared, and both models compute what they did."""
+    policy, tok = load_hf(hf_dir)
+    critic, _ = load_hf(hf_dir, scalar_head=True)
+    for m in (policy, critic):
+        apply_lora(m, Q_V)
+        for v in adapter_state_dict(m).values():
+            v.data.normal_(std=0.5)
+    layer_norm = "hf.model.norm.weight"
+    with torch.no_grad():
+        dict(critic.named_parameters())[layer_norm].add_(1.0)  # differs from the policy's: must stay its own
+    ids, mask = batch(tok)
+    with torch.no_grad():
+        before = critic(ids, mask).scalar, policy(ids, mask).logits
+    base = {n: p for n, p in critic.named_parameters() if not p.requires_grad and n != layer_norm}
+    saved = share_frozen_weights(critic, policy)
+    mine, theirs = dict(critic.named_parameters(remove_duplicate=False)), dict(policy.named_parameters())
+    assert all(mine[n] is theirs[n] for n in base)
+    assert mine[layer_norm] is not theirs[layer_norm]
+    assert all(p is not theirs.get(n) for n, p in mine.items() if p.requires_grad)
+    assert saved == sum(p.numel() * p.element_size() for p in {id(p): p for p in base.values()}.values())
+    with torch.no_grad():
+        assert torch.equal(critic(ids, mask).scalar, before[0]) and torch.equal(policy(ids, mask).logits, before[1])
 
 
 @torch.no_grad()

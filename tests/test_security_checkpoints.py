@@ -10,7 +10,7 @@ import torch
 from kit import rpc_error, save_tiny_checkpoint, tiny_gpt, tiny_tokenizer
 
 from chatrl.services.core.checkpoint import load_checkpoint, save_checkpoint
-from chatrl.services.core.generate import token_logprobs
+from chatrl.services.core.generate import head_logprobs, token_logprobs
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
 from chatrl.services.reference.server import ReferenceConfig, build
 from chatrl.services.runtime.server import ServerConfig
@@ -104,6 +104,10 @@ def test_log_probs_are_gathered_in_chunks_and_batches_follow_the_token_budget(se
     targets = torch.randint(0, 11, (3, 5))
     want = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)
     got = token_logprobs(logits, targets, 0.7, max_elems=2 * 11)  # two positions of one row per chunk
+    assert torch.allclose(got, want, atol=1e-6)
+    head, hidden = torch.nn.Linear(4, 11, bias=False), torch.randn(7, 4)  # the LM head on 7 positions, 3 a slice
+    want = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, targets.reshape(-1)[:7, None]).squeeze(-1)
+    got = head_logprobs(head, hidden, targets.reshape(-1)[:7], 0.7, max_elems=3 * 11)
     assert torch.allclose(got, want, atol=1e-6)
     stub, srv, _ = served
     # 6 sequences of 10 tokens against a budget of 24 tokens: at most 2 per forward pass

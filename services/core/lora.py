@@ -203,3 +203,25 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def share_frozen_weights(model: nn.Module, source: nn.Module) -> int:
+    """Point ``model``'s frozen parameters at ``source``'s same-named ones wherever they hold equal values —
+    PPO's LoRA value model and policy sit on one base (the SFT checkpoint's), so the trainer keeps one copy of
+    it instead of two. Trainable parameters (adapters, the scalar head) stay ``model``'s own. Returns the
+    bytes no longer held twice."""
+    theirs = dict(source.named_parameters(remove_duplicate=False))
+    swap: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        q = theirs.get(name)
+        if (q is None or p is q or id(p) in swap or p.requires_grad or q.requires_grad or p.shape != q.shape
+                or p.dtype != q.dtype or p.device != q.device or not torch.equal(p, q)):
+            continue
+        swap[id(p)] = q
+    saved = {}
+    for mod in model.modules():
+        for leaf, p in list(mod._parameters.items()):  # a tied weight appears under several modules
+            if p is not None and id(p) in swap:
+                saved[id(p)] = p.numel() * p.element_size()
+                mod._parameters[leaf] = swap[id(p)]
+    return sum(saved.values())

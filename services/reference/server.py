@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from chatrl.services.core.generate import token_logprobs
+from chatrl.services.core.generate import head_logprobs
 from chatrl.services.core.model import autocast
 from chatrl.services.core.scoring import right_pad
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
@@ -36,7 +36,7 @@ class ReferenceConfig:
     max_batch_tokens: int = 16384  # tokens (summed lengths) per forward pass; a longer sequence goes alone
     max_wait_ms: float = 5.0
     max_queue: int = 4096
-    logprob_chunk_elems: int = 1 << 24  # fp32 logits per chunk of the log-prob gather (64 MiB)
+    logprob_chunk_elems: int = 1 << 24  # logits per slice of the LM head + log-softmax (64 MiB in fp32)
 
 
 class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
@@ -64,12 +64,19 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):
         for (_, temp), idx in groups.items():
             snap = items[idx[0]][0]
             ids, mask = right_pad([items[i][1] for i in idx], snap.tok.pad_id, self.cfg.device)
-            with torch.no_grad(), autocast(self.cfg.dtype, self.cfg.device.split(":")[0]):
-                logits = snap.model(ids, mask).logits  # [B, T, V] in the model's dtype
-                tok_lp = token_logprobs(logits[:, :-1], ids[:, 1:], temp, self.cfg.logprob_chunk_elems).cpu()
-            for row, i in enumerate(idx):
+            want = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
+            for row, i in enumerate(idx):  # the positions that predict a response token
                 _, seq, start, _ = items[i]
-                out[i] = tok_lp[row, start - 1: len(seq) - 1].clone()
+                want[row, start - 1: len(seq) - 1] = True
+            with torch.no_grad(), autocast(self.cfg.dtype, self.cfg.device.split(":")[0]):
+                hidden = snap.model(ids, mask, lm_head=False).hidden  # the LM head on response tokens only
+                lp = head_logprobs(snap.model.lm_head, hidden[:, :-1][want], ids[:, 1:][want], temp,
+                                   self.cfg.logprob_chunk_elems).cpu()
+            at = 0
+            for i in idx:
+                _, seq, start, _ = items[i]
+                out[i] = lp[at:at + len(seq) - start].clone()
+                at += len(seq) - start
         self.m_batch.observe(len(items))
         return out
 

@@ -39,6 +39,7 @@ from chatrl.services.core.checkpoint import (
     unflatten_optimizer,
 )
 from chatrl.services.core.config import RunConfig
+from chatrl.services.core.lora import share_frozen_weights
 from chatrl.services.core.model import GPT, autocast
 from chatrl.services.core.seeding import derive_seed
 from chatrl.services.core.tokenizer import ChatTokenizer
@@ -136,10 +137,12 @@ class PPOTrainer:
         # The value model is a second network (the reward model's backbone + scalar head), not a value head on
         # the policy's trunk: InstructGPT initialises it from the RM, so V starts out knowing what scores well,
         # and the policy's gradient never has to share a trunk with a regression target. Under LoRA its
-        # cost is one more forward/backward through frozen weights (and one more copy of them in memory).
-        return cls(cfg, with_lora(cfg, model_from_checkpoint(policy_init, device=cfg.device)),
-                   with_lora(cfg, model_from_checkpoint(value_init, scalar_head=True, device=cfg.device)),
-                   tok, round_, ptx)
+        # cost is one more forward/backward through frozen weights — but not a second copy of them: both
+        # adapters sit on the SFT checkpoint's base, which the two models then share.
+        policy = with_lora(cfg, model_from_checkpoint(policy_init, device=cfg.device))
+        critic = with_lora(cfg, model_from_checkpoint(value_init, scalar_head=True, device=cfg.device))
+        share_frozen_weights(critic, policy)
+        return cls(cfg, policy, critic, tok, round_, ptx)
 
     def push_state(self) -> dict[str, torch.Tensor]:
         """What a weight push carries: the LoRA adapters only when the policy has them (policy-inference
