@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     from chatrl.clients.cli import run_command
     from chatrl.services.core.config import ConfigError
     from chatrl.services.core.formats import FormatError
+    from chatrl.services.runtime.memory import start_trimmer
 
+    start_trimmer()  # training stages free GBs of tensors: hand them back to the OS, not just to glibc
     t0 = time.perf_counter()
     rc = run_command(args.fn, args, (ConfigError, FormatError, FileNotFoundError, TimeoutError),
                      interrupted="interrupted (checkpoints written so far are kept; rerun to resume)")

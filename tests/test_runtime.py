@@ -10,7 +10,7 @@ import threading
 import grpc
 import pytest
 import torch
-from kit import rpc_error
+from kit import env_var, rpc_error
 
 from chatrl.clients.lib import ClientOptions, RewardClient
 from chatrl.services.proto.codecs import TensorDecodeError, tensor_from_proto, tensor_to_proto
@@ -214,3 +214,47 @@ def test_weight_payload_with_overlapping_tensors_is_refused():
     payload = bytearray(struct.pack("<Q", len(header)) + header + bytes(12))
     with pytest.raises(WeightsFormatError, match="overlap"):
         unpack_state(payload)
+
+
+TRIM_SCRIPT = r"""
+import ctypes, json, psutil
+from chatrl.services.runtime.memory import release_free_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: psutil.Process().memory_info().rss
+big = libc.malloc(16 << 20); ctypes.memset(big, 1, 16 << 20); libc.free(big)  # glibc raises its mmap threshold
+blocks = [libc.malloc(1 << 20) for _ in range(400)]  # 400 MB of 1-MB blocks, now from the heap
+for b in blocks:
+    ctypes.memset(b, 1, 1 << 20)
+for b in blocks[:-1]:  # all but the last: the heap's top stays in use, so glibc's own trimming cannot shrink it
+    libc.free(b)
+before = rss()
+ok = release_free_memory()
+print(json.dumps({"ok": ok, "before": before, "after": rss()}))
+"""
+
+
+def test_freed_heap_memory_goes_back_to_the_os():
+    """What the trimmer each chatrl process runs does: 400 MB freed to glibc's heap stay resident until
+    malloc_trim hands them back."""
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("malloc_trim is glibc's")
+    r = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["ok"] and got["before"] - got["after"] > 300 << 20, got
+
+
+def test_the_trim_interval_comes_from_the_environment():
+    from chatrl.services.runtime.memory import DEFAULT_TRIM_SECONDS, TRIM_SECONDS_ENV, trim_interval
+
+    with env_var(TRIM_SECONDS_ENV, ""):
+        assert trim_interval() == DEFAULT_TRIM_SECONDS
+    with env_var(TRIM_SECONDS_ENV, "0"):
+        assert trim_interval() == 0
+    for bad in ("often", "-1"):
+        with env_var(TRIM_SECONDS_ENV, bad), pytest.raises(ValueError, match=TRIM_SECONDS_ENV):
+            trim_interval()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from chatrl.services.core.config import ConfigError
 from chatrl.services.runtime.config import load_services_config, split_config
 from chatrl.services.runtime.logs import setup_logging
+from chatrl.services.runtime.memory import start_trimmer
 
 log = logging.getLogger("chatrl.main")
 
@@ -45,6 +46,7 @@ def run_service(service: str, cfg_cls: type, build: Callable, argv: list[str] | 
         print(f"chatrl serve {service}: error: {e}")
         return 2
     setup_logging(server_cfg.log_json)
+    start_trimmer()  # model loads and weight pushes free hundreds of MB at a time: return them to the OS
     srv, svc = build(server_cfg, cfg)
     print(f"{service} serving on {srv.address} (metrics :{srv.metrics_port or 'off'})", flush=True)
     srv.serve_forever(on_stop=getattr(svc, "close", None))
