@@ -43,6 +43,9 @@ def test_metadata_cannot_overwrite_what_the_server_computed(empty_policy):
     info = c.model_info()
     assert info.weights_sha256 == hashlib.sha256(serialize_weights(model.state_dict())).hexdigest()
     assert info.checkpoint_uri == "push:1"
+    assert _staging_bytes(srv) == 0  # the seeding upload keeps no buffer (a LoRA run pushes adapters next)
+    c.update_weights(model.state_dict(), 2)
+    assert _staging_bytes(srv) == len(serialize_weights(model.state_dict()))  # kept for the next full push
 
 
 @pytest.mark.parametrize("change, field", [

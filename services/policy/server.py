@@ -397,8 +397,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
             raise self._engine_error(e) from None
         except ValueError as e:
             raise invalid("chunk.data", str(e)) from None
-        if not was_loaded and self.on_loaded is not None:
-            self.on_loaded()
+        if not was_loaded:
+            # the seeding upload: a LoRA run's next pushes are adapters (a few MB), so a buffer of the full
+            # weights kept for reuse would sit idle through labeling and reward-model training (0.7 GB here)
+            self._staging = None
+            if self.on_loaded is not None:
+                self.on_loaded()
         return policy_pb2.UpdateWeightsResponse(model_version=first.version, previous_model_version=prev,
                                                 bytes_received=first.total_bytes, sha256=sha)
 
@@ -446,7 +450,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyInferenceServiceServicer):
                 if k in shapes and tuple(t.shape) != shapes[k]:
                     raise invalid(field, f"does not fit the payload (shape mismatch): weights[{clip(k, 80)}] is "
                                   f"{list(t.shape)}, the config makes it {list(shapes[k])}")
-            fresh = build_model(mcfg)
+            fresh = build_model(mcfg, dtype=_DTYPES[self.cfg.dtype])  # an HF model in the serving dtype
         except ImportError as e:
             raise precondition(f"chunk.metadata.config_json: a Hugging Face model needs the transformers extra: "
                                f"{e}") from None
