@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from chatrl.services.core.build import architecture
 from chatrl.services.core.generate import RowSampler, SamplingParams, decode_step, prefill, sample_rows
 from chatrl.services.core.model import KVCache, autocast
 
@@ -629,8 +630,8 @@ class GenerationEngine:
         engine's dtype (bf16: half the bytes each decode step reads, half the memory), as ModelHost loads
         them. chatrl's GPT keeps fp32 weights and runs under autocast."""
         model = model.to(self.device).eval()
-        hf = getattr(getattr(model, "cfg", None), "to_dict", lambda: {})().get("architecture") == "hf"
-        if hf and self.dtype in ("bf16", "fp16"):
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and architecture(cfg.to_dict()) == "hf" and self.dtype in ("bf16", "fp16"):
             model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype])
         return model
 

@@ -11,6 +11,7 @@ services and the pipeline's trainer) trims on a timer. Elsewhere than glibc this
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ _started: threading.Thread | None = None
 _lock = threading.Lock()
 
 
+@functools.cache
 def _malloc_trim():
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
