@@ -26,5 +26,6 @@ cleanup() { if [ "$had_policy" = 0 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 trap cleanup EXIT
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+$SUDO apt-get clean  # the .deb files: CI disks can be tight
 command -v prometheus >/dev/null && command -v promtool >/dev/null
 echo "ensure-prometheus: $(prometheus --version 2>&1 | head -1)"
