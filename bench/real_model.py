@@ -11,7 +11,9 @@ Opt-in, ``python -m bench.run --real``: the rows take ~15 minutes on 2 idle core
    workers calling the three model services, ``ppo.algorithm: rloo`` (TRL's algorithm), LoRA adapters
    trained and pushed — vs TRL ``RLOOTrainer`` with the same model, prompts (P × K completions, ≤ N tokens,
    TRL applies the same chat template), one minibatch, KL on, fp32 and the same LoRA setting
-   (``peft.LoraConfig`` from chatrl's own ``lora`` config). Completions/s. Goal ≥ 1.5×.
+   (``peft.LoraConfig`` from chatrl's own ``lora`` config). Completions/s. Goal ≥ 1.5×. Twice: fp32 on both
+   sides; then demo-real's setting (the trainer under bf16 autocast, the three services holding bf16 weights)
+   vs TRL with ``bf16=True`` (its mixed precision: bf16 autocast over fp32 weights, generation included).
 3. **Bytes per push**: a real ``UpdateWeights`` to the RL run's policy-inference replica of the LoRA
    adapters (``weights: adapter`` + ``lora_base``, what a LoRA run pushes each iteration) vs the full state
    dict of the same model; MB and seconds per push. Goal ≤ 5 % of the bytes.
@@ -61,6 +63,7 @@ class RealSize:
     rl_new_tokens: int = 48
     rl_iterations: int = 2  # measured iterations per repeat (after a warm-up)
     rl_workers: int = 2
+    rl_dtypes: tuple[str, ...] = ("fp32", "bf16")  # one RL pass per dtype (services restarted in it)
     lora_r: int = 8  # configs/smollm2.yaml's lora section
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("all-linear",)
@@ -90,7 +93,8 @@ def run(size: Size, wd: Workdir, path: str | Path | None = None) -> tuple[list[R
     rs = REAL_SIZES.get(size.name, REAL_SIZES["quick"])
     notes = [f"model {src}"]
     rows = generation_rows(rs, wd, src, notes)
-    rows += rl_and_push_rows(rs, wd, src, notes)
+    for i, dtype in enumerate(rs.rl_dtypes):
+        rows += rl_and_push_rows(rs, wd, src, notes, dtype=dtype, pushes=i == 0)
     return rows, notes
 
 
@@ -194,12 +198,12 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, pad_id: int, seed
 
 # --- 2. RL iteration vs TRL, and 3. bytes per push ----------------------------------------------------------
 
-def run_config(rs: RealSize, wd: Workdir, src: Path):
+def run_config(rs: RealSize, wd: Workdir, src: Path, dtype: str = "fp32"):
     from chatrl.services.core.config import load_config
 
     targets = ", ".join(rs.lora_targets)
     return load_config(None, [
-        f"run_dir={wd.path / 'real-run'}", "dtype=fp32", f"threads={train_threads()}", f"model.path={src}",
+        f"run_dir={wd.path / f'real-run-{dtype}'}", f"dtype={dtype}", f"threads={train_threads()}", f"model.path={src}",
         "lora.enabled=true", f"lora.r={rs.lora_r}", f"lora.alpha={rs.lora_alpha}", f"lora.target_modules=[{targets}]",
         "ppo.algorithm=rloo", f"ppo.prompts_per_iteration={rs.rl_prompts}", f"ppo.samples_per_prompt={rs.rl_samples}",
         f"ppo.max_new_tokens={rs.rl_new_tokens}", "ppo.epochs=1", f"ppo.minibatch_size={rs.rl_prompts * rs.rl_samples}",
@@ -226,7 +230,10 @@ def checkpoints(cfg, src: Path, root: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def rl_and_push_rows(rs: RealSize, wd: Workdir, src: Path, notes: list[str]) -> list[Row]:
+def rl_and_push_rows(rs: RealSize, wd: Workdir, src: Path, notes: list[str], dtype: str = "fp32",
+                     pushes: bool = True) -> list[Row]:
+    """The RL-iteration row with the trainer computing in ``dtype`` and the three services holding ``dtype``
+    weights (a fresh policy / reward / reference and Ray pool per call), then, if ``pushes``, the push rows."""
     from bench import stack as stk
     from chatrl.clients.lib import PolicyClient
     from chatrl.services.core.checkpoint import load_checkpoint
@@ -236,16 +243,16 @@ def rl_and_push_rows(rs: RealSize, wd: Workdir, src: Path, notes: list[str]) -> 
     from chatrl.services.trainer.stages.common import Reporter
     from chatrl.services.trainer.stages.ppo import PPOTrainer
 
-    cfg = run_config(rs, wd, src)
-    log("real model: writing the policy and reward checkpoints")
-    sft, rm = checkpoints(cfg, src, wd.path / "real-ckpt")
+    cfg = run_config(rs, wd, src, dtype)
+    log(f"real model ({dtype}): writing the policy and reward checkpoints")
+    sft, rm = checkpoints(cfg, src, wd.path / f"real-ckpt-{dtype}")
     stk.init_ray()
     logs = wd.path / "logs"
     procs: dict[str, ServiceProc] = {}
     try:
-        procs["policy"] = ServiceProc("policy", logs)  # empty: seeded by a push, as the pipeline does
-        procs["reward"] = ServiceProc("reward", logs, checkpoint=rm)
-        procs["reference"] = ServiceProc("reference", logs, checkpoint=sft)
+        procs["policy"] = ServiceProc("policy", logs, dtype=dtype)  # empty: seeded by a push, as the pipeline does
+        procs["reward"] = ServiceProc("reward", logs, checkpoint=rm, dtype=dtype)
+        procs["reference"] = ServiceProc("reference", logs, checkpoint=sft, dtype=dtype)
         procs["policy"].wait(serving=False)
         client = PolicyClient(procs["policy"].address, timeout=600)
         meta = policy_metadata(sft)  # config + tokenizer + lora_base: later pushes carry only the adapters
@@ -272,8 +279,9 @@ def rl_and_push_rows(rs: RealSize, wd: Workdir, src: Path, notes: list[str]) -> 
             return done / (time.perf_counter() - t)
 
         try:
-            rows = rl_rows(rs, wd, src, cfg, chatrl_iterations, phases, notes)
-            rows += push_rows(rs, trainer, sink, client, meta, phases, notes)
+            rows = rl_rows(rs, wd, src, cfg, chatrl_iterations, phases, notes, dtype)
+            if pushes:
+                rows += push_rows(rs, trainer, sink, client, meta, phases, notes)
         finally:
             pool.close()
             client.close()
@@ -284,12 +292,12 @@ def rl_and_push_rows(rs: RealSize, wd: Workdir, src: Path, notes: list[str]) -> 
 
 
 def rl_rows(rs: RealSize, wd: Workdir, src: Path, cfg, chatrl_iterations, phases: list[dict],
-            notes: list[str]) -> list[Row]:
+            notes: list[str], dtype: str = "fp32") -> list[Row]:
     n = rs.rl_prompts * rs.rl_samples
-    log("real model: RL iteration, chatrl warm-up")
+    log(f"real model ({dtype}): RL iteration, chatrl warm-up")
     chatrl_iterations(1)
     phases.clear()
-    trl = trl_peer(rs, wd, src, cfg) if trl_available() else None
+    trl = trl_peer(rs, wd, src, cfg, bf16=dtype == "bf16") if trl_available() else None
     res: dict[str, list[float]] = {"chatrl": [], "trl": []}
 
     def run_trl() -> None:
@@ -299,15 +307,17 @@ def rl_rows(rs: RealSize, wd: Workdir, src: Path, cfg, chatrl_iterations, phases
 
     fns = {"chatrl": lambda: res["chatrl"].append(chatrl_iterations(rs.rl_iterations)), "trl": run_trl}
     for rep in range(rs.reps):
-        log(f"real model: RL iteration, repeat {rep + 1}/{rs.reps}")
+        log(f"real model ({dtype}): RL iteration, repeat {rep + 1}/{rs.reps}")
         for k in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
             fns[k]()
     mean = {k: sum(p[k] for p in phases) / len(phases) for k in ("rollout_s", "update_s", "push_s", "response_len")}
-    extra = {"prompts": rs.rl_prompts, "samples_per_prompt": rs.rl_samples, "max_new_tokens": rs.rl_new_tokens,
+    extra = {"dtype": dtype, "prompts": rs.rl_prompts, "samples_per_prompt": rs.rl_samples, "max_new_tokens": rs.rl_new_tokens,
              "lora_r": rs.lora_r, "lora_targets": ",".join(rs.lora_targets), "rollout_workers": rs.rl_workers,
              "train_threads": train_threads(), "chatrl_mean_response_len": mean["response_len"],
              "chatrl_rollout_s": mean["rollout_s"], "chatrl_update_s": mean["update_s"], "chatrl_push_s": mean["push_s"]}
     case = f"RLOO iteration with LoRA, {rs.rl_prompts} prompts × {rs.rl_samples} samples, ≤{rs.rl_new_tokens} tokens"
+    if dtype != "fp32":
+        case += f", {dtype} (trainer autocast, services hold {dtype} weights)"
     if trl is None:
         notes.append("TRL is not installed (pip install -e '.[bench]'): the RL-iteration peer is skipped")
         row = compare(NAME, case, "completions/s", res["chatrl"], **extra)
@@ -315,17 +325,18 @@ def rl_rows(rs: RealSize, wd: Workdir, src: Path, cfg, chatrl_iterations, phases
         import trl as trl_mod
 
         extra["trl_mean_response_len"] = sum(trl[1]) / max(1, len(trl[1]))
-        row = compare(NAME, case, "completions/s", res["chatrl"], f"TRL {trl_mod.__version__} RLOOTrainer (peft LoRA)",
-                      res["trl"], **extra)
-    notes.append(f"RL iteration: goal ≥ 1.5× TRL (issue 10); one chatrl iteration = rollout {mean['rollout_s']:.2f} s "
+        peer = f"TRL {trl_mod.__version__} RLOOTrainer (peft LoRA{', bf16=True' if dtype == 'bf16' else ''})"
+        row = compare(NAME, case, "completions/s", res["chatrl"], peer, res["trl"], **extra)
+    notes.append(f"RL iteration ({dtype}): goal ≥ 1.5× TRL (issue 10); one chatrl iteration = rollout {mean['rollout_s']:.2f} s "
                  f"(Generate + reference LogProbs + Score via Ray workers) + update {mean['update_s']:.2f} s "
                  f"(old logprobs, KL, RLOO advantages, one LoRA step) + push {mean['push_s']:.2f} s (means); responses "
                  f"end at the end token on both sides, so compare the mean response lengths too")
     return [row]
 
 
-def trl_peer(rs: RealSize, wd: Workdir, src: Path, cfg):
-    """TRL RLOO on ``src`` with the run's LoRA setting and a reward model of the same backbone (random head)."""
+def trl_peer(rs: RealSize, wd: Workdir, src: Path, cfg, bf16: bool = False):
+    """TRL RLOO on ``src`` with the run's LoRA setting and a reward model of the same backbone (random head);
+    ``bf16``: TRL's mixed precision (``bf16=True``)."""
     import torch
     from transformers import (
         AutoConfig,
@@ -348,7 +359,8 @@ def trl_peer(rs: RealSize, wd: Workdir, src: Path, cfg):
         shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src), local_files_only=True))
     peft_config = cfg.lora.to_peft(shape, shape.config.num_hidden_layers)
     return trl_rloo(wd, src, reward, tok, prompts, prompts_per_iteration=rs.rl_prompts, samples=rs.rl_samples,
-                    new_tokens=rs.rl_new_tokens, minibatch=mb, peft_config=peft_config, out="trl-real")
+                    new_tokens=rs.rl_new_tokens, minibatch=mb, peft_config=peft_config, bf16=bf16,
+                    out=f"trl-real{'-bf16' if bf16 else ''}")
 
 
 def push_rows(rs: RealSize, trainer, sink, client, meta: dict, phases: list[dict], notes: list[str]) -> list[Row]:

@@ -120,11 +120,12 @@ def trl_runner(size: Size, wd: Workdir, stack, model_cfg):
 
 
 def trl_rloo(wd: Workdir, model_dir, reward, hf_tok, prompts: list, *, prompts_per_iteration: int, samples: int,
-             new_tokens: int, minibatch: int, peft_config=None, out: str = "trl-out"):
+             new_tokens: int, minibatch: int, peft_config=None, bf16: bool = False, out: str = "trl-out"):
     """TRL ``RLOOTrainer`` on the HF model in ``model_dir`` (fp32, KL to the reference on, β 0.05), one
     iteration = ``prompts_per_iteration`` × ``samples`` completions of ≤ ``new_tokens``, trained in minibatches
     of ``minibatch``; ``prompts`` are texts or conversations (TRL applies the chat template to those);
-    ``peft_config`` trains LoRA adapters (TRL's reference is then the base with the adapters off).
+    ``peft_config`` trains LoRA adapters (TRL's reference is then the base with the adapters off); ``bf16``
+    turns on TRL's mixed precision (autocast over the fp32 weights; the default is plain fp32).
     Returns (iterations(k) → the seconds of k iterations, the mean completion lengths, steps per iteration)."""
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -135,7 +136,7 @@ def trl_rloo(wd: Workdir, model_dir, reward, hf_tok, prompts: list, *, prompts_p
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     steps_per_iter = prompts_per_iteration * samples // minibatch
     args = RLOOConfig(
-        output_dir=str(wd.path / out), use_cpu=True, bf16=False, fp16=False, seed=0,
+        output_dir=str(wd.path / out), use_cpu=True, bf16=bf16, fp16=False, seed=0,
         per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
         steps_per_generation=steps_per_iter, num_generations=samples,
         max_completion_length=new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,

@@ -120,8 +120,9 @@ def test_runner_writes_markdown_and_json(tmp_path):
 
 
 def test_real_model_rows_on_a_tiny_llama(wd, ray_bench, tmp_path):
-    """bench.real_model's three rows (Generate vs HF generate(), an RLOO iteration with LoRA vs TRL, adapter vs
-    full pushes) on a random 2-layer Llama standing in for SmolLM2; the TRL peer only with the bench extra."""
+    """bench.real_model's three rows (Generate vs HF generate(), an RLOO iteration with LoRA vs TRL in fp32 and in
+    bf16, adapter vs full pushes) on a random 2-layer Llama standing in for SmolLM2; the TRL peer only with the
+    bench extra."""
     from kit import tiny_hf_dir
 
     from bench import real_model
@@ -135,8 +136,12 @@ def test_real_model_rows_on_a_tiny_llama(wd, ray_bench, tmp_path):
                    ("Generate, sampled, batch 1, bf16 weights", f"{hf}, fp32 weights"),
                    ("Generate, sampled, batch 4, bf16 weights", hf),
                    ("Generate, sampled, batch 4, bf16 weights", f"{hf}, fp32 weights")]
-    rl = rows[len(gen)]
-    assert rl.case.startswith("RLOO iteration with LoRA") and rl.peer_name.startswith("TRL") == common.trl_available()
+    rl = [r for r in rows if r.case.startswith("RLOO iteration with LoRA")]
+    assert [r.extra["dtype"] for r in rl] == ["fp32", "bf16"]  # fp32 on both sides, then demo-real's setting
+    assert rl[1].case.endswith("bf16 (trainer autocast, services hold bf16 weights)")
+    assert all(r.peer_name.startswith("TRL") == common.trl_available() for r in rl)
+    if common.trl_available():
+        assert rl[1].peer_name.endswith("bf16=True)") and not rl[0].peer_name.endswith("bf16=True)")
     size = next(r for r in rows if r.unit == "MB")
     assert size.chatrl["median"] < size.peer["median"]  # the adapter is a fraction of the full state dict
     assert 0 < size.extra["fraction_of_full"] < 1 and size.extra["rl_loop_MB_pushed_per_iteration"] == \
