@@ -44,10 +44,22 @@ def hf_cfg(tiny_data, tiny_gold, model_dir: Path, run_dir: Path, *extra: str):
         "ppo.iterations=4", *extra])
 
 
+class Recorder(Reporter):
+    """A quiet reporter that keeps the run's log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.lines: list[str] = []
+
+    def log(self, msg: str) -> None:
+        self.lines.append(msg)
+
+
 def pipeline(cfg) -> dict:
-    rep = Reporter(quiet=True)
+    """The run's result, plus its log lines under ``"log"``."""
+    rep = Recorder()
     with run_endpoints(cfg, rep) as endpoints:
-        return run_pipeline(cfg, rep, endpoints)
+        return {**run_pipeline(cfg, rep, endpoints), "log": rep.lines}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +101,10 @@ def test_every_stage_runs_on_an_hf_model_with_lora_adapters(lora_run, model_dir)
     assert state_bytes(adapters) < 0.05 * state_bytes(ppo.model_state())
     assert [h["policy_version"] for h in hist] == [2 + i for i in range(cfg.ppo.iterations)]
     assert set(res["evals"]) == {"base (pre-trained)", "SFT", "PPO round 0"}
+    # the value model (RM backbone + adapters) sits on the same imported base as the policy: one copy of it
+    shared = [line for line in res["log"] if line.startswith("the value model shares")]
+    imported_mib = sum(v.numel() * v.element_size() for v in base.model_state().values()) / 2**20
+    assert len(shared) == 1 and 0 < float(shared[0].split()[4]) <= imported_mib, shared
 
 
 def test_policy_service_applies_pushed_adapters_to_its_base(lora_run):

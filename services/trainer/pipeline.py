@@ -198,6 +198,9 @@ def ppo_round(cfg: RunConfig, reporter: Reporter, svc: Services, source: RayRoll
     LoRA). ``labelled``: when the round's fresh rankings were submitted; the label-to-policy latency is
     measured at the round's first push (:class:`LabelLatencySink`) and handed to ``on_latency``."""
     trainer = ppo.PPOTrainer.from_checkpoints(cfg, load_checkpoint(policy_ckpt), load_checkpoint(rm_ckpt), round_)
+    if trainer.shared_base_bytes:
+        reporter.log(f"the value model shares {trainer.shared_base_bytes / 2**20:.2f} MiB of frozen base weights "
+                     f"with the policy (one copy, not two)")
     sink = LabelLatencySink(PolicyServiceSink(svc.policy, {**push_meta, "round": str(round_)}), labelled or [],
                             reporter, round_stage(cfg, round_)[0], on_measured=on_latency)
 

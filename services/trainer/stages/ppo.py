@@ -121,6 +121,7 @@ class PPOTrainer:
         self.iteration = 0  # PPO updates done this round
         self.version = 0  # policy-inference version of the weights in self.policy
         self.root: Path = stage_dir(cfg, stage_name(round_))
+        self.shared_base_bytes = 0  # frozen weights the value model shares with the policy (from_checkpoints)
 
     @classmethod
     def from_checkpoints(cls, cfg: RunConfig, policy_init: Checkpoint, value_init: Checkpoint | None, round_: int
@@ -141,8 +142,9 @@ class PPOTrainer:
         # adapters sit on the SFT checkpoint's base, which the two models then share.
         policy = with_lora(cfg, model_from_checkpoint(policy_init, device=cfg.device))
         critic = with_lora(cfg, model_from_checkpoint(value_init, scalar_head=True, device=cfg.device))
-        share_frozen_weights(critic, policy)
-        return cls(cfg, policy, critic, tok, round_, ptx)
+        trainer = cls(cfg, policy, critic, tok, round_, ptx)
+        trainer.shared_base_bytes = share_frozen_weights(critic, policy)
+        return trainer
 
     def push_state(self) -> dict[str, torch.Tensor]:
         """What a weight push carries: the LoRA adapters only when the policy has them (policy-inference
