@@ -387,3 +387,28 @@ def test_broken_rules_fail_promtool_and_a_stale_prometheus_rule_is_caught(render
     stale = tmp_path / "stale.rules.yaml"
     stale.write_text(yaml.safe_dump(rules))
     assert V.prometheus_rule_in_sync(rendered["cpu"], stale)
+
+
+def test_labeling_stalled_fires_only_while_a_run_waits_for_rankings(promtool, tmp_path):
+    """promtool's rule unit test: tasks open and no labeler active for 45 minutes fires ChatrlLabelingStalled
+    while the trainer reports a run waiting on rankings — and not for the same open tasks once no run waits
+    (left over: skipped by everyone, or from a cancelled run)."""
+    def series(awaiting: int) -> list[dict]:
+        return [{"series": 'chatrl_feedback_open_tasks{job="feedback", instance="f:9"}', "values": "8x60"},
+                {"series": 'chatrl_feedback_active_labelers{job="feedback", instance="f:9"}', "values": "0x60"},
+                {"series": 'chatrl_trainer_awaiting_rankings{job="trainer", instance="t:9"}',
+                 "values": f"{awaiting}x60"}]
+
+    rule = next(r for g in yaml.safe_load(V.RULES.read_text())["groups"] for r in g["rules"]
+                if r.get("alert") == "ChatrlLabelingStalled")
+    fired = [{"exp_labels": {"job": "feedback", **rule["labels"]}, "exp_annotations": rule["annotations"]}]
+    tests = [{"interval": "1m", "input_series": series(8),
+              "alert_rule_test": [{"eval_time": "20m", "alertname": "ChatrlLabelingStalled", "exp_alerts": []},
+                                  {"eval_time": "45m", "alertname": "ChatrlLabelingStalled",
+                                   "exp_alerts": fired}]},
+             {"interval": "1m", "input_series": series(0),
+              "alert_rule_test": [{"eval_time": "45m", "alertname": "ChatrlLabelingStalled", "exp_alerts": []}]}]
+    f = tmp_path / "labeling-stalled.test.yaml"
+    f.write_text(yaml.safe_dump({"rule_files": [str(V.RULES)], "evaluation_interval": "1m", "tests": tests}))
+    r = subprocess.run([promtool, "test", "rules", str(f)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

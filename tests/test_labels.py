@@ -115,3 +115,46 @@ def test_label_to_policy_latency_is_measured_at_the_rounds_first_push(tmp_path):
     assert sink.sink.pushes == [2, 3]
     assert sink.latency == {"label_to_policy_s_median": 350.0, "label_to_policy_s_max": 400.0, "labels": 2.0}
     assert rep.history == [{"stage": "ppo_r0", **sink.latency}] and got == [sink.latency]
+
+
+class MadeHere(Spy):
+    """Tasks made in the service's store (as a policy would have sampled them); the rest through the service."""
+
+    def __init__(self, inner: labels.LabelStore, store) -> None:
+        super().__init__(inner)
+        self.store = store
+
+    def create_comparison_tasks(self, prompts, k, max_new_tokens, temperature, seed):
+        return [_task(self.store, p) for p in prompts], 1
+
+    def cursor(self) -> int:
+        return self.inner.cursor()
+
+
+def test_a_run_waiting_for_people_is_counted_until_they_rank(feedback, tmp_path):
+    """What the trainer exports as chatrl_trainer_awaiting_rankings (ChatrlLabelingStalled needs it): a run
+    with pipeline.labelers 0 counts its tasks while it waits, and nothing once people have ranked them."""
+    from kit import wait_for
+
+    from chatrl.services.trainer.runs import RunManager
+
+    store, client = feedback
+    spy = MadeHere(labels.ServiceLabels(client), store)
+    prompts = ["How was the film?", "Did you like the cast?", "Tell me about the story."]
+
+    def runner(stage, cfg, rep) -> None:
+        labels.collect_rankings(cfg, spy, prompts, None, "r0", tmp_path / "r0.jsonl", rep)
+
+    mgr = RunManager(tmp_path / "runs", runner)
+    try:
+        assert mgr.awaiting_rankings() == 0
+        run = mgr.start("pipeline", "", {"pipeline.labelers": "0", "reward.num_prompts": "2", "reward.k": "2"})
+        assert spy.waiting.wait(60)
+        assert mgr.awaiting_rankings() == 2 and mgr.get(run.run_id).state == "RUNNING"
+        for _ in range(2):
+            task = client.next_task("alice").task
+            client.submit_ranking(f"alice/{task.task_id}", task.task_id, "alice", [1, 0])
+        wait_for(lambda: mgr.get(run.run_id).state in ("SUCCEEDED", "FAILED"), timeout=120, what="the run ends")
+        assert mgr.get(run.run_id).error == "" and mgr.awaiting_rankings() == 0
+    finally:
+        mgr.close()

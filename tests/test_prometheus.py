@@ -67,7 +67,8 @@ SIGNALS = {
     "ChatrlRewardHacking": [
         'deriv(chatrl_trainer_metric{name="reward", stage=~"ppo.*"}[30m])',
         'deriv(chatrl_trainer_metric{name="gold_train", stage=~"ppo.*"}[30m])'],
-    "ChatrlLabelingStalled": ["max by (job) (chatrl_feedback_open_tasks)", "max by (job) (chatrl_feedback_active_labelers)"],
+    "ChatrlLabelingStalled": ["max by (job) (chatrl_feedback_open_tasks)", "max by (job) (chatrl_feedback_active_labelers)",
+                              "sum(chatrl_trainer_awaiting_rankings)"],
 }
 # alerts this run must fire, because the test provokes them on purpose
 FIRING_HERE = {"ChatrlWeightUpdateRejected": "a stale UpdateWeights push is rejected",

@@ -285,7 +285,11 @@ def collect_rankings(cfg: RunConfig, labels: LabelStore, prompts: list[Prompt], 
     else:
         reporter.log(f"{name}: waiting for people to rank {len(task_ids)} tasks (feedback web page or "
                      f"SubmitRanking)…")
-    rows = wait_for_rankings(labels, set(task_ids), cursor, reporter)
+        reporter.awaiting_rankings(len(task_ids))
+    try:
+        rows = wait_for_rankings(labels, set(task_ids), cursor, reporter)
+    finally:
+        reporter.awaiting_rankings(0)
     write_jsonl(out, rows)
     rankings = load_rankings(out)
     reporter.log(f"{name}: {len(rankings)} rankings read ({time.perf_counter() - t0:.1f}s)")

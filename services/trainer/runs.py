@@ -221,6 +221,13 @@ class _RunReporter(Reporter):
     def log(self, msg: str) -> None:
         self.mgr._emit(self.run, "log", text=msg)
 
+    def awaiting_rankings(self, tasks: int) -> None:
+        with self.mgr._lock:
+            if tasks > 0:
+                self.mgr.awaiting[self.run.run_id] = tasks
+            else:
+                self.mgr.awaiting.pop(self.run.run_id, None)
+
     def checkpoint(self, info: dict) -> None:
         self.mgr._emit(self.run, "checkpoint", checkpoint=info)
 
@@ -242,6 +249,7 @@ class RunManager:
         self.runs: dict[str, RunRecord] = {}
         self.events: dict[str, list[Event]] = {}
         self.reporters: dict[str, _RunReporter] = {}
+        self.awaiting: dict[str, int] = {}  # run id → comparison tasks it waits for people to rank
         self._q: queue.Queue[str | None] = queue.Queue()
         self._closing = False
         self.on_metrics: Callable[[RunRecord, str, dict], None] = lambda run, stage, values: None
@@ -419,6 +427,11 @@ class RunManager:
                 self._emit(rec, "log", text=f"cancel requested{': ' + reason if reason else ''}")
         return rec
 
+    def awaiting_rankings(self) -> int:
+        """Comparison tasks this trainer's runs wait for people to rank (``pipeline.labelers: 0``), summed."""
+        with self._lock:
+            return sum(self.awaiting.values())
+
     def service_health(self) -> dict[str, tuple[dict[str, int], list[str]]]:
         """Per run that launched its own services: (restarts per service, services down right now)."""
         return {run_id: ({n: c.restarts.get(n, 0) for n in c.names}, c.down())
@@ -463,7 +476,9 @@ class RunManager:
                 log.error("run %s failed:\n%s", run_id, traceback.format_exc())
                 self._set_state(rec, "FAILED", f"{type(e).__name__}: {e}")
             finally:
-                self.reporters.pop(run_id, None)
+                with self._lock:
+                    self.reporters.pop(run_id, None)
+                    self.awaiting.pop(run_id, None)
 
     def close(self) -> None:
         self._closing = True

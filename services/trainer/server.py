@@ -145,6 +145,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         for st in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"):
             self.g_runs.labels(st).set_function(lambda st=st: sum(r.state == st for r in self.mgr.list()))
         registry.register(ServiceHealthCollector(self.mgr))
+        Gauge("chatrl_trainer_awaiting_rankings", "comparison tasks this trainer's runs wait for people to rank "
+              "(pipeline.labelers 0)", registry=registry).set_function(self.mgr.awaiting_rankings)
         self.mgr.on_metrics = lambda run, stage, values: [
             self.g_metric.labels(run.run_id, stage, k).set(float(v)) for k, v in values.items()]
 

@@ -71,6 +71,11 @@ class Reporter:
         if self.cancel_event.is_set():
             raise Cancelled()
 
+    def awaiting_rankings(self, tasks: int) -> None:
+        """The run waits for people to rank ``tasks`` comparison tasks (0: it no longer waits). The trainer
+        service exports the sum over its runs (``chatrl_trainer_awaiting_rankings``), which
+        ``ChatrlLabelingStalled`` needs to tell a blocked run from tasks nobody waits on."""
+
 
 @dataclass
 class StageResult:
