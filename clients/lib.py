@@ -179,13 +179,15 @@ class PolicyClient(_Client):
         return self._stream(self.stub.GenerateStream, req, timeout)
 
     def update_weights(self, state_dict: dict, version: int, chunk_bytes: int = 1 << 20,
-                       metadata: dict[str, str] | None = None, timeout: float | None = None
-                       ) -> policy_pb2.UpdateWeightsResponse:
+                       metadata: dict[str, str] | None = None, timeout: float | None = None,
+                       keep_buffer: bool = True) -> policy_pb2.UpdateWeightsResponse:
         """Push a full state dict as safetensors bytes in chunks, with its sha256; atomic swap server-side.
-        The bytes are packed into a buffer this client keeps for the next push of the same model.
+        The bytes are packed into a buffer this client keeps for the next push of the same model; a one-off
+        push (``keep_buffer=False``: the next is far off, or of another size) lets it go afterwards.
         ``state_dict``: name → torch tensor or numpy array."""
-        self._weights_buf = pack_state(state_dict, self._weights_buf)
-        return self.update_weights_bytes(self._weights_buf, version, chunk_bytes, metadata, timeout)
+        payload = pack_state(state_dict, self._weights_buf)
+        self._weights_buf = payload if keep_buffer else None
+        return self.update_weights_bytes(payload, version, chunk_bytes, metadata, timeout)
 
     def update_weights_bytes(self, payload: bytes | bytearray, version: int, chunk_bytes: int = 1 << 20,
                              metadata: dict[str, str] | None = None, timeout: float | None = None
@@ -284,10 +286,12 @@ class ReplicaGroup:
         return out
 
     def update_weights(self, state_dict: dict, version: int, metadata: dict[str, str] | None = None,
-                       chunk_bytes: int = 1 << 20, timeout: float | None = None) -> dict[str, Any]:
-        """Push ``state_dict`` as ``version`` to every policy-inference replica (packed once)."""
-        self._payload = pack_state(state_dict, self._payload)
-        payload = self._payload
+                       chunk_bytes: int = 1 << 20, timeout: float | None = None,
+                       keep_buffer: bool = True) -> dict[str, Any]:
+        """Push ``state_dict`` as ``version`` to every policy-inference replica (packed once, into a buffer
+        kept for the next push unless ``keep_buffer`` is false — see :meth:`PolicyClient.update_weights`)."""
+        payload = pack_state(state_dict, self._payload)
+        self._payload = payload if keep_buffer else None
         return self._each(lambda c: c.update_weights_bytes(payload, version, chunk_bytes, metadata, timeout))
 
     def load_model(self, checkpoint: str, version: int = 0, sha256: str = "") -> dict[str, Any]:

@@ -107,7 +107,10 @@ def seed_models(svc: Services, sft_ckpt: Path, reporter: Reporter) -> bool:
     if 0 not in versions.values():
         return False
     ver = max(versions.values()) + 1  # every replica must be able to take it
-    svc.policy.update_weights(load_checkpoint(sft_ckpt).model_state(), ver, metadata=policy_metadata(sft_ckpt))
+    # one-off: labels and the reward model come before the next push (of the adapters only, in a LoRA run),
+    # so the trainer keeps no packed copy of the full weights (0.66 GB for SmolLM2-135M) through them
+    svc.policy.update_weights(load_checkpoint(sft_ckpt).model_state(), ver, metadata=policy_metadata(sft_ckpt),
+                              keep_buffer=False)
     reporter.log(f"policy-inference: pushed the SFT weights as version {ver} to {len(versions)} replica(s)")
     return True
 
@@ -254,7 +257,7 @@ def dpo_round(cfg: RunConfig, reporter: Reporter, svc: Services, round_: int, po
         ref.close()
     version += 1
     svc.policy.update_weights(load_checkpoint(res.checkpoint).model_state(), version,
-                              metadata={**push_meta, "round": str(round_)})
+                              metadata={**push_meta, "round": str(round_)}, keep_buffer=False)
     return RoundResult(res.checkpoint, version, [{"iteration": 1, **res.metrics, "policy_version": float(version)}])
 
 
@@ -275,7 +278,7 @@ def run_ppo_stage(cfg: RunConfig, reporter: Reporter, endpoints: Endpoints) -> R
         push_meta = policy_metadata(sft_ck.path)
         if not seed_models(svc, sft_ck.path, reporter):  # the service serves something else: serve the SFT
             ver = max(svc.policy.model_versions().values()) + 1
-            svc.policy.update_weights(sft_ck.model_state(), ver, metadata=push_meta)
+            svc.policy.update_weights(sft_ck.model_state(), ver, metadata=push_meta, keep_buffer=False)
         serve_reward_model(svc, rm_ck.path, reporter)
         version = max(svc.policy.model_versions().values())
         t = time.perf_counter()
@@ -365,7 +368,7 @@ def run_pipeline(cfg: RunConfig, reporter: Reporter | None, endpoints: Endpoints
             if policy_ckpt != sft_res.checkpoint and not pushed:  # resumed: serve the latest policy again
                 version += 1
                 svc.policy.update_weights(load_checkpoint(policy_ckpt).model_state(), version,
-                                          metadata={**push_meta, "round": str(r)})
+                                          metadata={**push_meta, "round": str(r)}, keep_buffer=False)
                 pushed = True
             snapshot = run_dir(cfg) / "data" / f"rankings_r{r}.jsonl"
             rankings = timed(f"labels_r{r}", labels.collect_rankings, cfg, labels.ServiceLabels(svc.feedback),
