@@ -149,12 +149,14 @@ def test_rollout_reissues_the_shard_of_a_worker_that_died(micro_run, ray_session
     pool = RolloutPool(Endpoints(pol.address, rw.address, ref.address), num_workers=2, num_cpus=0.5)
     eng = pol_svc.engine
     try:
-        victim = ray_session.get(pool.actors[0].pid.remote(), timeout=120)
+        # a Ray worker process starting (torch + grpc imports): minutes on a loaded 2-core machine (120 s was
+        # not enough beside two CPU burners and the rest of the suite)
+        victim = ray_session.get(pool.actors[0].pid.remote(), timeout=600)
         eng.pause()
         pending = pool.submit(["How was the film?", "Tell me about the story.", "Did you like it?",
                                "What did you think?"], n=2, max_new_tokens=6, temperature=1.0, seed=5)
         with eng._cv:  # notified on every enqueue: wait until both shards' Generate calls are queued
-            assert eng._cv.wait_for(lambda: eng.stats.queue_depth >= 2, timeout=120), eng.stats
+            assert eng._cv.wait_for(lambda: eng.stats.queue_depth >= 2, timeout=600), eng.stats
         os.kill(victim, signal.SIGKILL)
         eng.resume()
         exps = pending.result()
