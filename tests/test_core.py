@@ -365,3 +365,29 @@ def test_config_inherits_a_base_file(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_dtype_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    """``dtype: auto`` (configs/tiny.yaml, configs/smollm2.yaml and their service overrides) resolves when a
+    config is built: bf16 where the CPU has oneDNN bf16 kernels (a generic bf16 GEMM elsewhere is ≈ 14× slower
+    than fp32), fp32 otherwise; an explicit dtype is left alone."""
+    from pathlib import Path
+
+    from chatrl.services.core import model as model_mod
+    from chatrl.services.core.config import load_config
+    from chatrl.services.policy.server import PolicyConfig
+    from chatrl.services.reference.server import ReferenceConfig
+    from chatrl.services.reward.server import RewardConfig
+
+    assert model_mod.native_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    for native, want in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(model_mod, "native_bf16", lambda device="cpu", native=native: native)
+        assert model_mod.resolve_dtype("auto", "cuda:1") == want
+        assert load_config(None, ["dtype=auto"]).dtype == want
+        assert [c(dtype="auto").dtype for c in (PolicyConfig, RewardConfig, ReferenceConfig)] == [want] * 3
+        assert load_config(None, ["dtype=fp32"]).dtype == "fp32" and PolicyConfig(dtype="bf16").dtype == "bf16"
+        configs = Path(__file__).resolve().parents[1] / "configs"
+        for name in ("tiny.yaml", "smollm2.yaml"):
+            cfg = load_config(configs / name)
+            assert cfg.dtype == want, name
+        assert {o.split("=")[1] for o in cfg.pipeline.service_overrides if ".dtype=" in o} == {"auto"}

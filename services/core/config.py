@@ -207,7 +207,9 @@ class RunConfig:
     run_dir: str = "runs/tiny"  # checkpoints, data, logs and the report go here
     seed: int = 1234
     device: str = "cpu"  # "cpu" or "cuda[:N]" — the same config scales without code changes
-    dtype: str = "bf16"  # compute dtype under autocast: fp32 | bf16 (fp16 only on GPU)
+    # compute dtype under autocast: fp32 | bf16 (fp16 only on GPU) | auto (bf16 where the device has native bf16
+    # matmuls, else fp32 — resolved when the config is loaded)
+    dtype: str = "bf16"
     threads: int = 2  # torch threads of the training process (keep ≤ cores)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters for SFT, RM and PPO (HF models only)
@@ -221,6 +223,9 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
+        from chatrl.services.core.model import resolve_dtype
+
+        self.dtype = resolve_dtype(self.dtype, self.device)
         validate_methods(self)
 
     def to_dict(self) -> dict:

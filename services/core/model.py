@@ -337,6 +337,23 @@ class GPT(nn.Module):
         return attn[:, None], False
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 matmuls natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
+    kernels (AVX-512 BF16 or AMX). Elsewhere torch falls back to a generic bf16 GEMM — measured on an AVX2-only
+    EPYC: forward + backward of a 1600×576·576×1536 linear 2.66 s in bf16 against 0.19 s in fp32, 14× slower."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``auto`` → ``bf16`` where the device computes it natively (:func:`native_bf16`), else ``fp32``; any
+    other name is returned as given."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if native_bf16(device.split(":")[0]) else "fp32"
+
+
 def autocast(dtype: str | None, device: str = "cpu"):
     """bf16 autocast context when asked for ("bf16"/"bfloat16"); fp16 is refused on CPU (≈400× slower)."""
     if dtype in (None, "fp32", "float32"):

@@ -29,6 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
 from chatrl.services.core.generate import SamplingParams
+from chatrl.services.core.model import resolve_dtype
 from chatrl.services.core.tokenizer import ChatTokenizer
 from chatrl.services.policy.engine import (
     FINISH_STOP,
@@ -92,6 +93,7 @@ class PolicyConfig:
     max_weights_mb: int = 1024  # largest UpdateWeights payload accepted (its staging buffer: keep below the pod's memory)
 
     def __post_init__(self) -> None:
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         for f in ("max_batch_size", "max_new_tokens", "max_prompts", "max_n", "max_request_samples",

@@ -13,7 +13,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from chatrl.services.core.generate import head_logprobs
-from chatrl.services.core.model import autocast
+from chatrl.services.core.model import autocast, resolve_dtype
 from chatrl.services.core.scoring import right_pad
 from chatrl.services.proto.chatrl.v1 import reference_pb2, reference_pb2_grpc
 from chatrl.services.proto.codecs import tensor_to_proto as to_proto
@@ -37,6 +37,9 @@ class ReferenceConfig:
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     logprob_chunk_elems: int = 1 << 24  # logits per slice of the LM head + log-softmax (64 MiB in fp32)
+
+    def __post_init__(self) -> None:
+        self.dtype = resolve_dtype(self.dtype, self.device)  # auto → bf16 where native, else fp32
 
 
 class ReferenceServicer(reference_pb2_grpc.ReferenceModelServiceServicer):

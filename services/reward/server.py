@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from chatrl.services.core.model import resolve_dtype
 from chatrl.services.core.scoring import last_token_scalar, pair_ids
 from chatrl.services.proto.chatrl.v1 import reward_pb2, reward_pb2_grpc
 from chatrl.services.runtime.batcher import MicroBatcher
@@ -34,6 +35,9 @@ class RewardConfig:
     max_batch_tokens: int = 16384  # tokens (summed lengths) per forward pass; a longer pair goes alone
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests to join a batch
     max_queue: int = 4096  # pairs waiting; beyond → RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        self.dtype = resolve_dtype(self.dtype, self.device)  # auto → bf16 where native, else fp32
 
 
 class RewardServicer(reward_pb2_grpc.RewardScoringServiceServicer):
