@@ -92,6 +92,11 @@ def run(size: Size, wd: Workdir, path: str | Path | None = None) -> tuple[list[R
                       f"--real-model / ${MODEL_ENV} at a local HF model directory)")
     rs = REAL_SIZES.get(size.name, REAL_SIZES["quick"])
     notes = [f"model {src}"]
+    from chatrl.services.core.model import native_bf16
+
+    if not native_bf16():
+        notes.append("this CPU has no native bf16 matmuls (no AVX-512 BF16 / AMX): the bf16 rows run torch's "
+                     "generic bf16 GEMM, many times slower than fp32 — read them as this machine's, not bf16's")
     rows = generation_rows(rs, wd, src, notes)
     for i, dtype in enumerate(rs.rl_dtypes):
         rows += rl_and_push_rows(rs, wd, src, notes, dtype=dtype, pushes=i == 0)

@@ -142,6 +142,9 @@ def test_real_model_rows_on_a_tiny_llama(wd, ray_bench, tmp_path):
     assert all(r.peer_name.startswith("TRL") == common.trl_available() for r in rl)
     if common.trl_available():
         assert rl[1].peer_name.endswith("bf16=True)") and not rl[0].peer_name.endswith("bf16=True)")
+    from chatrl.services.core.model import native_bf16
+
+    assert any("no native bf16" in n for n in notes) == (not native_bf16())
     size = next(r for r in rows if r.unit == "MB")
     assert size.chatrl["median"] < size.peer["median"]  # the adapter is a fraction of the full state dict
     assert 0 < size.extra["fraction_of_full"] < 1 and size.extra["rl_loop_MB_pushed_per_iteration"] == \
