@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from chatrl.services.core.lora import LoraConfig
-from chatrl.services.core.model import GPTConfig
+from chatrl.services.core.model import GPTConfig, resolve_dtype
 
 
 @dataclass
@@ -223,8 +223,6 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
-        from chatrl.services.core.model import resolve_dtype
-
         self.dtype = resolve_dtype(self.dtype, self.device)
         validate_methods(self)
 

@@ -351,7 +351,7 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     other name is returned as given."""
     if dtype != "auto":
         return dtype
-    return "bf16" if native_bf16(device.split(":")[0]) else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast(dtype: str | None, device: str = "cpu"):

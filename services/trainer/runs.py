@@ -222,11 +222,7 @@ class _RunReporter(Reporter):
         self.mgr._emit(self.run, "log", text=msg)
 
     def awaiting_rankings(self, tasks: int) -> None:
-        with self.mgr._lock:
-            if tasks > 0:
-                self.mgr.awaiting[self.run.run_id] = tasks
-            else:
-                self.mgr.awaiting.pop(self.run.run_id, None)
+        self.mgr.set_awaiting(self.run.run_id, tasks)
 
     def checkpoint(self, info: dict) -> None:
         self.mgr._emit(self.run, "checkpoint", checkpoint=info)
@@ -427,6 +423,14 @@ class RunManager:
                 self._emit(rec, "log", text=f"cancel requested{': ' + reason if reason else ''}")
         return rec
 
+    def set_awaiting(self, run_id: str, tasks: int) -> None:
+        """Run ``run_id`` waits for people to rank ``tasks`` comparison tasks (0: it no longer waits)."""
+        with self._lock:
+            if tasks > 0:
+                self.awaiting[run_id] = tasks
+            else:
+                self.awaiting.pop(run_id, None)
+
     def awaiting_rankings(self) -> int:
         """Comparison tasks this trainer's runs wait for people to rank (``pipeline.labelers: 0``), summed."""
         with self._lock:
@@ -476,9 +480,8 @@ class RunManager:
                 log.error("run %s failed:\n%s", run_id, traceback.format_exc())
                 self._set_state(rec, "FAILED", f"{type(e).__name__}: {e}")
             finally:
-                with self._lock:
-                    self.reporters.pop(run_id, None)
-                    self.awaiting.pop(run_id, None)
+                self.reporters.pop(run_id, None)
+                self.set_awaiting(run_id, 0)
 
     def close(self) -> None:
         self._closing = True
